@@ -1,0 +1,44 @@
+"""ddpm-jax: denoising diffusion probabilistic models (Ho et al. 2020) in JAX/Flax.
+
+Notebook use::
+
+    import jax, ddpm_jax
+    params = ddpm_jax.load_checkpoint("runs/mnist")
+    images = ddpm_jax.sample(params, jax.random.PRNGKey(0), 16)  # (16, 28, 28, 1) in [-1, 1]
+
+Timesteps are 0-based indices ``0..T-1`` everywhere (index ``i`` is the
+paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
+"""
+
+from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.configs import PRESETS, get_config
+from ddpm_jax.diffusion import p_mean, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
+from ddpm_jax.losses import l_simple
+from ddpm_jax.models import ReportUNet
+from ddpm_jax.sampling import make_ancestral_sampler
+from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
+from ddpm_jax.train import TrainState, create_train_state, train_and_evaluate, train_step
+
+__all__ = [
+    "DiffusionCheckpoint",
+    "DiffusionSchedule",
+    "PRESETS",
+    "ReportUNet",
+    "TrainState",
+    "cosine_beta_schedule",
+    "create_train_state",
+    "get_config",
+    "l_simple",
+    "linear_beta_schedule",
+    "load_checkpoint",
+    "make_ancestral_sampler",
+    "p_mean",
+    "p_variance",
+    "predict_x0_from_eps",
+    "q_posterior_mean",
+    "q_sample",
+    "sample",
+    "train_and_evaluate",
+    "train_step",
+]

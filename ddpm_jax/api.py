@@ -1,0 +1,164 @@
+"""The notebook-facing API: ``load_checkpoint(workdir)`` then ``sample(params, key, n)``."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.models import build_model
+from ddpm_jax.sampling import make_ancestral_sampler
+from ddpm_jax.schedules import DiffusionSchedule
+
+MNIST_SIZE = 28
+
+
+@flax.struct.dataclass
+class DiffusionCheckpoint:
+    """A trained denoiser and everything needed to sample from it.
+
+    What :func:`ddpm_jax.load_checkpoint` returns and :func:`sample` takes:
+    the network's ``params`` and BatchNorm ``batch_stats``, the run's frozen
+    ``config`` (model, schedule, sampling defaults) and the training ``step``.
+    """
+
+    params: Any
+    batch_stats: Any
+    config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
+    step: int = flax.struct.field(pytree_node=False, default=0)
+
+    @classmethod
+    def from_train_state(cls, state, config) -> "DiffusionCheckpoint":
+        return cls(
+            params=state.params,
+            batch_stats=state.batch_stats,
+            config=ml_collections.FrozenConfigDict(config.to_dict()),
+            step=int(state.step),
+        )
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    @property
+    def schedule(self) -> DiffusionSchedule:
+        from ddpm_jax.train import schedule_from_config
+
+        return schedule_from_config(self.config)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int):
+    """One jitted sampler per (config, batch, options): built once, reused across calls."""
+    from ddpm_jax.train import schedule_from_config
+
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    model = build_model(config.model)
+    size = config.data.image_size
+
+    def eps_fn(variables, x, t):
+        return model.apply(variables, x, t, train=False)
+
+    return jax.jit(
+        make_ancestral_sampler(
+            eps_fn,
+            schedule_from_config(config),
+            (batch, size, size, 1),
+            variance=variance,
+            mean=mean,
+            return_every=return_every,
+        )
+    )
+
+
+def _crop(x: jnp.ndarray) -> jnp.ndarray:
+    top = (x.shape[-3] - MNIST_SIZE) // 2
+    return x[..., top : top + MNIST_SIZE, top : top + MNIST_SIZE, :]
+
+
+def sample(
+    params: DiffusionCheckpoint,
+    key: jax.Array,
+    n: int,
+    *,
+    variance: str | None = None,
+    mean: str | None = None,
+    return_every: int = 0,
+    batch_size: int | None = None,
+    schedule: DiffusionSchedule | None = None,
+    progress: bool = False,
+):
+    """Draw ``n`` images by ancestral sampling (Ho et al. 2020, Algorithm 2).
+
+    Args:
+      params: what :func:`ddpm_jax.load_checkpoint` returns (a
+        :class:`DiffusionCheckpoint`); model, schedule and T come from it.
+      key: a PRNG key; the same key gives the same images.
+      n: number of images.
+      variance: sigma_t^2, ``'beta'`` or ``'beta_tilde'``; default from the run's config.
+      mean: ``'x0_clip'`` or ``'eps'`` (see :func:`ddpm_jax.diffusion.p_mean`); default from the config.
+      return_every: if k > 0, also return the chain every k steps.
+      batch_size: images per jitted call (default: the config's ``sampling.batch_size``);
+        the last batch is padded, so one compiled shape serves every n.
+      schedule: optional; if given it must equal the checkpoint's (sampling with
+        another T or schedule than the network was trained with is refused).
+      progress: show a progress bar over batches.
+
+    Returns:
+      float32 ``(n, 28, 28, 1)`` images in [-1, 1] (NHWC; map to pixels with
+      ``(x + 1) * 127.5``). With ``return_every=k``: ``(images, frames)``, frames
+      ``(F, n, 28, 28, 1)`` from pure noise x_T to x_0 (see
+      :func:`ddpm_jax.sampling.make_ancestral_sampler`).
+    """
+    if not isinstance(params, DiffusionCheckpoint):
+        raise TypeError(
+            "sample(params, key, n) takes what ddpm_jax.load_checkpoint(workdir) returns (a DiffusionCheckpoint "
+            f"holding params, batch_stats and the run's config), got {type(params).__name__}. For raw network "
+            "variables use ddpm_jax.sampling.make_ancestral_sampler with your model and schedule."
+        )
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
+    config = params.config
+    if schedule is not None:
+        own = params.schedule
+        if schedule.num_timesteps != own.num_timesteps or not np.allclose(
+            np.asarray(schedule.betas), np.asarray(own.betas), rtol=1e-6, atol=0
+        ):
+            raise ValueError(
+                f"this checkpoint was trained with a {config.diffusion.schedule} schedule of "
+                f"T={own.num_timesteps}; sampling with another schedule (T={schedule.num_timesteps}) would "
+                "use the network at timesteps it never saw. Leave schedule unset."
+            )
+    variance = variance or config.sampling.variance
+    mean = mean or config.sampling.mean
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCE_TYPES)}.")
+    if mean not in MEAN_TYPES:
+        raise ValueError(f"unknown mean {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
+    batch = min(batch_size or config.sampling.batch_size, n)
+    sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every)
+
+    num_batches = -(-n // batch)
+    batches = range(num_batches)
+    if progress and num_batches > 1:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, unit="batch", desc=f"sampling {n}")
+    images, frames = [], []
+    for b in batches:
+        out = sampler(params.variables, jax.random.fold_in(key, b))
+        if return_every:
+            out, chain = out
+            frames.append(_crop(chain))
+        images.append(_crop(out))
+    images = jnp.concatenate(images)[:n]
+    if return_every:
+        return images, jnp.concatenate(frames, axis=1)[:, :n]
+    return images

@@ -1,0 +1,136 @@
+"""Orbax checkpoints: the whole train state plus the run's config, per step.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,config}``. ``state`` is the
+:class:`~ddpm_jax.train.TrainState` pytree (params, batch_stats, opt_state,
+step, key); ``config`` is the config as JSON, so :func:`load_checkpoint`
+rebuilds everything from the directory alone.
+
+Restoring always targets an abstract state built on this process's first
+device, so a checkpoint written on a GPU restores on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ddpm_jax import configs as configs_lib
+
+CHECKPOINT_SUBDIR = "checkpoints"
+_STATE, _CONFIG = "state", "config"
+
+
+def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """A manager keeping the last ``config.train.keep_checkpoints`` steps."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _CONFIG))
+
+
+def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict) -> None:
+    """Save ``state`` and ``config`` at ``state.step`` (asynchronously; no-op if that step exists)."""
+    step = int(state.step)
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(state), _CONFIG: ocp.args.JsonSave(config.to_dict())}
+        ),
+    )
+
+
+def _on_local_device(abstract_tree):
+    """Give every leaf of an abstract tree this process's first device as its sharding."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract_tree)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, template):
+    """Restore the train state saved at ``step`` into the structure of ``template``."""
+    abstract = _on_local_device(jax.eval_shape(lambda s: s, template))
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
+    return restored[_STATE]
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+    restored = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))
+    return ml_collections.ConfigDict(restored[_CONFIG])
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Fields whose values differ between two config dicts, as ``'a.b: saved -> current'``."""
+    diffs = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k, "<missing>"), current.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+# Fields that may change between a run and its resumption without making the
+# checkpoint incompatible: they steer the loop, not the state's shapes or math.
+_RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "sampling.", "preset")
+
+
+def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict):
+    """The latest saved state, or None if there is none; refuses a checkpoint of another config."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    saved = restore_config(manager, step).to_dict()
+    diffs = [
+        d for d in config_differences(saved, config.to_dict()) if not d.startswith(_RESUMABLE_FIELDS)
+    ]
+    if diffs:
+        raise ValueError(
+            f"{manager.directory} holds a checkpoint (step {step}) of a different config; fields that differ "
+            f"(saved -> now): {'; '.join(diffs)}. Use another --workdir, or the same settings to resume."
+        )
+    return restore_state(manager, step, template)
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+    """Load what :func:`ddpm_jax.sample` needs from a run directory.
+
+    Args:
+      workdir: the ``--workdir`` of a training run.
+      step: which checkpoint; the latest if None.
+
+    Returns:
+      A :class:`ddpm_jax.DiffusionCheckpoint` (params, batch_stats, config, step),
+      on this process's first device.
+    """
+    from ddpm_jax.api import DiffusionCheckpoint
+    from ddpm_jax.train import create_train_state
+
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoints in {workdir!r} (looked for {directory}); train one with "
+            f"`python -m experiments.mnist --workdir {workdir}`."
+        )
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=(_STATE, _CONFIG))
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {directory}; saved steps: {list(manager.all_steps())}."
+        )
+    config = restore_config(manager, step)
+    # The state's structure (optimizer state included) follows from the config alone.
+    template = jax.eval_shape(lambda: create_train_state(config))
+    state = restore_state(manager, step, template)
+    manager.close()
+    return DiffusionCheckpoint(
+        params=state.params,
+        batch_stats=state.batch_stats,
+        config=configs_lib.config_from_dict(config.to_dict()),
+        step=int(state.step),
+    )

@@ -1,0 +1,477 @@
+"""MNIST as host NumPy arrays, from IDX files or TensorFlow Datasets.
+
+Every loader returns the same pair:
+
+* ``images``: ``uint8`` array of shape ``(N, 28, 28, 1)``, pixel values
+  0..255, NHWC layout with a single grey channel ``C = 1``;
+* ``labels``: ``int32`` array of shape ``(N,)``, digit classes 0..9.
+
+Nothing here rescales the pixels: the mapping to ``[-1, 1]`` that the
+diffusion model works in happens later, on the device, so the host keeps the
+compact ``uint8`` form (a quarter of the bytes of ``float32``) and transfers it
+as such.
+
+Two sources are supported:
+
+* :func:`load_mnist_idx` reads the four standard MNIST IDX files (gzip or raw)
+  from a folder; it needs nothing beyond NumPy and works offline.
+* :func:`load_mnist_tfds` goes through ``tensorflow-datasets``; it reads an
+  ``array_record`` dataset by random access (``builder.as_data_source``, what
+  ``tfds.data_source`` uses; Pillow decodes the PNGs, no TensorFlow), and only
+  imports TensorFlow when it has to prepare the dataset or read one stored as
+  ``tfrecord``.
+
+:func:`load_mnist` picks between them. The two sources hold the same examples
+but not in the same order: TFDS shuffles examples when it prepares a dataset
+(deterministically), while the IDX files keep the official order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DatasetNotFoundError",
+    "IDXFormatError",
+    "SPLITS",
+    "load_mnist",
+    "load_mnist_idx",
+    "load_mnist_tfds",
+    "read_idx",
+]
+
+SPLITS = ("train", "test")
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+# Base names of the official distribution files, per split: (images, labels).
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# IDX type codes (third byte of the magic number). Values are big-endian on
+# disk, whatever the host's byte order.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """MNIST could not be found, read or downloaded from the requested source."""
+
+
+class IDXFormatError(ValueError):
+    """An IDX file is malformed or does not hold what MNIST should hold."""
+
+
+def _ways_out() -> str:
+    # One shared text, so every "not found" error offers the same two remedies
+    # whichever source failed.
+    names = ", ".join(f"{n}.gz" for pair in IDX_FILES.values() for n in pair)
+    return (
+        "Point the program at MNIST in one of two ways:\n"
+        "  --data-dir DIR  a TensorFlow Datasets data directory where MNIST is "
+        "already prepared or can be prepared (preparing needs internet access "
+        "the first time);\n"
+        "  --idx-dir DIR   a folder with the four standard MNIST IDX files: "
+        f"{names} (uncompressed copies without '.gz' work too)."
+    )
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(
+            f"unknown MNIST split {split!r}; expected one of "
+            + ", ".join(repr(s) for s in SPLITS)
+        )
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file, gzip-compressed or raw.
+
+    Compression is detected from the gzip magic bytes (``1f 8b``), not from the
+    file name. The header is big-endian: two zero bytes, a type code
+    (``0x08`` = uint8, ...) and the number of dimensions, then one 32-bit size
+    per dimension. MNIST images are ``0x00000803`` ``(N, rows, cols)``, labels
+    ``0x00000801`` ``(N,)``; the count ``N`` is taken from the header.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The IDX file.
+
+    Returns
+    -------
+    numpy.ndarray
+        Array of the shape given in the header, e.g. ``(N, 28, 28)`` uint8 for
+        images or ``(N,)`` uint8 for labels, in native byte order (a writable
+        copy, not a view of the file buffer).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    IDXFormatError
+        On a corrupt gzip stream, a wrong magic number, an unsupported type
+        code, or a payload whose length does not match the header (truncated
+        or over-long file). The message names the file, what was expected and
+        what was found.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            # A cut-off download is the usual cause; say so with the path.
+            raise IDXFormatError(
+                f"{path}: corrupt or truncated gzip stream ({e})"
+            ) from e
+    else:
+        data = raw
+
+    if len(data) < 4:
+        raise IDXFormatError(
+            f"{path}: truncated IDX header: expected at least 4 bytes of magic "
+            f"number, found {len(data)} bytes"
+        )
+    zero, code, ndim = data[0:2], data[2], data[3]
+    magic = int.from_bytes(data[:4], "big")
+    if zero != b"\x00\x00" or ndim == 0:
+        raise IDXFormatError(
+            f"{path}: not an IDX file: expected a magic number 0x0000TTDD "
+            "(e.g. 0x00000803 for images, 0x00000801 for labels), "
+            f"found 0x{magic:08x}"
+        )
+    if code not in _IDX_DTYPES:
+        supported = ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES)
+        raise IDXFormatError(
+            f"{path}: unsupported IDX type code 0x{code:02x} in magic number "
+            f"0x{magic:08x}; expected one of {supported}"
+        )
+    dtype = _IDX_DTYPES[code]
+
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise IDXFormatError(
+            f"{path}: truncated IDX header: magic 0x{magic:08x} announces "
+            f"{ndim} dimensions, so expected {header_len} header bytes, "
+            f"found {len(data)}"
+        )
+    dims = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
+    )
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    found = len(data) - header_len
+    if found != expected:
+        kind = "truncated" if found < expected else "over-long"
+        raise IDXFormatError(
+            f"{path}: {kind} IDX file: header announces shape {dims} of "
+            f"{dtype.newbyteorder('=').name}, i.e. {expected} payload bytes, "
+            f"found {found}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(dims)
+    # astype copies: the result is native-endian and owns writable memory.
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find_idx_file(idx_dir: Path, base: str) -> Path | None:
+    # Prefer the .gz original when both exist: it is what the official
+    # distribution ships, and a raw sibling may be a half-finished extraction.
+    for name in (base + ".gz", base):
+        candidate = idx_dir / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mnist_idx(idx_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load one MNIST split from the standard IDX files in a folder.
+
+    Split ``'train'`` reads ``train-images-idx3-ubyte[.gz]`` and
+    ``train-labels-idx1-ubyte[.gz]``; ``'test'`` reads
+    ``t10k-images-idx3-ubyte[.gz]`` and ``t10k-labels-idx1-ubyte[.gz]``.
+    Either the gzip or the raw name is accepted (the ``.gz`` one wins if both
+    exist). The number of examples comes from the file headers, so a subset
+    (say 10,000 training images) loads as such.
+
+    Parameters
+    ----------
+    idx_dir : str or os.PathLike
+        Folder holding the IDX files.
+    split : {'train', 'test'}
+        Which split to load.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``uint8``, shape ``(N, 28, 28, 1)``, values 0..255.
+    labels : numpy.ndarray
+        ``int32``, shape ``(N,)``, values 0..9.
+
+    Raises
+    ------
+    ValueError
+        If ``split`` is not ``'train'`` or ``'test'``.
+    DatasetNotFoundError
+        If the folder or either file is missing; the message names the folder
+        and the exact file names looked for.
+    IDXFormatError
+        If a file is malformed, does not hold 28x28 uint8 images / uint8
+        labels in 0..9, or the two files hold different numbers of examples
+        (the message names both files and both counts).
+    """
+    _check_split(split)
+    idx_dir = Path(idx_dir)
+    bases = IDX_FILES[split]
+    if not idx_dir.is_dir():
+        looked_for = ", ".join(f"{b}[.gz]" for b in bases)
+        raise DatasetNotFoundError(
+            f"MNIST IDX folder {idx_dir} does not exist (looked for "
+            f"{looked_for} there for split {split!r}).\n{_ways_out()}"
+        )
+    paths = [_find_idx_file(idx_dir, b) for b in bases]
+    missing = [b for b, p in zip(bases, paths) if p is None]
+    if missing:
+        looked_for = " and ".join(f"{b}.gz or {b}" for b in missing)
+        raise DatasetNotFoundError(
+            f"MNIST IDX files for split {split!r} not found in {idx_dir}: "
+            f"looked for {looked_for}.\n{_ways_out()}"
+        )
+    image_path, label_path = paths
+
+    images = read_idx(image_path)
+    if (images.dtype != np.uint8 or images.ndim != 3
+            or images.shape[1:] != IMAGE_SHAPE):
+        raise IDXFormatError(
+            f"{image_path}: expected uint8 images of shape (N, 28, 28) "
+            f"(magic 0x00000803), found {images.dtype} of shape {images.shape}"
+        )
+    labels = read_idx(label_path)
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise IDXFormatError(
+            f"{label_path}: expected uint8 labels of shape (N,) "
+            f"(magic 0x00000801), found {labels.dtype} of shape {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise IDXFormatError(
+            f"MNIST split {split!r}: {image_path} holds {len(images)} images "
+            f"but {label_path} holds {len(labels)} labels"
+        )
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise IDXFormatError(
+            f"{label_path}: expected labels in 0..{NUM_CLASSES - 1}, "
+            f"found {int(labels.max())}"
+        )
+    return images[..., np.newaxis], labels.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow Datasets
+# ---------------------------------------------------------------------------
+
+
+def _import_tensorflow_without_gpus():
+    """Import TensorFlow with every GPU hidden from it.
+
+    TFDS needs TensorFlow to prepare MNIST (PNG encoding) and to read tfrecord
+    files. Left alone, TF would reserve nearly all GPU memory at its first op
+    and starve JAX, so GPUs are hidden before TFDS gets to touch TF.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        # TF's devices were already initialised by someone else; it is too
+        # late to hide them and there is nothing better to do here.
+        pass
+    return tf
+
+
+def _read_data_source(source, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    # __getitems__ fetches a whole chunk of records from the array_record
+    # files in one call; per-example indexing is about 2.5x slower on MNIST.
+    # The PNG decode itself stays per example (Pillow) either way.
+    n = len(source)
+    images = np.empty((n, *IMAGE_SHAPE, 1), dtype=np.uint8)
+    labels = np.empty((n,), dtype=np.int32)
+    batched = True
+    for start in range(0, n, chunk):
+        keys = list(range(start, min(n, start + chunk)))
+        examples = None
+        if batched:
+            try:
+                examples = source.__getitems__(keys)
+            except (AttributeError, TypeError):
+                # tfds.testing.mock_data (TFDS 4.9) installs an unbound
+                # __getitems__ that raises TypeError; plain indexing yields
+                # the same examples, so use it from here on.
+                batched = False
+        if examples is None:
+            examples = [source[k] for k in keys]
+        for i, example in zip(keys, examples):
+            images[i] = example["image"]
+            labels[i] = example["label"]
+    return images, labels
+
+
+def load_mnist_tfds(
+    split: str, data_dir=None, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one MNIST split through TensorFlow Datasets.
+
+    Reads with ``tfds`` random access (``builder.as_data_source``, as
+    ``tfds.data_source`` does) from an ``array_record`` dataset; that path
+    decodes images with Pillow and needs no TensorFlow. Example order is
+    TFDS' (shuffled at preparation), not the IDX files' order.
+
+    If MNIST is not prepared in ``data_dir`` and ``download`` is true, it is
+    downloaded and prepared as ``array_record`` first (this imports
+    TensorFlow, with GPUs hidden from it). A dataset prepared earlier as
+    ``tfrecord`` (e.g. an old ``~/tensorflow_datasets``) is read with
+    ``builder.as_dataset`` instead, which also needs TensorFlow.
+
+    Offline, a download attempt fails only after TFDS' own retries (about
+    3.5 minutes with TFDS 4.9.10); pass ``download=False`` to fail at once.
+
+    Parameters
+    ----------
+    split : {'train', 'test'}
+        Which split to load.
+    data_dir : str or os.PathLike, optional
+        TFDS data directory. ``None`` means TFDS' default (``$TFDS_DATA_DIR``
+        or ``~/tensorflow_datasets``).
+    download : bool
+        Whether to download and prepare MNIST when it is not prepared yet.
+        With ``False`` the network is never touched.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``uint8``, shape ``(N, 28, 28, 1)``, values 0..255.
+    labels : numpy.ndarray
+        ``int32``, shape ``(N,)``, values 0..9.
+
+    Raises
+    ------
+    ValueError
+        If ``split`` is not ``'train'`` or ``'test'``.
+    DatasetNotFoundError
+        If MNIST is not prepared and may not or cannot be downloaded, or
+        ``tensorflow-datasets`` is unusable. The message names both remedies
+        (``--data-dir`` and ``--idx-dir``); the original exception is chained.
+    """
+    _check_split(split)
+    where = (
+        os.fspath(data_dir)
+        if data_dir is not None
+        else "the default TFDS data directory "
+        "($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+
+    def not_found(reason: str) -> DatasetNotFoundError:
+        return DatasetNotFoundError(
+            f"MNIST split {split!r} could not be loaded through TensorFlow "
+            f"Datasets from {where}: {reason}\n{_ways_out()}"
+        )
+
+    try:
+        import tensorflow_datasets as tfds
+
+        root = os.fspath(data_dir) if data_dir is not None else None
+        # No file_format here: asking for array_record makes tfds.builder
+        # raise on a dataset that is already prepared as tfrecord.
+        builder = tfds.builder("mnist", data_dir=root)
+        if not builder.is_prepared():
+            if not download:
+                raise not_found(
+                    f"it is not prepared in {builder.data_dir} and download=False."
+                )
+            _import_tensorflow_without_gpus()
+            builder = tfds.builder("mnist", data_dir=root, file_format="array_record")
+            builder.download_and_prepare(file_format="array_record")
+        try:
+            source = builder.as_data_source(split=split)
+        except NotImplementedError:
+            # Prepared without a random-access format (tfrecord): fall back
+            # to tf.data, which reads it.
+            source = None
+    except DatasetNotFoundError:
+        raise
+    except Exception as e:  # download / prepare failures come in many types
+        raise not_found(f"{type(e).__name__}: {e}") from e
+
+    if source is not None:
+        return _read_data_source(source)
+
+    _import_tensorflow_without_gpus()
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images = np.asarray(arrays["image"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE, 1)
+    labels = np.asarray(arrays["label"]).astype(np.int32)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------
+# Front door
+# ---------------------------------------------------------------------------
+
+
+def load_mnist(
+    split: str = "train",
+    *,
+    data_dir=None,
+    idx_dir=None,
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one MNIST split from IDX files or through TensorFlow Datasets.
+
+    Parameters
+    ----------
+    split : {'train', 'test'}
+        Which split to load.
+    data_dir : str or os.PathLike, optional
+        TFDS data directory (used when ``idx_dir`` is not given).
+    idx_dir : str or os.PathLike, optional
+        Folder with the standard MNIST IDX files; takes precedence over TFDS.
+    download : bool
+        TFDS only: whether MNIST may be downloaded and prepared.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        ``uint8``, shape ``(N, 28, 28, 1)``, values 0..255.
+    labels : numpy.ndarray
+        ``int32``, shape ``(N,)``, values 0..9.
+
+    Raises
+    ------
+    ValueError
+        If ``split`` is not ``'train'`` or ``'test'``.
+    DatasetNotFoundError, IDXFormatError
+        See :func:`load_mnist_idx` and :func:`load_mnist_tfds`.
+    """
+    _check_split(split)
+    if idx_dir is not None:
+        return load_mnist_idx(idx_dir, split)
+    return load_mnist_tfds(split, data_dir=data_dir, download=download)

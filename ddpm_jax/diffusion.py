@@ -1,0 +1,108 @@
+"""The Gaussian diffusion process: forward noising and the reverse-step means.
+
+Pure functions of a :class:`~ddpm_jax.schedules.DiffusionSchedule`, arrays and
+0-based timesteps (see :mod:`ddpm_jax.schedules` for the convention). Images
+are NHWC float arrays, data in [-1, 1]. Nothing here knows about networks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import chex
+import jax.numpy as jnp
+
+from ddpm_jax.schedules import DiffusionSchedule, extract
+
+MeanType = Literal["x0_clip", "eps"]
+MEAN_TYPES: tuple[str, ...] = ("x0_clip", "eps")
+VarianceType = Literal["beta", "beta_tilde"]
+VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde")
+
+
+def _check_batch(x: jnp.ndarray, t: jnp.ndarray) -> None:
+    chex.assert_rank(x, 4)
+    chex.assert_shape(t, (x.shape[0],))
+    chex.assert_type(t, int)
+
+
+def q_sample(schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+    """Draw x_t ~ q(x_t | x_0) in closed form (Ho et al. 2020, eq. 4; report eq. 6).
+
+    ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``.
+
+    Args:
+      schedule: the diffusion tables.
+      x0: clean images ``(B, H, W, C)`` in [-1, 1].
+      t: int ``(B,)`` 0-based timesteps.
+      noise: standard normal ``(B, H, W, C)``.
+
+    Returns:
+      ``x_t`` of shape ``(B, H, W, C)``.
+    """
+    _check_batch(x0, t)
+    chex.assert_equal_shape([x0, noise])
+    return (
+        extract(schedule.sqrt_alpha_bars, t, x0.ndim) * x0
+        + extract(schedule.sqrt_one_minus_alpha_bars, t, x0.ndim) * noise
+    )
+
+
+def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
+    """Invert q_sample for x_0 given a noise estimate: ``(x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
+    _check_batch(x_t, t)
+    chex.assert_equal_shape([x_t, eps])
+    return (x_t - extract(schedule.sqrt_one_minus_alpha_bars, t, x_t.ndim) * eps) / extract(
+        schedule.sqrt_alpha_bars, t, x_t.ndim
+    )
+
+
+def q_posterior_mean(schedule: DiffusionSchedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """Mean of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7)."""
+    _check_batch(x_t, t)
+    chex.assert_equal_shape([x0, x_t])
+    return extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(
+        schedule.posterior_mean_coef2, t, x_t.ndim
+    ) * x_t
+
+
+def p_mean(
+    schedule: DiffusionSchedule,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    eps: jnp.ndarray,
+    mean_type: MeanType = "x0_clip",
+) -> jnp.ndarray:
+    """Mean of the reverse step p(x_{t-1} | x_t) from the network's noise estimate.
+
+    ``'x0_clip'`` (default, as in Ho et al.'s released code): predict x_0 from
+    eps, clip it to [-1, 1], and take the posterior mean q(x_{t-1} | x_t, x_0).
+    Clipping keeps early, poor eps estimates at large t from pushing samples
+    out of the data range, the usual cause of samples that stay noise.
+
+    ``'eps'``: the paper's Algorithm 2 line 4 / the report's eq. 14 literally,
+    ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)``. Without clipping
+    both are the same function of eps.
+    """
+    if mean_type == "x0_clip":
+        x0 = jnp.clip(predict_x0_from_eps(schedule, x_t, t, eps), -1.0, 1.0)
+        return q_posterior_mean(schedule, x0, x_t, t)
+    if mean_type == "eps":
+        _check_batch(x_t, t)
+        coef = extract(schedule.betas / schedule.sqrt_one_minus_alpha_bars, t, x_t.ndim)
+        return (x_t - coef * eps) / jnp.sqrt(extract(schedule.alphas, t, x_t.ndim))
+    raise ValueError(f"unknown mean_type {mean_type!r}; allowed: {', '.join(MEAN_TYPES)}.")
+
+
+def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType) -> jnp.ndarray:
+    """The fixed reverse variances sigma_t^2, shape ``(T,)``.
+
+    ``'beta'``: sigma_t^2 = beta_t (the upper bound on the reverse variance);
+    ``'beta_tilde'``: sigma_t^2 = beta-tilde_t, the posterior variance (the lower bound).
+    Ho et al. 2020, section 3.2, found both give similar samples.
+    """
+    if variance_type == "beta":
+        return schedule.betas
+    if variance_type == "beta_tilde":
+        return schedule.posterior_variance
+    raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}.")

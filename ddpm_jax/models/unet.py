@@ -1,0 +1,143 @@
+"""The report's U-Net: Ronneberger et al.'s U-Net with a per-block time embedding.
+
+Read from the report's section 3.1 (Allard, "Implementing a Denoising Diffusion
+Probabilistic Model"): 4 skip levels, 2x2 max-pooling down, 2x2 stride-2
+transposed convolutions up, two conv + BatchNorm + LeakyReLU per block, 32
+base channels doubling per level, and a 32-dim sinusoidal time embedding that
+each block passes through its own dense layer and adds to every channel.
+
+The reading that gives exactly the report's 12,552,848 parameters:
+
+* block(C_in -> C): conv3x3(C_in -> C, bias) -> BatchNorm -> LeakyReLU
+  -> + Dense(32 -> C)(embedding) per channel -> conv3x3(C -> C, bias)
+  -> BatchNorm -> LeakyReLU;
+* encoder blocks 1->32->64->128->256->512 with a 2x2 max-pool between
+  them (the outputs of the first four are the skips), then one more 512->512
+  block as the bottleneck;
+* decoder steps of ConvTranspose(C -> C/2, kernel 2, stride 2), concatenation
+  with the skip (back to C channels) and block(C -> C/2), down to 32 channels;
+* a final block 32 -> 1 whose last LeakyReLU is left out, so eps can be negative.
+
+The network knows nothing about diffusion: it maps ``(x, t)`` to an array of
+``x``'s shape, with ``t`` fed only through the embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
+    """Transformer-style sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5).
+
+    Args:
+      t: ``(B,)`` timesteps (int or float).
+      dim: embedding width, even.
+
+    Returns:
+      ``(B, dim)`` float32: ``[sin(t * f_k), cos(t * f_k)]`` with
+      ``f_k = max_period^(-k / (dim/2))``, ``k = 0..dim/2-1``.
+    """
+    chex.assert_rank(t, 1)
+    if dim % 2:
+        raise ValueError(f"time embedding width must be even, got {dim}.")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class TimeConditionedBlock(nn.Module):
+    """conv-BN-LeakyReLU, + Dense(embedding) per channel, conv-BN[-LeakyReLU].
+
+    ``x``: ``(B, H, W, C_in)``, ``emb``: ``(B, E)`` -> ``(B, H, W, features)``.
+    """
+
+    features: int
+    final_activation: bool = True
+    negative_slope: float = 0.01  # PyTorch's nn.LeakyReLU default
+    bn_momentum: float = 0.9  # PyTorch's BatchNorm momentum=0.1, in Flax's convention
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = lambda: nn.BatchNorm(  # noqa: E731
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype
+        )
+        h = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+        h = nn.leaky_relu(norm()(h), self.negative_slope)
+        h = h + nn.Dense(self.features, dtype=self.dtype)(emb)[:, None, None, :]
+        h = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(h)
+        h = norm()(h)
+        return nn.leaky_relu(h, self.negative_slope) if self.final_activation else h
+
+
+class ReportUNet(nn.Module):
+    """The report's U-Net (see the module docstring), configurable.
+
+    Attributes:
+      base_channels: channels of the first block; doubled at every level.
+      levels: number of 2x2 max-poolings (= skip connections); height and width
+        must be divisible by ``2**levels``.
+      time_embed_dim: width of the sinusoidal embedding fed to every block.
+      out_channels: channels of the output; ``None`` means the input's.
+      output_head: ``'block'`` is the report's final block (32 -> 1 through a
+        one-channel conv-BN-LeakyReLU, no last activation); ``'conv'`` replaces
+        it by one zero-initialized 3x3 convolution from the last features (as
+        Ho et al.'s U-Net ends), which avoids the report's one-channel
+        bottleneck in front of the output.
+
+    Call: ``x`` ``(B, H, W, C)`` float (data in [-1, 1], NHWC), ``t`` int ``(B,)``
+    0-based timesteps, ``train`` (BatchNorm uses batch statistics and updates
+    ``batch_stats`` when True, running averages when False) -> ``(B, H, W, out)``.
+    """
+
+    base_channels: int = 32
+    levels: int = 4
+    time_embed_dim: int = 32
+    out_channels: int | None = None
+    output_head: str = "block"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        chex.assert_rank(x, 4)
+        chex.assert_shape(t, (x.shape[0],))
+        batch, height, width, channels = x.shape
+        factor = 2**self.levels
+        if height % factor or width % factor:
+            raise ValueError(
+                f"ReportUNet with levels={self.levels} needs height and width divisible by {factor}, "
+                f"got {height}x{width}; pad the images (MNIST 28x28 -> 32x32 for 4 levels) or use fewer levels."
+            )
+        block = lambda features, **kw: TimeConditionedBlock(features, dtype=self.dtype, **kw)  # noqa: E731
+        emb = sinusoidal_embedding(t, self.time_embed_dim)
+
+        h = x.astype(self.dtype)
+        skips = []
+        for level in range(self.levels):
+            h = block(self.base_channels * 2**level)(h, emb, train)
+            skips.append(h)
+            h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        deepest = self.base_channels * 2**self.levels
+        h = block(deepest)(h, emb, train)
+        h = block(deepest)(h, emb, train)  # the bottleneck
+        for level in reversed(range(self.levels)):
+            features = self.base_channels * 2**level
+            h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
+            h = jnp.concatenate([h, skips[level]], axis=-1)
+            h = block(features)(h, emb, train)
+        out_channels = self.out_channels or channels
+        if self.output_head == "block":
+            out = block(out_channels, final_activation=False)(h, emb, train)
+        elif self.output_head == "conv":
+            out = nn.Conv(out_channels, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+        else:
+            raise ValueError(f"unknown output_head {self.output_head!r}; allowed: block, conv.")
+        chex.assert_shape(out, (batch, height, width, out_channels))
+        return out.astype(jnp.float32)

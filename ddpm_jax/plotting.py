@@ -1,0 +1,53 @@
+"""PNG figures of images in [-1, 1]: the sample grid and the reverse-process strip."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels, rounding as a saved image would."""
+    return np.clip(np.round((np.asarray(images, dtype=np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def tile(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile ``(N, H, W, 1)`` uint8 images into one ``(rows*(H+pad)+pad, ...)`` grayscale array."""
+    n, h, w = images.shape[:3]
+    ncol = -(-n // nrow)
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i, ..., 0]
+    return canvas
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int = 10, scale: int = 3) -> None:
+    """Save ``(N, H, W, 1)`` images in [-1, 1] as a grid PNG (the report's Figure 4), ``nrow`` per row."""
+    canvas = tile(to_uint8(images), nrow)
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def save_reverse_process(frames: np.ndarray, path: str, num_timesteps: int, every: int, scale: int = 3) -> None:
+    """Save a reverse-process figure (the report's Figure 5): one row per sample, x_T left to x_0 right.
+
+    ``frames``: ``(F, B, H, W, 1)`` in [-1, 1], as ``sample(..., return_every=every)``
+    returns them: the state after 0, every, 2*every, ... and all ``num_timesteps``
+    reverse steps. Each column is labelled with the paper's index of that state.
+    """
+    num_frames, batch, h, w = frames.shape[:4]
+    rows = np.transpose(to_uint8(frames), (1, 0, 2, 3, 4)).reshape((batch * num_frames,) + frames.shape[2:])
+    canvas = tile(rows, nrow=num_frames)
+    image = Image.fromarray(canvas)
+    image = image.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    steps_taken = list(range(0, num_timesteps, every))[: num_frames - 1] + [num_timesteps]
+    header = Image.new("L", (image.width, 14 * scale // 2 + 4), 255)
+    draw = ImageDraw.Draw(header)
+    font = ImageFont.load_default()
+    for col, steps in enumerate(steps_taken):
+        x = (2 + col * (w + 2)) * scale
+        draw.text((x, 2), f"x_{num_timesteps - steps}", fill=0, font=font)
+    figure = Image.new("L", (image.width, image.height + header.height), 255)
+    figure.paste(header, (0, 0))
+    figure.paste(image, (0, header.height))
+    figure.save(path)

@@ -1,0 +1,113 @@
+"""Train a DDPM on MNIST: ``python -m experiments.mnist --workdir runs/mnist``.
+
+Only parses flags and calls :func:`ddpm_jax.train.train_and_evaluate`; a run
+already in ``--workdir`` resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import sys
+
+import jax
+
+from ddpm_jax import configs as configs_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import train as train_lib
+
+
+def default_preset() -> str:
+    """The report's setup where a GPU is present; the small CPU preset otherwise."""
+    return "seed" if jax.default_backend() == "gpu" else "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.mnist", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="runs/mnist", help="run directory: checkpoints, metrics, figures (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory (MNIST is downloaded and prepared there on first use)")
+    p.add_argument("--idx-dir", default=None, help="read MNIST from the four standard IDX files in this folder instead of TFDS")
+    p.add_argument("--preset", default=None, choices=configs_lib.PRESETS,
+                   help="config preset (default: 'seed' on a GPU, 'cpu' otherwise)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="total training steps (config train.num_steps)")
+    length.add_argument("--epochs", type=float, default=None, help="total training epochs, converted to steps")
+    p.add_argument("--batch-size", type=int, default=None, help="config train.batch_size")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (config train.learning_rate)")
+    p.add_argument("--seed", type=int, default=None, help="config seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set diffusion.schedule=linear "
+                        "--set diffusion.num_timesteps=1000 --set model.base_channels=32 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    return p.parse_args(argv)
+
+
+def apply_override(config, assignment: str) -> None:
+    """Set ``a.b.c=value`` on ``config``; the value is parsed as a Python literal if it is one."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set model.base_channels=32.")
+    field, raw = assignment.split("=", 1)
+    *parents, leaf = field.strip().split(".")
+    node = config
+    for name in parents:
+        if name not in node or not hasattr(node[name], "keys"):
+            raise ValueError(f"--set {field}: unknown config section {name!r}; sections: {', '.join(k for k in node.keys() if hasattr(node[k], 'keys'))}.")
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"--set {field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"--set {field}={raw}: expected a {type(current).__name__} like {current!r}.")
+    node[leaf] = value
+
+
+def build_config(args: argparse.Namespace):
+    config = configs_lib.get_config(args.preset or default_preset())
+    for assignment in args.overrides:
+        apply_override(config, assignment)
+    if args.steps is not None:
+        config.train.num_steps = args.steps
+    if args.batch_size is not None:
+        config.train.batch_size = args.batch_size
+    if args.lr is not None:
+        config.train.learning_rate = args.lr
+    if args.seed is not None:
+        config.seed = args.seed
+    return config
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+        train_lib.validate_config(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        images, _ = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+    except (data_lib.DatasetNotFoundError, data_lib.IDXFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.epochs is not None:
+        n = min(len(images), config.data.max_train_examples or len(images))
+        config.train.num_steps = max(1, math.ceil(args.epochs * n / config.train.batch_size))
+    print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
+          f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
+    try:
+        train_lib.train_and_evaluate(config, args.workdir, images=images, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from experiments import mnist
+
+
+def _write_idx(path, array):
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    _write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    _write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (40,)))
+    return d
+
+
+def test_main_job_trains_checkpoints_and_writes_the_figures(tmp_path, idx_dir, capsys):
+    workdir = tmp_path / "run"
+    code = mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "3",
+                       "--set", "sampling.strip_every=4", "--no-progress"])
+    assert code == 0
+    for name in ("samples.png", "reverse_process.png", "metrics.jsonl", "config.json", "sampling.json"):
+        assert (workdir / name).is_file(), name
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 3
+    assert json.loads((workdir / "config.json").read_text())["sampling"]["strip_every"] == 4
+    assert [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+    assert (workdir / "checkpoints" / "3").is_dir()
+
+
+def test_epochs_are_converted_to_whole_steps(tmp_path, idx_dir):
+    args = mnist.parse_args(["--preset", "tiny", "--epochs", "0.5"])
+    assert args.epochs == 0.5
+    code = mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(tmp_path), "--epochs", "0.5",
+                       "--no-progress"])
+    assert code == 0
+    # 40 images at batch 8: half an epoch is 2.5 steps, rounded up to 3.
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "diffusion.num_timesteps=0"], "num_timesteps"),
+        (["--set", "diffusion.schedule=quadratic"], "linear, cosine"),
+        (["--lr", "0"], "learning_rate"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--set", "model.levels=3"], "image_size"),
+        (["--set", "model.chanels=3"], "unknown field 'chanels'"),
+        (["--set", "modle.levels=3"], "unknown config section 'modle'"),
+        (["--set", "model.levels=two"], "expected a int"),
+        (["--set", "model.levels"], "FIELD=VALUE"),
+    ],
+)
+def test_bad_config_values_get_one_line_and_exit_status_2(flags, message, capsys, tmp_path):
+    assert mnist.main(["--preset", "tiny", "--workdir", str(tmp_path)] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_larger_than_the_dataset_is_refused(tmp_path, idx_dir, capsys):
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(tmp_path), "--batch-size", "41"]) == 2
+    assert "larger than the 40 training images" in capsys.readouterr().err
+
+
+def test_missing_dataset_names_both_ways_to_get_mnist(tmp_path, capsys):
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--idx-dir" in err and "--data-dir" in err
+
+
+def test_unknown_preset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.parse_args(["--preset", "huge"])
+    assert exit_info.value.code == 2
+    assert "cpu" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddpm_jax
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax.configs import get_config
+from ddpm_jax.train import (
+    create_train_state,
+    draw_batch,
+    make_dataset_train_step,
+    preprocess,
+    schedule_from_config,
+    train_and_evaluate,
+)
+
+
+def _tiny_config(**train):
+    config = get_config("tiny")
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def images():
+    # Smooth random blobs: structured enough that a network can fit them a little.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:28, 0:28]
+    centres = rng.uniform(6, 22, size=(64, 2))
+    blobs = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 30.0)
+    return (blobs[..., None] * 255).astype(np.uint8)
+
+
+def test_preprocess_maps_pixels_to_minus_one_one_and_pads_with_background():
+    u8 = np.array([0, 255], np.uint8).reshape(1, 1, 2, 1).repeat(28, 1).repeat(14, 2)
+    x = preprocess(jnp.asarray(u8), 32)
+    assert x.shape == (1, 32, 32, 1)
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    np.testing.assert_array_equal(x[:, :2], -1.0)
+    np.testing.assert_array_equal(x[:, :, -2:], -1.0)
+    np.testing.assert_array_equal(ddpm_jax.train.crop(x, 28, 28), preprocess(jnp.asarray(u8), 28))
+
+
+def test_each_epoch_visits_every_image_once_in_a_new_order():
+    data = jnp.arange(20).reshape(20, 1, 1, 1)
+    key = jax.random.PRNGKey(0)
+    epochs = []
+    for epoch in range(2):
+        seen = [draw_batch(key, data, jnp.asarray(epoch * 4 + s), 5).ravel() for s in range(4)]
+        epochs.append(np.concatenate(seen))
+        assert sorted(epochs[-1].tolist()) == list(range(20))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_data_order_is_a_function_of_the_step_alone():
+    data = jnp.arange(50).reshape(50, 1, 1, 1)
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(draw_batch(key, data, jnp.asarray(7), 8), draw_batch(key, data, jnp.asarray(7), 8))
+
+
+def test_a_few_training_steps_reduce_the_loss(images):
+    config = _tiny_config(batch_size=16, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
+    config.model.base_channels = 8
+    state = create_train_state(config)
+    step = make_dataset_train_step(config, schedule_from_config(config))
+    data = jnp.asarray(images[:16])  # one fixed batch: the loss must fall on it
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, data)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 40
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert np.isclose(float(metrics["count_by_quarter"].sum()), 16)
+
+
+def test_steps_draw_fresh_noise_and_timesteps(images):
+    config = _tiny_config()
+    state = create_train_state(config)
+    step = make_dataset_train_step(config, schedule_from_config(config))
+    _, m1 = step(state, jnp.asarray(images))
+    state2 = create_train_state(config).replace(step=jnp.asarray(1, jnp.int32))
+    _, m2 = step(state2, jnp.asarray(images))
+    assert not np.array_equal(m1["count_by_quarter"], m2["count_by_quarter"]) or m1["loss"] != m2["loss"]
+
+
+def test_checkpoint_round_trips_the_train_state_exactly(tmp_path, images):
+    config = _tiny_config()
+    state = create_train_state(config)
+    state, _ = make_dataset_train_step(config, schedule_from_config(config))(state, jnp.asarray(images))
+    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    ckpt_lib.save(manager, state, config)
+    manager.wait_until_finished()
+    restored = ckpt_lib.restore_latest(manager, create_train_state(config), config)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored.step) == 1
+    assert json.loads(open(tmp_path / "checkpoints" / "1" / "config" / "metadata").read())["model"]["base_channels"] == 4
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, images):
+    config = _tiny_config(num_steps=4, checkpoint_every=2)
+    straight = train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False, make_figures=False)
+
+    train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, make_figures=False, stop_at=2)
+    resumed = train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, make_figures=False)
+
+    assert int(resumed.step) == int(straight.step) == 4
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [2, 4]
+
+
+def test_resuming_with_another_model_config_names_the_differing_fields(tmp_path, images):
+    config = _tiny_config(num_steps=2)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    other = _tiny_config(num_steps=2)
+    other.model.base_channels = 8
+    other.diffusion.num_timesteps = 20
+    with pytest.raises(ValueError, match=r"model.base_channels: 4 -> 8.*|diffusion.num_timesteps: 10 -> 20"):
+        train_and_evaluate(other, str(tmp_path), images=images, progress=False, make_figures=False)
+
+
+def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tmp_path, images):
+    config = _tiny_config(num_steps=2)
+    config.data.image_size = 32  # padded like the seed preset; samples are cropped back
+    config.model.levels = 2
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+
+    params = ddpm_jax.load_checkpoint(str(tmp_path))
+    assert params.step == 2 and params.config.model.levels == 2
+    out = ddpm_jax.sample(params, jax.random.PRNGKey(0), 5)
+    assert out.shape == (5, 28, 28, 1) and out.dtype == jnp.float32
+    assert float(out.min()) >= -1 and float(out.max()) <= 1
+    np.testing.assert_array_equal(out, ddpm_jax.sample(params, jax.random.PRNGKey(0), 5))
+    # n above the batch size: padded batches, same compiled sampler, n images back.
+    assert ddpm_jax.sample(params, jax.random.PRNGKey(1), 20).shape == (20, 28, 28, 1)
+
+
+def test_sample_refuses_anything_but_a_loaded_checkpoint_and_foreign_schedules(tmp_path, images):
+    config = _tiny_config(num_steps=1)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    params = ddpm_jax.load_checkpoint(str(tmp_path))
+    with pytest.raises(TypeError, match="load_checkpoint"):
+        ddpm_jax.sample(params.params, jax.random.PRNGKey(0), 2)
+    other = ddpm_jax.DiffusionSchedule.from_betas(ddpm_jax.cosine_beta_schedule(20))
+    with pytest.raises(ValueError, match="T=10"):
+        ddpm_jax.sample(params, jax.random.PRNGKey(0), 2, schedule=other)
+    same = schedule_from_config(params.config)
+    assert ddpm_jax.sample(params, jax.random.PRNGKey(0), 2, schedule=same).shape == (2, 28, 28, 1)
+
+
+def test_load_checkpoint_on_an_empty_directory_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="experiments.mnist"):
+        ddpm_jax.load_checkpoint(str(tmp_path))
+
+
+def test_checkpoints_keep_only_the_last_k(tmp_path, images):
+    config = _tiny_config(num_steps=5, checkpoint_every=1, keep_checkpoints=2)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]
