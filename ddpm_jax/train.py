@@ -108,20 +108,15 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None 
     model = build_model(config.model)
     key = jax.random.PRNGKey(config.seed) if key is None else key
     init_key, run_key = jax.random.split(key)
+    variables = model.init(
+        init_key, jnp.zeros(model_input_shape(config, 1)), jnp.zeros((1,), jnp.int32), train=False
+    )
     tx = make_optimizer(config)
-
-    # One compiled program: run eagerly, init dispatches hundreds of small ops one by one (~25 s on CPU).
-    @jax.jit
-    def init(key):
-        variables = model.init(key, jnp.zeros(model_input_shape(config, 1)), jnp.zeros((1,), jnp.int32), train=False)
-        return variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"])
-
-    params, batch_stats, opt_state = init(init_key)
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(variables["params"]),
         key=run_key,
         apply_fn=model.apply,
         tx=tx,
