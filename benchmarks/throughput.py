@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler, sample
+from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler
 from ddpm_jax.configs import get_config
 from ddpm_jax.train import count_params, create_train_state, make_dataset_train_step, schedule_from_config
 

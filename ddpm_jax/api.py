@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler
@@ -49,16 +50,12 @@ class DiffusionCheckpoint:
 
     @property
     def schedule(self) -> DiffusionSchedule:
-        from ddpm_jax.train import schedule_from_config
-
         return schedule_from_config(self.config)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int):
     """One jitted sampler per (config, batch, options): built once, reused across calls."""
-    from ddpm_jax.train import schedule_from_config
-
     config = ml_collections.ConfigDict(json.loads(config_json))
     model = build_model(config.model)
     size = config.data.image_size

@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpm_jax import configs as configs_lib
+from ddpm_jax.api import DiffusionCheckpoint
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE, _CONFIG = "state", "config"
@@ -107,8 +108,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
       A :class:`ddpm_jax.DiffusionCheckpoint` (params, batch_stats, config, step),
       on this process's first device.
     """
-    from ddpm_jax.api import DiffusionCheckpoint
-    from ddpm_jax.train import create_train_state
+    from ddpm_jax.train import create_train_state  # train imports this module: import at call time
 
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     if not os.path.isdir(directory):

@@ -24,6 +24,8 @@ import json
 
 import ml_collections
 
+from ddpm_jax.schedules import DiffusionSchedule, betas_for
+
 PRESETS: tuple[str, ...] = ("cpu", "seed", "tiny")
 
 
@@ -119,3 +121,18 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     """Rebuild a config saved with :func:`config_to_json`, frozen against edits."""
     return ml_collections.FrozenConfigDict(d)
+
+
+def schedule_from_config(config: ml_collections.ConfigDict) -> DiffusionSchedule:
+    """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes."""
+    d = config.diffusion
+    return DiffusionSchedule.from_betas(
+        betas_for(
+            d.schedule,
+            d.num_timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            cosine_s=d.cosine_s,
+            max_beta=d.max_beta,
+        )
+    )

@@ -7,14 +7,12 @@ jitted once; ``train_and_evaluate(config, workdir)`` is the loop that the
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
 from typing import Any
 
 import chex
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -22,10 +20,15 @@ import ml_collections
 import numpy as np
 import optax
 
+from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import plotting
+from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.losses import l_simple
 from ddpm_jax.models import build_model
-from ddpm_jax.schedules import DiffusionSchedule, betas_for
+from ddpm_jax.schedules import DiffusionSchedule
 
 # Stream ids folded into the run's key, so data order, training noise and
 # sampling never share random numbers.
@@ -57,21 +60,6 @@ class TrainState:
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
-
-
-def schedule_from_config(config: ml_collections.ConfigDict) -> DiffusionSchedule:
-    """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes."""
-    d = config.diffusion
-    return DiffusionSchedule.from_betas(
-        betas_for(
-            d.schedule,
-            d.num_timesteps,
-            beta_start=d.beta_start,
-            beta_end=d.beta_end,
-            cosine_s=d.cosine_s,
-            max_beta=d.max_beta,
-        )
-    )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -299,10 +287,6 @@ def train_and_evaluate(
     Returns:
       The final train state.
     """
-    from ddpm_jax import checkpoint as ckpt_lib
-    from ddpm_jax import data as data_lib
-    from ddpm_jax.api import DiffusionCheckpoint
-
     workdir = os.path.abspath(workdir)
     if images is None:
         images, _ = data_lib.load_mnist("train", data_dir=data_dir, idx_dir=idx_dir)
@@ -387,9 +371,6 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
     ``checkpoint`` is a :class:`ddpm_jax.DiffusionCheckpoint`; the samples use
     the key ``PRNGKey(config.seed + 1)``, so the figures are reproducible.
     """
-    from ddpm_jax import plotting
-    from ddpm_jax.api import sample
-
     config = checkpoint.config
     grid_key, strip_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
     n_grid = config.sampling.grid_size**2
