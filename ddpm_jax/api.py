@@ -13,12 +13,12 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.data import crop
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler
 from ddpm_jax.schedules import DiffusionSchedule
 
-MNIST_SIZE = 28
 
 
 @flax.struct.dataclass
@@ -73,11 +73,6 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
             return_every=return_every,
         )
     )
-
-
-def _crop(x: jnp.ndarray) -> jnp.ndarray:
-    top = (x.shape[-3] - MNIST_SIZE) // 2
-    return x[..., top : top + MNIST_SIZE, top : top + MNIST_SIZE, :]
 
 
 def sample(
@@ -153,8 +148,8 @@ def sample(
         out = sampler(params.variables, jax.random.fold_in(key, b))
         if return_every:
             out, chain = out
-            frames.append(_crop(chain))
-        images.append(_crop(out))
+            frames.append(crop(chain))
+        images.append(crop(out))
     images = jnp.concatenate(images)[:n]
     if return_every:
         return images, jnp.concatenate(frames, axis=1)[:, :n]

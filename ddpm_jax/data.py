@@ -6,10 +6,10 @@ Every loader returns the same pair:
   0..255, NHWC layout with a single grey channel ``C = 1``;
 * ``labels``: ``int32`` array of shape ``(N,)``, digit classes 0..9.
 
-Nothing here rescales the pixels: the mapping to ``[-1, 1]`` that the
-diffusion model works in happens later, on the device, so the host keeps the
-compact ``uint8`` form (a quarter of the bytes of ``float32``) and transfers it
-as such.
+The loaders do not rescale the pixels: the mapping to ``[-1, 1]`` that the
+diffusion model works in (:func:`preprocess`, and :func:`crop` back) runs later,
+inside the jitted step on the device, so the host keeps the compact ``uint8``
+form (a quarter of the bytes of ``float32``) and transfers it as such.
 
 Two sources are supported:
 
@@ -33,12 +33,16 @@ import os
 import zlib
 from pathlib import Path
 
+import chex
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "DatasetNotFoundError",
     "IDXFormatError",
     "SPLITS",
+    "crop",
+    "preprocess",
     "load_mnist",
     "load_mnist_idx",
     "load_mnist_tfds",
@@ -430,6 +434,40 @@ def load_mnist_tfds(
     images = np.asarray(arrays["image"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE, 1)
     labels = np.asarray(arrays["label"]).astype(np.int32)
     return images, labels
+
+
+# ---------------------------------------------------------------------------
+# On the device: uint8 pixels <-> the model's [-1, 1] space
+# ---------------------------------------------------------------------------
+
+
+def preprocess(images_u8: jnp.ndarray, image_size: int) -> jnp.ndarray:
+    """uint8 ``(B, h, w, C)`` pixels -> float32 ``(B, S, S, C)`` in [-1, 1].
+
+    Pads with the background value -1 to ``image_size`` (MNIST 28 -> 32 for the
+    seed U-Net's four poolings); :func:`crop` undoes it.
+    """
+    chex.assert_rank(images_u8, 4)
+    x = images_u8.astype(jnp.float32) / 127.5 - 1.0
+    pad_h, pad_w = image_size - x.shape[1], image_size - x.shape[2]
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"data.image_size={image_size} is smaller than the images ({x.shape[1]}x{x.shape[2]}).")
+    if pad_h or pad_w:
+        x = jnp.pad(
+            x,
+            ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
+            constant_values=-1.0,
+        )
+    return x
+
+
+def crop(x, height: int = IMAGE_SHAPE[0], width: int = IMAGE_SHAPE[1]):
+    """Centre-crop ``(..., H, W, C)`` back to ``height x width``: the inverse of :func:`preprocess`'s padding.
+
+    Leading axes pass through, so a chain of frames ``(F, B, H, W, C)`` crops too.
+    """
+    top, left = (x.shape[-3] - height) // 2, (x.shape[-2] - width) // 2
+    return x[..., top : top + height, left : left + width, :]
 
 
 # ---------------------------------------------------------------------------

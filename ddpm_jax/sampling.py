@@ -12,7 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import MeanType, VarianceType, p_mean, p_variance
+from ddpm_jax.diffusion import MEAN_TYPES, MeanType, VarianceType, p_mean, p_variance
 from ddpm_jax.schedules import DiffusionSchedule
 
 # eps_fn(variables, x_t, t) -> eps_hat with x_t's shape; t int (B,), 0-based.
@@ -50,7 +50,8 @@ def make_ancestral_sampler(
     """
     chex.assert_equal(len(shape), 4)
     sigmas = jnp.sqrt(p_variance(schedule, variance))
-    p_mean(schedule, jnp.zeros((1, 1, 1, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, 1, 1)), mean)  # validates
+    if mean not in MEAN_TYPES:
+        raise ValueError(f"unknown mean_type {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
     num_timesteps = schedule.num_timesteps
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")

@@ -23,6 +23,7 @@ import optax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
 from ddpm_jax import plotting
 from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
@@ -115,32 +116,6 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def preprocess(images_u8: jnp.ndarray, image_size: int) -> jnp.ndarray:
-    """uint8 ``(B, h, w, C)`` pixels -> float32 ``(B, S, S, C)`` in [-1, 1].
-
-    Pads with the background value -1 to ``image_size`` (MNIST 28 -> 32 for the
-    seed U-Net's four poolings); :func:`crop` undoes it.
-    """
-    chex.assert_rank(images_u8, 4)
-    x = images_u8.astype(jnp.float32) / 127.5 - 1.0
-    pad_h, pad_w = image_size - x.shape[1], image_size - x.shape[2]
-    if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"data.image_size={image_size} is smaller than the images ({x.shape[1]}x{x.shape[2]}).")
-    if pad_h or pad_w:
-        x = jnp.pad(
-            x,
-            ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
-            constant_values=-1.0,
-        )
-    return x
-
-
-def crop(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-    """Centre-crop NHWC ``x`` back to ``height x width`` (the inverse of preprocess's padding)."""
-    top, left = (x.shape[1] - height) // 2, (x.shape[2] - width) // 2
-    return x[:, top : top + height, left : left + width, :]
-
-
 def train_step(
     state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
@@ -185,8 +160,7 @@ def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_siz
     the same data order.
     """
     num = images.shape[0]
-    steps_per_epoch = num // batch_size
-    epoch, position = step // steps_per_epoch, step % steps_per_epoch
+    epoch, position = divmod(step, steps_per_epoch(num, batch_size))
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), num)
     idx = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
     return images[idx]
