@@ -11,7 +11,9 @@ paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
 """
 
 from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax import metrics
 from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.classifier import FeatureNetwork, load_or_train_feature_network
 from ddpm_jax.configs import PRESETS, get_config
 from ddpm_jax.diffusion import p_mean, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.losses import l_simple
@@ -23,6 +25,7 @@ from ddpm_jax.train import TrainState, create_train_state, train_and_evaluate, t
 __all__ = [
     "DiffusionCheckpoint",
     "DiffusionSchedule",
+    "FeatureNetwork",
     "PRESETS",
     "ReportUNet",
     "TrainState",
@@ -32,7 +35,9 @@ __all__ = [
     "l_simple",
     "linear_beta_schedule",
     "load_checkpoint",
+    "load_or_train_feature_network",
     "make_ancestral_sampler",
+    "metrics",
     "p_mean",
     "p_variance",
     "predict_x0_from_eps",

@@ -44,7 +44,7 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     )
 
 
-def _on_local_device(abstract_tree):
+def on_local_device(abstract_tree):
     """Give every leaf of an abstract tree this process's first device as its sharding."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract_tree)
@@ -52,7 +52,7 @@ def _on_local_device(abstract_tree):
 
 def restore_state(manager: ocp.CheckpointManager, step: int, template):
     """Restore the train state saved at ``step`` into the structure of ``template``."""
-    abstract = _on_local_device(jax.eval_shape(lambda s: s, template))
+    abstract = on_local_device(jax.eval_shape(lambda s: s, template))
     restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
     return restored[_STATE]
 
@@ -116,7 +116,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
             f"no checkpoints in {workdir!r} (looked for {directory}); train one with "
             f"`python -m experiments.mnist --workdir {workdir}`."
         )
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
                                     item_names=(_STATE, _CONFIG))
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():

@@ -150,20 +150,23 @@ def train_step(
     return state.apply_gradients(grads, batch_stats), metrics
 
 
-def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
-    """The ``step``-th batch of an epoch-wise shuffled pass over ``images``.
+def batch_indices(key: jax.Array, num_examples: int, step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
+    """Indices of the ``step``-th batch of an epoch-wise shuffled pass over ``num_examples`` items.
 
     Every epoch is a fresh permutation (``fold_in(key, epoch)``) cut into
-    ``len(images) // batch_size`` full batches; the leftover images of that
+    ``num_examples // batch_size`` full batches; the leftover items of that
     permutation are skipped, so every batch has the same shape and nothing
     recompiles. The batch depends only on ``(key, step)``: a resumed run sees
     the same data order.
     """
-    num = images.shape[0]
-    epoch, position = divmod(step, steps_per_epoch(num, batch_size))
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num)
-    idx = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
-    return images[idx]
+    epoch, position = divmod(step, steps_per_epoch(num_examples, batch_size))
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    return jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
+
+
+def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
+    """The ``step``-th batch of ``images`` in the order of :func:`batch_indices`."""
+    return images[batch_indices(key, images.shape[0], step, batch_size)]
 
 
 def make_dataset_train_step(config: ml_collections.ConfigDict, schedule: DiffusionSchedule):

@@ -1,0 +1,80 @@
+"""How many samples a FID needs: FID of N real training images against the test split, for growing N.
+
+``python -m benchmarks.fid_sample_size --idx-dir ../shared/data/mnist``
+
+Real images are what a perfect model would produce, so every number here is
+a floor, and how it falls with N is the small-sample bias of FID (a Gaussian
+fit to few samples has a noisy covariance, which only ever adds distance).
+Each N is measured on several disjoint random subsets; the table gives the
+median and the range. Prints a table and writes
+``benchmarks/results/fid-sample-size.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ddpm_jax import data as data_lib
+from ddpm_jax import evaluation, metrics
+from ddpm_jax.classifier import load_or_train_feature_network
+
+SIZES = (100, 250, 500, 1000, 2000, 5000, 10_000)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fid_sample_size", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--idx-dir", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--subsets", type=int, default=5, help="random subsets per N (fewer where the data runs out)")
+    p.add_argument("--out", default="benchmarks/results/fid-sample-size.json")
+    args = p.parse_args(argv)
+
+    train_x, train_y = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+    test_x, test_y = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+    network = load_or_train_feature_network(train_x, train_y, test_x, test_y, cache_dir=args.cache_dir, progress=True)
+    _, test_features = evaluation.cached_features(network, test_x, args.cache_dir)
+    _, train_features = evaluation.cached_features(network, train_x, args.cache_dir)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in SIZES:
+        if n > len(train_features):
+            break
+        perm = rng.permutation(len(train_features))
+        subsets = max(1, min(args.subsets, len(train_features) // n))
+        fids = [metrics.fid(train_features[perm[i * n : (i + 1) * n]], test_features) for i in range(subsets)]
+        rows.append({"n": n, "subsets": subsets, "fid_median": float(np.median(fids)),
+                     "fid_min": float(np.min(fids)), "fid_max": float(np.max(fids)), "fids": fids})
+
+    result = {
+        "what": "FID of N real MNIST training images against the full test split, in the feature classifier's features",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "classifier": network.name,
+        "classifier_test_accuracy": network.test_accuracy,
+        "train_examples": len(train_x),
+        "reference_examples": len(test_x),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "rows": rows,
+    }
+    print(f"FID floor against the {len(test_x):,} test images, by sample count "
+          f"(classifier {network.name}, test accuracy {network.test_accuracy:.2%})")
+    print(f"{'N':>7} {'subsets':>8} {'median':>8} {'min':>8} {'max':>8}")
+    for r in rows:
+        print(f"{r['n']:>7,} {r['subsets']:>8} {r['fid_median']:>8.2f} {r['fid_min']:>8.2f} {r['fid_max']:>8.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The feature network for the sample-quality metrics: train once, cache with Orbax, reuse.
+
+:func:`load_or_train_feature_network` returns a :class:`FeatureNetwork` for a
+given training set and classifier config: from the cache if one was trained
+before, otherwise trained here (about 3 minutes on 2 CPU cores for 10,000
+images) and saved. The cache entry's name is a hash of the classifier config
+and of the training images and labels, so a different dataset or config never
+picks up a stale network. Its test accuracy is stored with it.
+
+Cache location: ``$DDPM_JAX_CACHE`` if set, else ``~/.cache/ddpm_jax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+
+from ddpm_jax.checkpoint import on_local_device
+from ddpm_jax.configs import get_classifier_config
+from ddpm_jax.data import preprocess
+from ddpm_jax.models.classifier import MNISTClassifier
+from ddpm_jax.train import batch_indices
+
+_PARAMS, _META = "params", "meta"
+_DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 0, 1, 2
+
+
+def default_cache_dir() -> Path:
+    """``$DDPM_JAX_CACHE``, else ``~/.cache/ddpm_jax``."""
+    return Path(os.environ.get("DDPM_JAX_CACHE") or Path.home() / ".cache" / "ddpm_jax")
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (shape, dtype and bytes): names cache entries."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_classifier(model_config) -> MNISTClassifier:
+    return MNISTClassifier(
+        stage_channels=tuple(model_config.stage_channels),
+        feature_dim=model_config.feature_dim,
+        dropout_rate=model_config.dropout_rate,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_apply(model_json: str) -> Callable:
+    model = build_classifier(ml_collections.ConfigDict(json.loads(model_json)))
+
+    @jax.jit
+    def apply(params, images_u8):
+        logits, features = model.apply({"params": params}, preprocess(images_u8, images_u8.shape[1]))
+        return jax.nn.softmax(logits), features
+
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    """A trained MNIST classifier: class probabilities and FID features of uint8 images.
+
+    Attributes:
+      params: the classifier's parameters.
+      config: the classifier config it was trained with (:func:`ddpm_jax.configs.get_classifier_config`).
+      test_accuracy: accuracy on the test split it was evaluated on (``info['test_fingerprint']``).
+      info: what the cache stores beside it: training-set size and fingerprint, training time, cache path.
+    """
+
+    params: Any
+    config: ml_collections.FrozenConfigDict
+    test_accuracy: float
+    info: dict
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.model.feature_dim
+
+    @property
+    def name(self) -> str:
+        """The cache entry's name: identifies the feature space a FID was computed in."""
+        return self.info.get("name", "uncached")
+
+    def __call__(self, images_u8: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities ``(N, 10)`` and features ``(N, feature_dim)`` of uint8 ``(N, 28, 28, 1)`` images.
+
+        The images are what a saved PNG holds (0..255); quantize generated
+        [-1, 1] images with :func:`ddpm_jax.plotting.to_uint8` first. The last
+        batch is padded so one compiled shape serves every N.
+        """
+        images_u8 = np.asarray(images_u8)
+        if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[1:] != (28, 28, 1):
+            raise ValueError(
+                f"the feature network takes uint8 images of shape (N, 28, 28, 1), got {images_u8.dtype} "
+                f"{images_u8.shape}; quantize [-1, 1] samples with ddpm_jax.plotting.to_uint8 first."
+            )
+        apply = _compiled_apply(json.dumps(self.config.model.to_dict(), sort_keys=True))
+        n = len(images_u8)
+        batch = max(1, min(batch_size, n))
+        probs, feats = [], []
+        for start in range(0, n, batch):
+            chunk = images_u8[start : start + batch]
+            if len(chunk) < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+            p, f = apply(self.params, chunk)
+            probs.append(np.asarray(p))
+            feats.append(np.asarray(f))
+        if not probs:
+            return np.zeros((0, 10), np.float32), np.zeros((0, self.feature_dim), np.float32)
+        return np.concatenate(probs)[:n], np.concatenate(feats)[:n]
+
+    def accuracy(self, images_u8: np.ndarray, labels: np.ndarray) -> float:
+        probs, _ = self(images_u8)
+        return float(np.mean(np.argmax(probs, axis=-1) == np.asarray(labels)))
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def random_shift(key: jax.Array, x: jnp.ndarray, max_shift: int) -> jnp.ndarray:
+    """Translate each ``(B, H, W, C)`` image by up to ``max_shift`` pixels, filling with background (-1)."""
+    if max_shift == 0:
+        return x
+    b, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=-1.0)
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+    return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+
+
+def _make_train_step(model: MNISTClassifier, batch_size: int, max_shift: int):
+    def step(state: train_state.TrainState, key: jax.Array, images_u8: jnp.ndarray, labels: jnp.ndarray):
+        idx = batch_indices(jax.random.fold_in(key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
+        step_key = jax.random.fold_in(key, state.step)
+        x = random_shift(
+            jax.random.fold_in(step_key, _AUGMENT_STREAM), preprocess(images_u8[idx], images_u8.shape[1]), max_shift
+        )
+        y = labels[idx]
+
+        def loss_fn(params):
+            logits, _ = model.apply(
+                {"params": params}, x, train=True, rngs={"dropout": jax.random.fold_in(step_key, _DROPOUT_STREAM)}
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": acc}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def train_classifier(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    num_epochs: float | None = None,
+    progress: bool = False,
+) -> tuple[Any, dict]:
+    """Train the classifier on uint8 ``(N, 28, 28, 1)`` images with int labels ``(N,)``.
+
+    Adam with warm-up and cosine decay, decoupled weight decay, dropout on
+    the feature layer and random translations. Deterministic given the config's seed.
+
+    Returns:
+      ``(params, history)``: history holds the steps taken, the final training
+      loss and accuracy (mean of the last 50 steps) and the wall time.
+    """
+    config = config or get_classifier_config()
+    chex.assert_rank(train_images, 4)
+    chex.assert_shape(train_labels, (train_images.shape[0],))
+    tc = config.train
+    num_epochs = tc.num_epochs if num_epochs is None else num_epochs
+    per_epoch = train_images.shape[0] // tc.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"classifier batch_size {tc.batch_size} exceeds the {train_images.shape[0]} training images.")
+    num_steps = max(1, round(num_epochs * per_epoch))
+    model = build_classifier(config.model)
+    key = jax.random.PRNGKey(tc.seed)
+    init_key, run_key = jax.random.split(key)
+    params = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+    warmup = min(tc.warmup_steps, max(num_steps - 1, 0))
+    lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, num_steps) if num_steps > 1 else tc.learning_rate
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.adamw(lr, weight_decay=tc.weight_decay)
+    )
+    step = _make_train_step(model, tc.batch_size, tc.max_shift)
+    images = jnp.asarray(train_images)
+    labels = jnp.asarray(train_labels, jnp.int32)
+    steps = range(num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="training the MNIST feature classifier", unit="step")
+    start = time.perf_counter()
+    recent = []
+    for i in steps:
+        state, metrics = step(state, run_key, images, labels)
+        if i >= num_steps - 50 or (progress and i % 50 == 0):
+            metrics = jax.device_get(metrics)
+            if i >= num_steps - 50:
+                recent.append(metrics)
+            if progress and i % 50 == 0:
+                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    jax.block_until_ready(state.params)
+    history = {
+        "steps": num_steps,
+        "epochs": num_steps / per_epoch,
+        "train_loss": float(np.mean([m["loss"] for m in recent])),
+        "train_accuracy": float(np.mean([m["accuracy"] for m in recent])),
+        "train_seconds": time.perf_counter() - start,
+    }
+    return state.params, history
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+
+def _manager(directory: Path, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+    return ocp.CheckpointManager(directory, options=options, item_names=(_PARAMS, _META))
+
+
+def _restore(directory: Path, config: ml_collections.ConfigDict) -> tuple[Any, dict] | None:
+    if not directory.is_dir():
+        return None
+    with _manager(directory, create=False) as manager:
+        step = manager.latest_step()  # only finalized checkpoints count: a half-written one is never picked
+        if step is None:
+            return None
+        model = build_classifier(config.model)
+        abstract = on_local_device(
+            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()})
+        )
+    return restored[_PARAMS], dict(restored[_META])
+
+
+def load_or_train_feature_network(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> FeatureNetwork:
+    """The feature network for this training set: from the cache, or trained now and cached.
+
+    Args:
+      train_images, train_labels: the MNIST training split (uint8 ``(N, 28, 28, 1)``, int ``(N,)``),
+        the same data the diffusion model trains on.
+      test_images, test_labels: the split its accuracy is measured on (the full test split).
+      cache_dir: where trained networks live (default :func:`default_cache_dir`).
+      config: the classifier config (default :func:`ddpm_jax.configs.get_classifier_config`).
+      progress: progress bar while training.
+      log: where one-line messages go.
+
+    Returns:
+      A :class:`FeatureNetwork` with its test accuracy on ``test_images``.
+    """
+    config = config or get_classifier_config()
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    train_fp = fingerprint(train_images, train_labels)
+    test_fp = fingerprint(test_images, test_labels)
+    name = "classifier-" + hashlib.sha256((config_json + train_fp).encode()).hexdigest()[:12]
+    directory = Path(cache_dir or default_cache_dir()).expanduser().absolute() / name
+    restored = _restore(directory, config)
+    frozen = ml_collections.FrozenConfigDict(config.to_dict())
+    if restored is not None:
+        params, meta = restored
+        network = FeatureNetwork(params, frozen, float(meta["test_accuracy"]), {**meta, "path": str(directory)})
+        if meta.get("test_fingerprint") != test_fp:  # another test set than the one it was scored on
+            network = dataclasses.replace(
+                network,
+                test_accuracy=network.accuracy(test_images, test_labels),
+                info={**network.info, "test_fingerprint": test_fp, "test_examples": len(test_labels)},
+            )
+        log(f"feature classifier: {directory} (test accuracy {network.test_accuracy:.2%})")
+        return network
+
+    log(f"training the feature classifier on {len(train_labels):,} images (once; cached in {directory})")
+    params, history = train_classifier(train_images, train_labels, config, progress=progress)
+    network = FeatureNetwork(params, frozen, 0.0, {})
+    accuracy = network.accuracy(test_images, test_labels)
+    meta = {
+        "name": name,
+        "test_accuracy": accuracy,
+        "test_examples": len(test_labels),
+        "test_fingerprint": test_fp,
+        "train_examples": len(train_labels),
+        "train_fingerprint": train_fp,
+        "config": config.to_dict(),
+        **history,
+    }
+    with _manager(directory) as manager:
+        manager.save(
+            history["steps"],
+            args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardSave(params), _META: ocp.args.JsonSave(meta)}),
+        )
+        manager.wait_until_finished()
+    log(f"feature classifier: test accuracy {accuracy:.2%} after {history['epochs']:.0f} epochs "
+        f"({history['train_seconds']:.0f} s); saved to {directory}")
+    return FeatureNetwork(params, frozen, accuracy, {**meta, "path": str(directory)})

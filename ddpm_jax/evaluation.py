@@ -1,0 +1,200 @@
+"""Evaluate a trained model: draw samples, measure them, compare with real data, plot.
+
+The machinery behind ``python -m experiments.evaluate``; the metrics
+themselves are the pure functions of :mod:`ddpm_jax.metrics`.
+
+- :func:`draw_samples`: ``n`` samples as uint8, batch by batch, each finished
+  batch saved to disk so a killed evaluation resumes where it stopped.
+- :func:`measure`: FID against reference features, the digit histogram, KL to
+  uniform, the unreadable rate, precision and recall.
+- :func:`cached_features`: feature-network activations of a real image set,
+  cached per (network, images) so the reference statistics are computed once.
+- :func:`save_histogram_plot`, :func:`save_least_confident`: the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ddpm_jax import metrics, plotting
+from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax.classifier import FeatureNetwork, default_cache_dir, fingerprint
+
+
+def draw_samples(
+    checkpoint: DiffusionCheckpoint,
+    key: jax.Array,
+    n: int,
+    *,
+    batch_size: int,
+    chunk_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    **sample_kwargs,
+) -> np.ndarray:
+    """``n`` samples as uint8 ``(n, 28, 28, 1)``, quantized as a saved PNG would be.
+
+    Batch ``b`` is ``sample(checkpoint, fold_in(key, b), batch_size)``, so the
+    result depends only on ``(key, batch_size)``, not on how often the call
+    was interrupted. With ``chunk_dir`` each finished batch is written there
+    (atomically) and batches already there are loaded instead of drawn again.
+    """
+    num_batches = -(-n // batch_size)
+    if chunk_dir is not None:
+        chunk_dir = Path(chunk_dir)
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    batches = range(num_batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="sample", desc=f"sampling {n:,}")
+    out = []
+    for b in batches:
+        path = chunk_dir / f"batch_{b:05d}.npy" if chunk_dir is not None else None
+        if path is not None and path.exists():
+            images = np.load(path)
+        else:
+            images = plotting.to_uint8(sample(checkpoint, jax.random.fold_in(key, b), batch_size,
+                                              batch_size=batch_size, **sample_kwargs))
+            if path is not None:
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, images)
+                os.replace(tmp, path)
+        out.append(images)
+        if bar is not None:
+            bar.update(min(batch_size, n - b * batch_size))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(out)[:n]
+
+
+def cached_features(
+    network: FeatureNetwork, images_u8: np.ndarray, cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs, features)`` of a real image set, cached under the network's name and the images' hash."""
+    directory = Path(cache_dir or default_cache_dir()).expanduser() / "features"
+    path = directory / f"{network.name}-{fingerprint(images_u8)}.npz"
+    if network.name != "uncached" and path.exists():
+        with np.load(path) as cached:
+            return cached["probs"], cached["features"]
+    probs, features = network(images_u8)
+    if network.name != "uncached":
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, probs=probs, features=features)
+        os.replace(tmp, path)
+    return probs, features
+
+
+def measure(
+    probs: np.ndarray,
+    features: np.ndarray,
+    reference_features: np.ndarray,
+    *,
+    threshold: float = metrics.UNREADABLE_THRESHOLD,
+    precision_recall: bool = True,
+) -> dict:
+    """All metrics of one image set from its classifier outputs, against reference features.
+
+    Returns a JSON-ready dict: ``fid``, ``histogram`` (digit -> count, every
+    sample counted by its most likely digit), ``kl_to_uniform`` (nats),
+    ``unreadable_rate``, ``unreadable_histogram`` (the unreadable samples by
+    their most likely digit), ``unreadable_rate_at`` (the rate at other
+    thresholds, to see how much the choice matters), ``precision``,
+    ``recall``, ``num_samples``.
+    """
+    labels = probs.argmax(axis=-1)
+    unreadable = metrics.unreadable_mask(probs, threshold)
+    counts = metrics.digit_histogram(labels)
+    result = {
+        "num_samples": len(features),
+        "fid": metrics.fid(features, reference_features),
+        "histogram": {str(d): int(c) for d, c in enumerate(counts)},
+        "kl_to_uniform": metrics.kl_to_uniform(counts),
+        "unreadable_rate": float(unreadable.mean()),
+        "unreadable_histogram": {str(d): int(c) for d, c in enumerate(metrics.digit_histogram(labels[unreadable]))},
+        "unreadable_rate_at": {str(t): float(metrics.unreadable_mask(probs, t).mean()) for t in (0.5, 0.7, 0.9, 0.99)},
+    }
+    if precision_recall:
+        result["precision"], result["recall"] = metrics.precision_recall(reference_features, features)
+    return result
+
+
+def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` samples with the lowest top-class probability, least confident first."""
+    return np.argsort(probs.max(axis=-1), kind="stable")[:k]
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_histogram_plot(result: dict, path: str, floor: dict | None = None, title: str = "") -> None:
+    """Bar chart of the digit histogram (the report's Figure 6), unreadable samples hatched.
+
+    ``floor`` (the same metrics for real data) is drawn as outlined bars for comparison.
+    """
+    plt = _pyplot()
+    digits = np.arange(metrics.NUM_CLASSES)
+    n = result["num_samples"]
+    share = np.array([result["histogram"][str(d)] for d in digits]) / n * 100
+    unreadable = np.array([result["unreadable_histogram"][str(d)] for d in digits]) / n * 100
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.bar(digits, share - unreadable, width=0.7, color="#4c72b0", label="samples (readable)")
+    ax.bar(digits, unreadable, width=0.7, bottom=share - unreadable, color="#c4d3ea", hatch="///",
+           edgecolor="#4c72b0", label=f"unreadable (top probability < {result.get('unreadable_threshold', metrics.UNREADABLE_THRESHOLD)})")
+    if floor is not None:
+        real = np.array([floor["histogram"][str(d)] for d in digits]) / floor["num_samples"] * 100
+        ax.bar(digits, real, width=0.86, fill=False, edgecolor="#dd8452", linewidth=1.5, label="real training images")
+    ax.axhline(10, color="0.4", linestyle="--", linewidth=1, label="uniform (10%)")
+    for d, s in zip(digits, share):
+        ax.text(d, s + 0.4, f"{s:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(digits)
+    ax.set_xlabel("digit (the classifier's most likely label)")
+    ax.set_ylabel(f"% of {n:,} samples")
+    ax.set_ylim(0, max(share.max(), 10) * 1.25)
+    ax.set_title(title or f"KL to uniform {result['kl_to_uniform']:.4f} nats, unreadable {result['unreadable_rate']:.1%}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k: int = 64, ncol: int = 8) -> None:
+    """Grid of the ``k`` least confident samples, each titled with its likeliest digit and probability."""
+    plt = _pyplot()
+    order = least_confident(probs, k)
+    nrow = -(-len(order) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.95, nrow * 1.1), dpi=120, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), order):
+        ax.imshow(images_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{probs[i].argmax()}: {probs[i].max():.2f}", fontsize=7, pad=2)
+    fig.suptitle("least confident samples (likeliest digit: its probability)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(obj: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,164 @@
+"""Measure a trained run's samples: ``python -m experiments.evaluate --workdir runs/mnist``.
+
+Loads the run's latest checkpoint, draws ``--num-samples`` samples, and
+measures them in the features of an MNIST classifier (trained once on the
+training split and cached): FID against the test split, the digit histogram
+and its KL divergence from uniform, the unreadable rate, precision and recall.
+The same metrics for real training images against the test split are the
+floor a perfect model would reach. Writes ``WORKDIR/eval.json`` and
+``WORKDIR/eval_{samples,histogram,least_confident}.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ddpm_jax import data as data_lib
+from ddpm_jax import evaluation, metrics, plotting
+from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.classifier import default_cache_dir, load_or_train_feature_network
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint is evaluated)")
+    p.add_argument("--step", type=int, default=None, help="evaluate this checkpoint step instead of the latest")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
+    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder instead of TFDS")
+    p.add_argument("--num-samples", type=int, default=10_000,
+                   help="samples to draw and measure (default: %(default)s; FIDs are comparable only at equal counts)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per jitted sampler call (default: the run's config)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--variance", choices=VARIANCE_TYPES, default=None, help="sigma_t^2 (default: the run's config)")
+    p.add_argument("--mean", choices=MEAN_TYPES, default=None, help="reverse-step mean (default: the run's config)")
+    p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
+                   help="a sample is unreadable if no digit gets at least this probability (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"where the classifier and reference features are cached (default: $DDPM_JAX_CACHE or {default_cache_dir()})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples {args.num_samples}: need at least 2 samples to fit a Gaussian; "
+                         "use 10000 for FIDs comparable with the README's.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1.")
+    if not 0.0 < args.threshold <= 1.0:
+        raise ValueError(f"--threshold {args.threshold}: must lie in (0, 1].")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    progress = not args.no_progress
+    try:
+        _check(args)
+        checkpoint = load_checkpoint(args.workdir, step=args.step)
+        train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+    except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = checkpoint.config
+    workdir = Path(args.workdir)
+    print(f"evaluating {workdir} at step {checkpoint.step:,} ({config.preset} preset) on {jax.default_backend()}",
+          flush=True)
+
+    network = load_or_train_feature_network(
+        train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress
+    )
+    if network.test_accuracy < 0.99:
+        print(f"warning: the feature classifier reaches only {network.test_accuracy:.2%} test accuracy (< 99%); "
+              "its FIDs and histograms are less trustworthy.", file=sys.stderr)
+    test_probs, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
+
+    # The floor: real training images (as many as samples, a fixed random subset) against the same reference.
+    floor_n = min(args.num_samples, len(train_images))
+    floor_idx = np.sort(np.random.default_rng(0).permutation(len(train_images))[:floor_n])
+    floor_probs, floor_features = evaluation.cached_features(network, train_images[floor_idx], args.cache_dir)
+    floor = evaluation.measure(floor_probs, floor_features, test_features, threshold=args.threshold)
+    test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
+                                    precision_recall=False)
+
+    variance = args.variance or config.sampling.variance
+    mean = args.mean or config.sampling.mean
+    batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
+    chunk_dir = workdir / "eval_samples" / f"step{checkpoint.step}-seed{args.seed}-{variance}-{mean}-batch{batch_size}"
+    num_batches = -(-args.num_samples // batch_size)
+    reused = sum((chunk_dir / f"batch_{b:05d}.npy").exists() for b in range(num_batches))
+    if reused:
+        print(f"reusing {reused} of {num_batches} sample batches already drawn in {chunk_dir}", flush=True)
+    start = time.perf_counter()
+    samples = evaluation.draw_samples(
+        checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
+        progress=progress, variance=variance, mean=mean,
+    )
+    sampling_seconds = time.perf_counter() - start
+    probs, features = network(samples)
+    result = evaluation.measure(probs, features, test_features, threshold=args.threshold)
+
+    report = {
+        "fid": result["fid"],
+        "fid_floor": floor["fid"],
+        "histogram": result["histogram"],
+        "kl_to_uniform": result["kl_to_uniform"],
+        "unreadable_rate": result["unreadable_rate"],
+        "unreadable_threshold": args.threshold,
+        "precision": result["precision"],
+        "recall": result["recall"],
+        "classifier_test_accuracy": network.test_accuracy,
+        "num_samples": args.num_samples,
+        "samples": result,
+        "floor": {"what": f"{floor_n:,} real training images (fixed random subset) against the test split", **floor},
+        "test_split": {"what": "the reference set itself: its classifier histogram and unreadable rate",
+                       **{k: test_floor[k] for k in ("num_samples", "histogram", "kl_to_uniform", "unreadable_rate")}},
+        "reference": {"split": "test", "num_examples": len(test_images)},
+        "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset},
+        "sampling": {"seed": args.seed, "variance": variance, "mean": mean, "batch_size": batch_size,
+                     "seconds": sampling_seconds, "batches": num_batches, "reused_batches": reused,
+                     "samples_per_s": None if reused else args.num_samples / sampling_seconds,
+                     "chunk_dir": str(chunk_dir)},
+        "classifier": {"path": network.info.get("path"), "train_examples": network.info.get("train_examples"),
+                       "feature_dim": network.feature_dim},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": jax.default_backend(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+    }
+    evaluation.write_json(report, str(workdir / "eval.json"))
+    grid = min(100, args.num_samples)
+    plotting.save_grid(samples[:grid].astype(np.float32) / 127.5 - 1.0, str(workdir / "eval_samples.png"), nrow=10)
+    evaluation.save_histogram_plot(
+        {**result, "unreadable_threshold": args.threshold}, str(workdir / "eval_histogram.png"), floor=floor,
+        title=f"step {checkpoint.step:,}, {args.num_samples:,} samples: KL to uniform {result['kl_to_uniform']:.4f} "
+              f"nats (real {floor['kl_to_uniform']:.4f}), unreadable {result['unreadable_rate']:.1%} "
+              f"(real {floor['unreadable_rate']:.1%})",
+    )
+    evaluation.save_least_confident(samples, probs, str(workdir / "eval_least_confident.png"))
+
+    hist = " ".join(f"{d}:{c}" for d, c in result["histogram"].items())
+    print(f"classifier test accuracy {network.test_accuracy:.2%}")
+    print(f"{'':>22} {'samples':>10} {'real (floor)':>13}")
+    print(f"{'FID':>22} {result['fid']:10.3f} {floor['fid']:13.3f}")
+    print(f"{'KL to uniform (nats)':>22} {result['kl_to_uniform']:10.4f} {floor['kl_to_uniform']:13.4f}")
+    print(f"{'unreadable rate':>22} {result['unreadable_rate']:10.2%} {floor['unreadable_rate']:13.2%}")
+    print(f"{'precision':>22} {result['precision']:10.3f} {floor['precision']:13.3f}")
+    print(f"{'recall':>22} {result['recall']:10.3f} {floor['recall']:13.3f}")
+    print(f"digit histogram of {args.num_samples:,} samples: {hist}")
+    drawn = f"{num_batches - reused} batches drawn in {sampling_seconds:.0f} s" + (f", {reused} reused" if reused else "")
+    print(f"wrote {workdir}/eval.json, eval_samples.png, eval_histogram.png, eval_least_confident.png ({drawn})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
