@@ -1,6 +1,7 @@
 """The feature classifier, its cache, the evaluation machinery and `python -m experiments.evaluate`, on real MNIST."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -154,10 +155,17 @@ def test_draw_samples_resumes_from_saved_batches_with_the_same_result(tmp_path, 
     np.testing.assert_array_equal(resumed, whole)
 
 
-def test_evaluate_writes_eval_json_and_the_plots(tmp_path, mnist_dir, network, monkeypatch, capsys):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist_dir):
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
     assert mnist.main(["--preset", "tiny", "--idx-dir", str(mnist_dir), "--workdir", str(workdir), "--steps", "2",
                        "--no-progress"]) == 0
+    return workdir
+
+
+def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, network, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
     # The short-trained classifier stands in for the full one (12 epochs, minutes): same code path after loading.
     monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     code = evaluate.main(["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "30",
@@ -174,6 +182,23 @@ def test_evaluate_writes_eval_json_and_the_plots(tmp_path, mnist_dir, network, m
     for name in ("eval_samples.png", "eval_histogram.png", "eval_least_confident.png"):
         assert (workdir / name).stat().st_size > 1000, name
     assert "FID" in capsys.readouterr().out
+
+
+def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ddpm_jax import data
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
+    # mock_data makes preparing a no-op; skip importing TensorFlow to hide GPUs (~10 s).
+    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    with tfds.testing.mock_data(num_examples=50):
+        code = evaluate.main(["--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"), "--num-samples", "20",
+                              "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 0
+    report = json.loads((workdir / "eval.json").read_text())
+    assert report["reference"]["num_examples"] == 50 and report["floor"]["num_samples"] == 20
 
 
 @pytest.mark.parametrize(
