@@ -10,7 +10,11 @@ Timesteps are 0-based indices ``0..T-1`` everywhere (index ``i`` is the
 paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
 """
 
-from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax import xla_cpu
+
+xla_cpu.prefer_eigen_convolutions()  # before any device is used; see ddpm_jax/xla_cpu.py
+
+from ddpm_jax.api import DiffusionCheckpoint, sample  # noqa: E402
 from ddpm_jax import metrics
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.classifier import FeatureNetwork, load_or_train_feature_network

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddpm_jax import parallel
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.data import crop
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler
 from ddpm_jax.schedules import DiffusionSchedule
-
 
 
 @flax.struct.dataclass
@@ -59,10 +59,12 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
     config = ml_collections.ConfigDict(json.loads(config_json))
     model = build_model(config.model)
     size = config.data.image_size
+    mesh = parallel.make_mesh()
 
     def eps_fn(variables, x, t):
         return model.apply(variables, x, t, train=False)
 
+    # Variables and key on every device, the batch split over the data mesh (one device: the same program).
     return jax.jit(
         make_ancestral_sampler(
             eps_fn,
@@ -71,7 +73,9 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
             variance=variance,
             mean=mean,
             return_every=return_every,
-        )
+            sharding=parallel.batch_sharded(mesh),
+        ),
+        in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
     )
 
 
@@ -135,6 +139,8 @@ def sample(
     if mean not in MEAN_TYPES:
         raise ValueError(f"unknown mean {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
     batch = min(batch_size or config.sampling.batch_size, n)
+    shards = len(jax.devices())
+    batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
     sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every)
 
     num_batches = -(-n // batch)

@@ -75,9 +75,10 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 # Fields that may change between a run and its resumption without making the
-# checkpoint incompatible: they steer the loop, not the state's shapes or math.
+# checkpoint incompatible: they steer the loop or how the same math is computed,
+# not the state's shapes or what it means.
 _RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "sampling.", "preset")
+                     "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
 
 
 def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict):

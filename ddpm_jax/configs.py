@@ -56,6 +56,8 @@ def _base() -> ml_collections.ConfigDict:
     c.model.levels = 2
     c.model.time_embed_dim = 32
     c.model.output_head = "block"  # 'block' (the report's) | 'conv' (a zero-initialized conv)
+    c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'matmul': same math, see ddpm_jax/models/layers.py
+    c.model.compute_dtype = "float32"  # 'bfloat16': mixed precision (params, optimizer and loss stay float32)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64

@@ -27,6 +27,7 @@ def make_ancestral_sampler(
     variance: VarianceType = "beta",
     mean: MeanType = "x0_clip",
     return_every: int = 0,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[[Any, jax.Array], Any]:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2.
 
@@ -41,6 +42,10 @@ def make_ancestral_sampler(
       mean: ``'x0_clip'`` (clip the predicted x_0, then take the posterior
         mean; Ho et al.'s code) or ``'eps'`` (the report's eq. 14 literally).
       return_every: if k > 0, also return every k-th state of the chain.
+      sharding: optional sharding of the batch (e.g. split over a data mesh,
+        :func:`ddpm_jax.parallel.batch_sharded`); the chain stays in it, so every
+        device runs the network on its share of the batch. The numbers drawn
+        do not depend on it.
 
     Returns:
       ``sample_fn(variables, key)`` giving ``x_0`` of ``shape`` in [-1, 1]; with
@@ -56,9 +61,12 @@ def make_ancestral_sampler(
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
 
+    def constrain(x):
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
     def sample_fn(variables, key: jax.Array):
         init_key, step_key = jax.random.split(key)
-        x_T = jax.random.normal(init_key, shape, dtype=jnp.float32)
+        x_T = constrain(jax.random.normal(init_key, shape, dtype=jnp.float32))
 
         def reverse_step(x, i):
             t = jnp.full((shape[0],), i, dtype=jnp.int32)
@@ -66,7 +74,7 @@ def make_ancestral_sampler(
             chex.assert_equal_shape([eps, x])
             mu = p_mean(schedule, x, t, eps, mean)
             z = jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype=jnp.float32)
-            x_prev = mu + jnp.where(i > 0, sigmas[i], 0.0) * z
+            x_prev = constrain(mu + jnp.where(i > 0, sigmas[i], 0.0) * z)
             return x_prev, (x_prev if return_every else None)
 
         x0, chain = jax.lax.scan(reverse_step, x_T, jnp.arange(num_timesteps - 1, -1, -1))

@@ -23,10 +23,10 @@ import optax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
-from ddpm_jax import plotting
+from ddpm_jax import parallel, plotting
 from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
 from ddpm_jax.losses import l_simple
 from ddpm_jax.models import build_model
 from ddpm_jax.schedules import DiffusionSchedule
@@ -169,20 +169,30 @@ def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_siz
     return images[batch_indices(key, images.shape[0], step, batch_size)]
 
 
-def make_dataset_train_step(config: ml_collections.ConfigDict, schedule: DiffusionSchedule):
+def make_dataset_train_step(
+    config: ml_collections.ConfigDict, schedule: DiffusionSchedule, mesh: jax.sharding.Mesh | None = None
+):
     """A jitted ``(state, images_u8) -> (state, metrics)`` drawing its batch inside jit.
 
-    ``images_u8`` is the whole training set as uint8 ``(N, h, w, 1)`` already on
-    the device; the old state is donated.
+    ``images_u8`` is the whole training set as uint8 ``(N, h, w, 1)``, kept on
+    the devices; the old state is donated. Data parallel over ``mesh`` (default:
+    every device, :func:`ddpm_jax.parallel.make_mesh`): state and images
+    replicated, the batch split along the mesh's ``data`` axis; XLA all-reduces
+    the gradients and BatchNorm's statistics, so the step computes what one
+    device would. On one device this is the plain single-device step.
     """
     batch_size, image_size = config.train.batch_size, config.data.image_size
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_divisible(batch_size, mesh)
+    everywhere, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(state: TrainState, images_u8: jnp.ndarray):
         data_key = jax.random.fold_in(state.key, _DATA_STREAM)
         batch = preprocess(draw_batch(data_key, images_u8, state.step, batch_size), image_size)
-        return train_step(state, batch, schedule)
+        return train_step(state, jax.lax.with_sharding_constraint(batch, split), schedule)
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(everywhere, everywhere), out_shardings=(everywhere, everywhere),
+                   donate_argnums=0)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -270,6 +280,8 @@ def train_and_evaluate(
     if config.data.max_train_examples:
         images = images[: config.data.max_train_examples]
     validate_config(config, num_examples=len(images))
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.train.batch_size, mesh)
     os.makedirs(workdir, exist_ok=True)
 
     schedule = schedule_from_config(config)
@@ -285,12 +297,20 @@ def train_and_evaluate(
             f"{len(images):,} training images, {steps_per_epoch(len(images), config.train.batch_size):,} steps per epoch",
             flush=True,
         )
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(configs_lib.config_to_json(config))
+    # Several processes: each runs this same loop over the global mesh; process 0 alone writes files and logs.
+    is_main = jax.process_index() == 0
+    progress = progress and is_main
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(configs_lib.config_to_json(config))
 
-    step_fn = make_dataset_train_step(config, schedule)
+    step_fn = make_dataset_train_step(config, schedule, mesh)
     lr_at = learning_rate_schedule(config)
-    device_images = jax.device_put(jnp.asarray(images, dtype=jnp.uint8))
+    if parallel.num_shards(mesh) > 1:
+        print(f"data parallel over {parallel.num_shards(mesh)} devices "
+              f"({config.train.batch_size // parallel.num_shards(mesh)} images each per step)", flush=True)
+    state = parallel.put_replicated(state, mesh)
+    device_images = parallel.put_replicated(np.asarray(images, dtype=np.uint8), mesh)
     logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"))
     start, total = int(state.step), config.train.num_steps
     end = total if stop_at is None else min(stop_at, total)
@@ -305,13 +325,14 @@ def train_and_evaluate(
     compile_seconds = None
     for step in range(start, end):
         state, metrics = step_fn(state, device_images)
-        logger.add(metrics)
+        if is_main:
+            logger.add(metrics)
         done = step + 1
         if compile_seconds is None:
             jax.block_until_ready(metrics["loss"])
             compile_seconds = time.perf_counter() - last_time
             last_time, last_step = time.perf_counter(), done
-        if done % config.train.log_every == 0 or done == end:
+        if is_main and (done % config.train.log_every == 0 or done == end):
             jax.block_until_ready(metrics["loss"])
             now = time.perf_counter()
             rate = (done - last_step) * batch_size / max(now - last_time, 1e-9) if done > last_step else None
@@ -336,7 +357,7 @@ def train_and_evaluate(
     manager.wait_until_finished()
     manager.close()
 
-    if make_figures and end == total:
+    if make_figures and end == total and is_main:
         write_figures(DiffusionCheckpoint.from_train_state(state, config), workdir, progress=progress)
     return state
 

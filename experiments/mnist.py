@@ -15,6 +15,7 @@ import jax
 
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax import parallel
 from ddpm_jax import train as train_lib
 
 
@@ -40,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override any config field, e.g. --set diffusion.schedule=linear "
                         "--set diffusion.num_timesteps=1000 --set model.base_channels=32 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    dist = p.add_argument_group("several hosts (data parallel over every device of every process)")
+    dist.add_argument("--coordinator-address", default=None,
+                      help="host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS; 'auto' on SLURM/Open MPI/TPU)")
+    dist.add_argument("--num-processes", type=int, default=None, help="default: $JAX_NUM_PROCESSES")
+    dist.add_argument("--process-id", type=int, default=None, help="default: $JAX_PROCESS_ID")
     return p.parse_args(argv)
 
 
@@ -85,6 +91,8 @@ def build_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before anything touches a device (default_preset asks for the backend).
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         config = build_config(args)
         train_lib.validate_config(config)

@@ -3,23 +3,48 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from ddpm_jax.models.layers import CONV_IMPLS, Conv3x3, UpConv2x2
 from ddpm_jax.models.unet import ReportUNet, TimeConditionedBlock, sinusoidal_embedding
 
 MODEL_NAMES: tuple[str, ...] = ("report_unet",)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(model_config) -> nn.Module:
-    """The network a config's ``model`` section describes (``name`` plus its fields)."""
+    """The network a config's ``model`` section describes (``name`` plus its fields).
+
+    ``conv_impl`` and ``compute_dtype`` default to ``'auto'`` and ``'float32'``
+    for configs saved before they existed.
+    """
     name = model_config.name
+    conv_impl = model_config.get("conv_impl", "auto")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl={conv_impl!r} is not one of: {', '.join(CONV_IMPLS)}.")
+    compute_dtype = model_config.get("compute_dtype", "float32")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}.")
     if name == "report_unet":
         return ReportUNet(
             base_channels=model_config.base_channels,
             levels=model_config.levels,
             time_embed_dim=model_config.time_embed_dim,
             output_head=model_config.output_head,
+            dtype=COMPUTE_DTYPES[compute_dtype],
+            conv_impl=conv_impl,
         )
-    raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(MODEL_NAMES)}.")
+    raise ValueError(f"model.name={name!r} is not one of: {', '.join(MODEL_NAMES)}.")
 
 
-__all__ = ["ReportUNet", "TimeConditionedBlock", "sinusoidal_embedding", "build_model", "MODEL_NAMES"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "CONV_IMPLS",
+    "MODEL_NAMES",
+    "Conv3x3",
+    "ReportUNet",
+    "TimeConditionedBlock",
+    "UpConv2x2",
+    "build_model",
+    "sinusoidal_embedding",
+]

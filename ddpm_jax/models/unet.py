@@ -31,6 +31,8 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddpm_jax.models.layers import Conv3x3, UpConv2x2
+
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
     """Transformer-style sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5).
@@ -63,16 +65,18 @@ class TimeConditionedBlock(nn.Module):
     negative_slope: float = 0.01  # PyTorch's nn.LeakyReLU default
     bn_momentum: float = 0.9  # PyTorch's BatchNorm momentum=0.1, in Flax's convention
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # see ddpm_jax.models.layers
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = lambda: nn.BatchNorm(  # noqa: E731
             use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype
         )
-        h = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+        # Named as nn.Conv would be, so parameter trees do not depend on conv_impl.
+        h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_0")(x)
         h = nn.leaky_relu(norm()(h), self.negative_slope)
         h = h + nn.Dense(self.features, dtype=self.dtype)(emb)[:, None, None, :]
-        h = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(h)
+        h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_1")(h)
         h = norm()(h)
         return nn.leaky_relu(h, self.negative_slope) if self.final_activation else h
 
@@ -91,6 +95,10 @@ class ReportUNet(nn.Module):
         it by one zero-initialized 3x3 convolution from the last features (as
         Ho et al.'s U-Net ends), which avoids the report's one-channel
         bottleneck in front of the output.
+      dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters
+        stay float32 and the output is float32.
+      conv_impl: how convolutions are computed (``'auto'``, ``'xla'``, ``'matmul'``;
+        see :mod:`ddpm_jax.models.layers`): same parameters, same outputs.
 
     Call: ``x`` ``(B, H, W, C)`` float (data in [-1, 1], NHWC), ``t`` int ``(B,)``
     0-based timesteps, ``train`` (BatchNorm uses batch statistics and updates
@@ -103,6 +111,7 @@ class ReportUNet(nn.Module):
     out_channels: int | None = None
     output_head: str = "block"
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -115,7 +124,9 @@ class ReportUNet(nn.Module):
                 f"ReportUNet with levels={self.levels} needs height and width divisible by {factor}, "
                 f"got {height}x{width}; pad the images (MNIST 28x28 -> 32x32 for 4 levels) or use fewer levels."
             )
-        block = lambda features, **kw: TimeConditionedBlock(features, dtype=self.dtype, **kw)  # noqa: E731
+        block = lambda features, **kw: TimeConditionedBlock(  # noqa: E731
+            features, dtype=self.dtype, conv_impl=self.conv_impl, **kw
+        )
         emb = sinusoidal_embedding(t, self.time_embed_dim)
 
         h = x.astype(self.dtype)
@@ -127,16 +138,17 @@ class ReportUNet(nn.Module):
         deepest = self.base_channels * 2**self.levels
         h = block(deepest)(h, emb, train)
         h = block(deepest)(h, emb, train)  # the bottleneck
-        for level in reversed(range(self.levels)):
+        for i, level in enumerate(reversed(range(self.levels))):
             features = self.base_channels * 2**level
-            h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
+            h = UpConv2x2(features, impl=self.conv_impl, dtype=self.dtype, name=f"ConvTranspose_{i}")(h)
             h = jnp.concatenate([h, skips[level]], axis=-1)
             h = block(features)(h, emb, train)
         out_channels = self.out_channels or channels
         if self.output_head == "block":
             out = block(out_channels, final_activation=False)(h, emb, train)
         elif self.output_head == "conv":
-            out = nn.Conv(out_channels, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+            out = Conv3x3(out_channels, impl=self.conv_impl, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                          name="Conv_0")(h)
         else:
             raise ValueError(f"unknown output_head {self.output_head!r}; allowed: block, conv.")
         chex.assert_shape(out, (batch, height, width, out_channels))

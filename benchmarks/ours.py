@@ -1,0 +1,138 @@
+"""One measurement of our code, in its own process: ``python -m benchmarks.ours {train,sample} ...``.
+
+``train``: the jitted train step that training uses (batch drawn inside jit
+from uint8 images on the device, L_simple, Adam), its first call (compile
+and run) time, images/s as the median over timed steps, and the
+floating-point operations per image that XLA's cost analysis counts in the step.
+``sample``: ancestral sampling of ``--n`` images with T steps through
+:func:`ddpm_jax.sample`'s compiled sampler; with ``--steps-to-time K`` the
+network's forward pass at batch n is timed K times and multiplied by T
+instead (for configurations too slow to run whole).
+
+Prints one JSON object as the last line; :mod:`benchmarks.__main__` collects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import parallel
+from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler
+from ddpm_jax.configs import get_config, schedule_from_config
+from ddpm_jax.models import build_model
+from ddpm_jax.train import count_params, create_train_state, make_dataset_train_step
+
+
+def _config(args):
+    config = get_config(args.preset)
+    config.model.conv_impl = args.conv_impl
+    config.model.compute_dtype = args.compute_dtype
+    if args.batch:
+        config.train.batch_size = args.batch
+    return config
+
+
+def _flops(lowered) -> float | None:
+    """XLA's count of floating-point operations in a lowered program (None where the backend gives none)."""
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, list):  # older JAX: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def measure_train(args) -> dict:
+    config = _config(args)
+    batch = config.train.batch_size
+    mesh = parallel.make_mesh()
+    # Placed as training places them, so the first call's compiled program is the one every step reuses.
+    images = parallel.put_replicated(
+        np.random.default_rng(0).integers(0, 256, (max(2048, batch), 28, 28, 1), dtype=np.uint8), mesh
+    )
+    state = parallel.put_replicated(create_train_state(config), mesh)
+    step = make_dataset_train_step(config, schedule_from_config(config), mesh)
+    flops = _flops(step.lower(state, images))
+    t0 = time.perf_counter()
+    state, metrics = step(state, images)
+    jax.block_until_ready(metrics["loss"])
+    first_step = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, images)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "params": count_params(state.params),
+        "batch": batch,
+        "first_step_seconds": first_step,
+        "step_seconds": times,
+        "train_images_per_s": batch / median,
+        "flops_per_image": flops / batch if flops else None,
+        "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+    }
+
+
+def measure_sample(args) -> dict:
+    config = _config(args)
+    T = config.diffusion.num_timesteps
+    state = create_train_state(config)
+    checkpoint = DiffusionCheckpoint.from_train_state(state, config)
+    n, size = args.n, config.data.image_size
+    if args.steps_to_time:
+        model = build_model(config.model)
+        forward = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))
+        x, t = jnp.zeros((n, size, size, 1)), jnp.zeros((n,), jnp.int32)
+        jax.block_until_ready(forward(checkpoint.variables, x, t))
+        times = []
+        for _ in range(args.steps_to_time):
+            t0 = time.perf_counter()
+            jax.block_until_ready(forward(checkpoint.variables, x, t))
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times) * T
+        return {"samples_per_s": n / seconds, "seconds": seconds, "extrapolated": True, "n": n, "T": T}
+    sampler = _compiled_sampler(json.dumps(checkpoint.config.to_dict(), sort_keys=True), n,
+                                config.sampling.variance, config.sampling.mean, 0)
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampler(checkpoint.variables, key))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampler(checkpoint.variables, jax.random.fold_in(key, 1)))
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": n / seconds, "seconds": seconds, "first_call_seconds": first, "extrapolated": False,
+            "n": n, "T": T}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("train", "sample"))
+    p.add_argument("--preset", default="seed")
+    p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
+    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch", type=int, default=None, help="train batch (default: the preset's)")
+    p.add_argument("--steps", type=int, default=5, help="timed train steps")
+    p.add_argument("--n", type=int, default=100, help="samples to draw")
+    p.add_argument("--steps-to-time", type=int, default=0, help="time this many forward passes and extrapolate to T")
+    args = p.parse_args(argv)
+    result = measure_train(args) if args.what == "train" else measure_sample(args)
+    result.update({
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

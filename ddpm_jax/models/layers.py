@@ -1,0 +1,130 @@
+"""Convolutions that are fast on XLA's CPU backend, with the parameters and outputs of Flax's.
+
+XLA's CPU convolution is fine at most of the U-Net's shapes but pathological
+at a few (measured with ``python -m benchmarks.conv_shapes``): a 3x3 ``SAME``
+convolution on a 2x2 map with 512 channels runs at ~2 GFLOP/s (0.7 s forward
+at batch 128, against 7 ms as one matrix product; its input gradient alike),
+and the weight gradient of a convolution with one input channel is 4x (Eigen)
+to 10x (YNNPACK) slower than its im2col form.
+Where that happens the convolution is computed here as one matrix product
+over the nine shifted copies of the input (im2col), which is the same sum of
+the same products, only in another order, so results agree to float32
+rounding. The 2x2 stride-2 transposed convolution is likewise one matrix
+product followed by a depth-to-space reshape.
+
+:class:`Conv3x3` and :class:`UpConv2x2` create exactly the parameters
+``nn.Conv(features, (3, 3), padding='SAME')`` and
+``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID')``
+create (same names, shapes and initializers), so checkpoints do not care
+which implementation wrote them. ``impl``: ``'auto'`` (the faster form per
+shape, as measured on CPU; always XLA's convolution on GPU), ``'xla'`` or
+``'matmul'`` (one form everywhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("auto", "xla", "matmul")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown convolution impl {impl!r}; allowed: {', '.join(CONV_IMPLS)}.")
+
+
+def conv3x3_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 ``SAME`` convolution (cross-correlation, as XLA's) as one im2col matrix product.
+
+    ``x`` ``(B, H, W, C)``, ``kernel`` ``(3, 3, C, O)`` -> ``(B, H, W, O)``.
+    """
+    b, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Column order (i, j, c) matches kernel.reshape(9 * C, O).
+    columns = jnp.concatenate([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
+    return (columns.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, -1)).reshape(b, h, w, -1)
+
+
+def conv3x3_xla(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def conv3x3_uses_matmul(height: int, width: int, in_channels: int, impl: str = "auto") -> bool:
+    """Whether :class:`Conv3x3` computes this shape as a matrix product.
+
+    ``auto``: on CPU, for maps of at most 2x2 pixels (where XLA's convolution
+    is pathological) and for one or two input channels (where its weight
+    gradient is); XLA's convolution elsewhere and on every other backend.
+    """
+    _check_impl(impl)
+    if impl != "auto":
+        return impl == "matmul"
+    return jax.default_backend() == "cpu" and (height * width <= 4 or in_channels <= 2)
+
+
+class Conv3x3(nn.Module):
+    """``nn.Conv(features, (3, 3), padding='SAME')`` with a per-shape choice of implementation.
+
+    ``x``: ``(B, H, W, C)`` -> ``(B, H, W, features)``.
+    """
+
+    features: int
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        _, h, w, c = x.shape
+        conv = conv3x3_matmul if conv3x3_uses_matmul(h, w, c, self.impl) else conv3x3_xla
+        return conv(x, kernel) + bias
+
+
+def upconv2x2_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """Flax's 2x2 stride-2 ``VALID`` transposed convolution as a matrix product and depth-to-space.
+
+    Output pixel ``(2h + a, 2w + b)`` is ``x[h, w] @ kernel[1 - a, 1 - b]``:
+    each input pixel paints its own 2x2 patch (Flax's ``ConvTranspose``
+    without ``transpose_kernel`` applies the kernel flipped).
+    ``x`` ``(B, H, W, C)``, ``kernel`` ``(2, 2, C, O)`` -> ``(B, 2H, 2W, O)``.
+    """
+    b, h, w, _ = x.shape
+    out = jnp.einsum("bhwc,ijco->bhiwjo", x, jnp.flip(kernel, (0, 1)))
+    return out.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+
+
+class UpConv2x2(nn.Module):
+    """``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID')``, same parameters.
+
+    ``x``: ``(B, H, W, C)`` -> ``(B, 2H, 2W, features)``.
+    """
+
+    features: int
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        _check_impl(self.impl)
+        if self.impl == "xla" or (self.impl == "auto" and jax.default_backend() != "cpu"):
+            y = lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+        else:
+            y = upconv2x2_matmul(x, kernel)
+        return y + bias

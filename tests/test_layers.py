@@ -1,0 +1,108 @@
+"""The fast convolutions compute what Flax's do, with the same parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import ReportUNet
+from ddpm_jax.models.layers import Conv3x3, UpConv2x2, conv3x3_uses_matmul
+
+SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
+
+
+@pytest.mark.parametrize("b, h, w, cin, cout", SHAPES)
+@pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
+def test_conv3x3_matches_flax_conv_with_the_same_parameters(b, h, w, cin, cout, impl):
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, h, w, cin))
+    reference = nn.Conv(cout, (3, 3), padding="SAME")
+    params = reference.init(jax.random.PRNGKey(1), x)
+    ours = Conv3x3(cout, impl=impl)
+    assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
+def test_upconv2x2_matches_flax_conv_transpose_with_the_same_parameters(impl):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 6))
+    reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
+    params = reference.init(jax.random.PRNGKey(1), x)
+    out = UpConv2x2(4, impl=impl).apply(params, x)
+    assert out.shape == (2, 6, 10, 4)
+    np.testing.assert_allclose(out, reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_conv_impl_is_refused():
+    with pytest.raises(ValueError, match="conv_impl|impl"):
+        conv3x3_uses_matmul(2, 2, 8, "fast")
+
+
+def test_auto_uses_matmul_only_where_xla_cpu_is_slow():
+    assert conv3x3_uses_matmul(2, 2, 512) and conv3x3_uses_matmul(32, 32, 1)
+    assert not conv3x3_uses_matmul(16, 16, 64) and not conv3x3_uses_matmul(4, 4, 256)
+
+
+def test_unet_gives_the_same_outputs_and_gradients_with_every_conv_impl():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 1))
+    t = jnp.array([0, 3, 7, 9])
+    models = {impl: ReportUNet(base_channels=4, levels=3, conv_impl=impl) for impl in ("xla", "matmul", "auto")}
+    variables = {impl: m.init(jax.random.PRNGKey(1), x, t) for impl, m in models.items()}
+    # Identical parameter trees and initial values: checkpoints do not depend on the implementation.
+    for impl in ("matmul", "auto"):
+        jax.tree.map(np.testing.assert_array_equal, variables[impl], variables["xla"])
+
+    def loss_and_grads(model, v):
+        def loss(params):
+            out, _ = model.apply({**v, "params": params}, x, t, train=True, mutable=["batch_stats"])
+            return jnp.mean(out**2)
+
+        return jax.value_and_grad(loss)(v["params"])
+
+    ref_loss, ref_grads = loss_and_grads(models["xla"], variables["xla"])
+    for impl in ("matmul", "auto"):
+        out = models[impl].apply(variables["xla"], x, t)
+        np.testing.assert_allclose(out, models["xla"].apply(variables["xla"], x, t), rtol=1e-4, atol=1e-5)
+        value, grads = loss_and_grads(models[impl], variables["xla"])
+        np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5), grads, ref_grads)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_output():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    t = jnp.array([1, 2])
+    model = ReportUNet(base_channels=4, levels=2, dtype=jnp.bfloat16)
+    variables = model.init(jax.random.PRNGKey(1), x, t)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
+    out = model.apply(variables, x, t)
+    assert out.dtype == jnp.float32
+    reference = ReportUNet(base_channels=4, levels=2).apply(variables, x, t)
+    # bf16 keeps 8 bits of mantissa: the same network to about 1%.
+    np.testing.assert_allclose(out, reference, rtol=0.1, atol=0.05)
+
+
+def test_xla_cpu_flag_is_added_once_and_never_over_the_users_choice():
+    from ddpm_jax import xla_cpu
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert xla_cpu.prefer_eigen_convolutions(env)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_cpu.YNN_FLAG}"
+    assert not xla_cpu.prefer_eigen_convolutions(env)  # already there
+    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+    assert not xla_cpu.prefer_eigen_convolutions(users) and users["XLA_FLAGS"].endswith("=dot")
+    opted_out = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
+    assert not xla_cpu.prefer_eigen_convolutions(opted_out) and "XLA_FLAGS" not in opted_out
+
+
+def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
+    from ddpm_jax.configs import get_config, schedule_from_config
+    from ddpm_jax.train import create_train_state, make_dataset_train_step
+
+    config = get_config("tiny")
+    config.model.compute_dtype = "bfloat16"
+    state = create_train_state(config)
+    images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+    state, metrics = make_dataset_train_step(config, schedule_from_config(config))(state, images)
+    assert np.isfinite(float(metrics["loss"]))
+    for tree in (state.params, state.opt_state, state.batch_stats):
+        assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))

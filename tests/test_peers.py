@@ -1,0 +1,125 @@
+"""The PyTorch peers of benchmarks/peers.py: the port matches ReportUNet (counts, shapes, outputs)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import peers  # noqa: E402
+from ddpm_jax.data import preprocess  # noqa: E402
+from ddpm_jax.models.unet import ReportUNet, sinusoidal_embedding  # noqa: E402
+
+
+def test_param_counts_match_the_flax_model():
+    assert peers.count_params(peers.TorchReportUNet()) == 12_552_848
+    assert peers.count_params(peers.TorchReportUNet(base_channels=16, levels=2, output_head="conv")) == 199_025
+    peers.self_check()
+
+
+@pytest.mark.parametrize("output_head", ["block", "conv"])
+def test_output_shapes(output_head):
+    model = peers.TorchReportUNet(base_channels=4, levels=2, output_head=output_head).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(2, 1, 28, 28), torch.tensor([0, 99]))
+    assert out.shape == (2, 1, 28, 28) and out.dtype == torch.float32
+    if output_head == "conv":
+        assert not out.any()  # zero-initialized head
+
+
+def test_report_model_output_shape():
+    model = peers.TorchReportUNet().eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 1, 32, 32), torch.tensor([3])).shape == (1, 1, 32, 32)
+
+
+def test_rejects_sizes_not_divisible_by_the_poolings():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        peers.TorchReportUNet(base_channels=4)(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.int64))
+
+
+def test_sinusoidal_embedding_matches_jax():
+    t = np.array([0, 1, 7, 50, 99, 999])
+    ours = np.asarray(sinusoidal_embedding(jnp.asarray(t), 32))
+    port = peers.sinusoidal_embedding(torch.tensor(t), 32).numpy()
+    assert port.shape == (6, 32) and port.dtype == np.float32
+    np.testing.assert_allclose(port, ours, rtol=0, atol=1e-5)
+
+
+def test_preprocess_matches_ddpm_jax():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28, 1), dtype=np.uint8)
+    for size in (28, 32):
+        ours = np.asarray(preprocess(jnp.asarray(images), size)).transpose(0, 3, 1, 2)
+        port = peers._preprocess(torch.tensor(images.transpose(0, 3, 1, 2)), size).numpy()
+        np.testing.assert_allclose(port, ours, atol=1e-6)
+
+
+def _load_flax_variables(model, params, batch_stats):
+    """Copy ReportUNet's variables into the port (NHWC/HWIO -> NCHW/OIHW)."""
+
+    def tensor(a):
+        return torch.tensor(np.ascontiguousarray(a))
+
+    def conv(m, p):
+        m.weight.data, m.bias.data = tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1)), tensor(p["bias"])
+
+    def norm(m, p, s):
+        m.weight.data, m.bias.data = tensor(p["scale"]), tensor(p["bias"])
+        m.running_mean.data, m.running_var.data = tensor(s["mean"]), tensor(s["var"])
+
+    blocks = [*model.down, model.deepest, model.bottleneck, *model.up]
+    if model.output_head == "block":
+        blocks.append(model.head)
+    for i, block in enumerate(blocks):
+        p, s = params[f"TimeConditionedBlock_{i}"], batch_stats[f"TimeConditionedBlock_{i}"]
+        conv(block.conv0, p["Conv_0"])
+        conv(block.conv1, p["Conv_1"])
+        norm(block.norm0, p["BatchNorm_0"], s["BatchNorm_0"])
+        norm(block.norm1, p["BatchNorm_1"], s["BatchNorm_1"])
+        block.time.weight.data, block.time.bias.data = tensor(np.asarray(p["Dense_0"]["kernel"]).T), tensor(
+            p["Dense_0"]["bias"]
+        )
+    for i, upconv in enumerate(model.upconvs):
+        # Flax's ConvTranspose applies its kernel flipped: torch's W[c, o, a, b] = kernel[1 - a, 1 - b, c, o].
+        p = params[f"ConvTranspose_{i}"]
+        upconv.weight.data = tensor(np.flip(np.asarray(p["kernel"]), (0, 1)).transpose(2, 3, 0, 1))
+        upconv.bias.data = tensor(p["bias"])
+    if model.output_head == "conv":
+        conv(model.head, params["Conv_0"])
+
+
+def test_port_computes_the_same_function_as_report_unet():
+    flax_model = ReportUNet(base_channels=4, levels=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+    t = jnp.array([0, 5, 99])
+    variables = flax_model.init(jax.random.PRNGKey(0), x, t)
+    # Running statistics away from (0, 1), so that eval mode really uses them.
+    stats = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
+    port = peers.TorchReportUNet(base_channels=4, levels=2)
+    _load_flax_variables(port, variables["params"], stats)
+    xt, tt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)), torch.tensor(np.asarray(t))
+    for train in (False, True):
+        ours = flax_model.apply({"params": variables["params"], "batch_stats": stats}, x, t, train=train,
+                                mutable=["batch_stats"] if train else False)
+        ours = np.asarray(ours[0] if train else ours).transpose(0, 3, 1, 2)
+        with torch.no_grad():
+            theirs = port.train(train)(xt, tt).numpy()
+        np.testing.assert_allclose(theirs, ours, atol=2e-5, err_msg=f"train={train}")
+
+
+def test_tiny_measurements_return_their_keys():
+    train = peers.torch_train_throughput(4, 2, "conv", 28, batch=2, steps=1, warmup_steps=0, num_timesteps=5)
+    assert set(train) >= {"train_images_per_s", "step_seconds", "first_step_seconds", "params", "threads"}
+    assert len(train["step_seconds"]) == 1 and train["train_images_per_s"] > 0
+    sample = peers.torch_sample_throughput(4, 2, "block", 8, n=2, num_timesteps=5, steps_to_time=2)
+    assert sample["extrapolated"] and sample["samples_per_s"] > 0
+    full = peers.torch_sample_throughput(4, 2, "block", 8, n=2, num_timesteps=3)
+    assert not full["extrapolated"]
+
+
+def test_diffusers_peer_size():
+    pytest.importorskip("diffusers")
+    unet, scheduler = peers._diffusers_unet_and_scheduler(100)
+    assert peers.count_params(unet) == peers.DIFFUSERS_PARAMS
+    assert len(scheduler.timesteps) == 100
