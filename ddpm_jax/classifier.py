@@ -2,7 +2,7 @@
 
 :func:`load_or_train_feature_network` returns a :class:`FeatureNetwork` for a
 given training set and classifier config: from the cache if one was trained
-before, otherwise trained here (about 3 minutes on 2 CPU cores for 10,000
+before, otherwise trained here (about 2.5 minutes on 2 CPU cores for 10,000
 images) and saved. The cache entry's name is a hash of the classifier config
 and of the training images and labels, so a different dataset or config never
 picks up a stale network. Its test accuracy is stored with it.

@@ -128,7 +128,7 @@ def get_classifier_config() -> ml_collections.ConfigDict:
     c.model.feature_dim = 128  # the FID feature space
     c.model.dropout_rate = 0.5
     c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 12
+    c.train.num_epochs = 15
     c.train.batch_size = 128
     c.train.learning_rate = 2e-3  # Adam, cosine decay to 0 after a short warm-up
     c.train.warmup_steps = 100

@@ -68,11 +68,8 @@ def conv3x3_uses_matmul(height: int, width: int, in_channels: int, impl: str = "
     return jax.default_backend() == "cpu" and (height * width <= 4 or in_channels <= 2)
 
 
-class Conv3x3(nn.Module):
-    """``nn.Conv(features, (3, 3), padding='SAME')`` with a per-shape choice of implementation.
-
-    ``x``: ``(B, H, W, C)`` -> ``(B, H, W, features)``.
-    """
+class _KernelAndBias(nn.Module):
+    """The parameters Flax's ``nn.Conv`` / ``nn.ConvTranspose`` create: ``kernel (k, k, C_in, features)`` and ``bias``."""
 
     features: int
     impl: str = "auto"
@@ -81,11 +78,23 @@ class Conv3x3(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
 
+    def kernel_and_bias(self, x: jnp.ndarray, size: int):
+        """``(x, kernel, bias)`` promoted to the computation dtype, as Flax's layers do."""
+        _check_impl(self.impl)
+        kernel = self.param("kernel", self.kernel_init, (size, size, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+
+class Conv3x3(_KernelAndBias):
+    """``nn.Conv(features, (3, 3), padding='SAME')`` with a per-shape choice of implementation.
+
+    ``x``: ``(B, H, W, C)`` -> ``(B, H, W, features)``.
+    """
+
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = self.kernel_and_bias(x, 3)
         _, h, w, c = x.shape
         conv = conv3x3_matmul if conv3x3_uses_matmul(h, w, c, self.impl) else conv3x3_xla
         return conv(x, kernel) + bias
@@ -104,25 +113,15 @@ def upconv2x2_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return out.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
 
 
-class UpConv2x2(nn.Module):
+class UpConv2x2(_KernelAndBias):
     """``nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID')``, same parameters.
 
     ``x``: ``(B, H, W, C)`` -> ``(B, 2H, 2W, features)``.
     """
 
-    features: int
-    impl: str = "auto"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.lecun_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        _check_impl(self.impl)
+        x, kernel, bias = self.kernel_and_bias(x, 2)
         if self.impl == "xla" or (self.impl == "auto" and jax.default_backend() != "cpu"):
             y = lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
         else:
