@@ -106,3 +106,19 @@ def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
     assert np.isfinite(float(metrics["loss"]))
     for tree in (state.params, state.opt_state, state.batch_stats):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
+def test_max_pool_matches_flax_values_and_gradient_including_ties(impl):
+    from ddpm_jax.models.layers import max_pool_2x2
+
+    # Values on a half-integer grid: many windows hold their maximum twice, as flat background does.
+    x = jnp.round(jax.random.normal(jax.random.PRNGKey(0), (3, 8, 6, 4)) * 2) / 2
+    g = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 3, 4))
+
+    def reference(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(max_pool_2x2(x, impl), reference(x))
+    ours = jax.vjp(lambda x: max_pool_2x2(x, impl), x)[1](g)[0]
+    np.testing.assert_array_equal(ours, jax.vjp(reference, x)[1](g)[0])

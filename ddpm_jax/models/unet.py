@@ -31,7 +31,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import Conv3x3, UpConv2x2
+from ddpm_jax.models.layers import Conv3x3, UpConv2x2, max_pool_2x2
 
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -134,7 +134,7 @@ class ReportUNet(nn.Module):
         for level in range(self.levels):
             h = block(self.base_channels * 2**level)(h, emb, train)
             skips.append(h)
-            h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            h = max_pool_2x2(h, self.conv_impl)
         deepest = self.base_channels * 2**self.levels
         h = block(deepest)(h, emb, train)
         h = block(deepest)(h, emb, train)  # the bottleneck
