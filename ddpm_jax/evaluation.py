@@ -26,6 +26,11 @@ from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.classifier import FeatureNetwork, default_cache_dir, fingerprint
 
 
+def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:
+    """Where :func:`draw_samples` keeps batch ``batch_index`` of a resumable draw."""
+    return Path(chunk_dir) / f"batch_{batch_index:05d}.npy"
+
+
 def draw_samples(
     checkpoint: DiffusionCheckpoint,
     key: jax.Array,
@@ -55,7 +60,7 @@ def draw_samples(
         bar = tqdm(total=n, unit="sample", desc=f"sampling {n:,}")
     out = []
     for b in batches:
-        path = chunk_dir / f"batch_{b:05d}.npy" if chunk_dir is not None else None
+        path = chunk_path(chunk_dir, b) if chunk_dir is not None else None
         if path is not None and path.exists():
             images = np.load(path)
         else:

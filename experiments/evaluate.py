@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
     chunk_dir = workdir / "eval_samples" / f"step{checkpoint.step}-seed{args.seed}-{variance}-{mean}-batch{batch_size}"
     num_batches = -(-args.num_samples // batch_size)
-    reused = sum((chunk_dir / f"batch_{b:05d}.npy").exists() for b in range(num_batches))
+    reused = sum(evaluation.chunk_path(chunk_dir, b).exists() for b in range(num_batches))
     if reused:
         print(f"reusing {reused} of {num_batches} sample batches already drawn in {chunk_dir}", flush=True)
     start = time.perf_counter()
