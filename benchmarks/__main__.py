@@ -40,7 +40,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# (preset, what our CLI calls it, the peer's model flags, train batch on the CPU)
+# Per preset: the peer's model flags (the same network as ours) and the train batch on the CPU.
 PRESETS = {
     "seed": {"peer": ["--base-channels", "32", "--levels", "4", "--output-head", "block", "--image-size", "32"],
              "batch": 128},

@@ -49,7 +49,7 @@ import sys
 import time
 from collections.abc import Callable
 
-# Only the (numpy-computed) betas are taken from JAX; keep JAX off any
+# Only the schedule's tables are taken from ddpm_jax (JAX); keep JAX off any
 # accelerator so that it neither preallocates GPU memory nor slows the start
 # of a process that measures PyTorch. Must be set before jax is imported.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -59,7 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ddpm_jax.schedules import cosine_beta_schedule  # noqa: E402
+from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule  # noqa: E402
 
 REPORT_PARAMS = 12_552_848  # ReportUNet(), the report's model
 CPU_PRESET_PARAMS = 199_025  # ReportUNet(base_channels=16, levels=2, output_head="conv"), the 'cpu' preset
@@ -214,17 +214,17 @@ def _setup_threads() -> int:
 
 
 def _schedule_tables(num_timesteps: int) -> dict[str, np.ndarray]:
-    """The cosine schedule's per-step coefficients (float64; 0-based index i is the paper's t = i + 1)."""
-    betas = np.asarray(cosine_beta_schedule(num_timesteps), dtype=np.float64)
-    alphas = 1.0 - betas
-    alpha_bars = np.cumprod(alphas)
-    alpha_bars_prev = np.concatenate([[1.0], alpha_bars[:-1]])
+    """The cosine schedule's per-step tables, taken from ``ddpm_jax``'s own schedule so both sides use the same numbers.
+
+    0-based index i is the paper's t = i + 1.
+    """
+    schedule = DiffusionSchedule.from_betas(cosine_beta_schedule(num_timesteps))
     return {
-        "betas": betas,
-        "sqrt_alpha_bars": np.sqrt(alpha_bars),
-        "sqrt_one_minus_alpha_bars": np.sqrt(1.0 - alpha_bars),
-        "coef1": betas * np.sqrt(alpha_bars_prev) / (1.0 - alpha_bars),
-        "coef2": (1.0 - alpha_bars_prev) * np.sqrt(alphas) / (1.0 - alpha_bars),
+        "betas": np.asarray(schedule.betas),
+        "sqrt_alpha_bars": np.asarray(schedule.sqrt_alpha_bars),
+        "sqrt_one_minus_alpha_bars": np.asarray(schedule.sqrt_one_minus_alpha_bars),
+        "coef1": np.asarray(schedule.posterior_mean_coef1),
+        "coef2": np.asarray(schedule.posterior_mean_coef2),
     }
 
 
