@@ -139,7 +139,7 @@ def sample(
     if mean not in MEAN_TYPES:
         raise ValueError(f"unknown mean {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
     batch = min(batch_size or config.sampling.batch_size, n)
-    shards = len(jax.devices())
+    shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
     sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every)
 
