@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import ReportUNet
-from ddpm_jax.models.layers import Conv3x3, UpConv2x2, conv3x3_uses_matmul
+from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, add_channel_bias, conv3x3_uses_matmul
 
 SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
 
@@ -122,3 +122,59 @@ def test_max_pool_matches_flax_values_and_gradient_including_ties(impl):
     np.testing.assert_array_equal(max_pool_2x2(x, impl), reference(x))
     ours = jax.vjp(lambda x: max_pool_2x2(x, impl), x)[1](g)[0]
     np.testing.assert_array_equal(ours, jax.vjp(reference, x)[1](g)[0])
+
+
+def _random_batch_norm_variables(x, rng):
+    channels = x.shape[-1]
+    return {
+        "params": {"scale": jnp.asarray(rng.normal(size=channels), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)},
+        "batch_stats": {"mean": jnp.asarray(rng.normal(size=channels), jnp.float32),
+                        "var": jnp.asarray(rng.uniform(0.5, 2, size=channels), jnp.float32)},
+    }
+
+
+# A constant channel (variance 0, clipped) and a 1-channel map are the edge cases of the closed-form gradient.
+@pytest.mark.parametrize("shape", [(8, 4, 4, 16), (16, 6, 5, 3), (4, 8, 8, 1)])
+@pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
+def test_batch_norm_matches_flax_values_gradients_and_running_statistics(shape, impl):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32)
+    if shape[-1] > 1:
+        x = x.at[..., 0].set(2.5)  # variance exactly 0
+    weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, impl=impl)
+    variables = _random_batch_norm_variables(x, rng)
+    assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+
+    def grads_and_stats(module):
+        def loss(params, x):
+            y, updated = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.tanh(y) * weights), (y, updated)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    expected, got = grads_and_stats(reference), grads_and_stats(ours)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4), expected, got)
+    # Evaluation mode normalizes with the running statistics.
+    np.testing.assert_allclose(
+        BatchNorm(use_running_average=True, impl=impl).apply(variables, x),
+        nn.BatchNorm(use_running_average=True).apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_keeps_float32_statistics_under_bfloat16_compute():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 8)).astype(jnp.bfloat16)
+    y, updated = BatchNorm(dtype=jnp.bfloat16, impl="matmul").init_with_output(jax.random.PRNGKey(0), x)
+    assert y.dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updated))
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+def test_bias_gradient_is_the_sum_over_all_other_axes(impl):
+    y = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4, 6))
+    bias = jnp.arange(6.0)
+    weights = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    dy, dbias = jax.grad(lambda y, b: jnp.sum(add_channel_bias(y, b, impl) * weights), argnums=(0, 1))(y, bias)
+    np.testing.assert_array_equal(dy, weights)
+    np.testing.assert_allclose(dbias, weights.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,11 @@ rounding. The 2x2 stride-2 transposed convolution is likewise one matrix
 product followed by a depth-to-space reshape, and 2x2 max-pooling gets a
 gradient that routes through a one-hot of each window's first maximum
 instead of XLA's packed reduce-window (same values, same gradient).
+:class:`BatchNorm`'s per-channel sums over (batch, height, width), forward
+and backward, are matrix products with a vector of ones: XLA's CPU backend
+turns them into reduce-window ops that took a fifth of the seed U-Net's
+train step (a BatchNorm layer's forward and backward run 1.4x (32x32 maps)
+to 4x (2x2 maps) faster this way).
 
 :class:`Conv3x3` and :class:`UpConv2x2` create exactly the parameters
 ``nn.Conv(features, (3, 3), padding='SAME')`` and
@@ -20,11 +25,13 @@ instead of XLA's packed reduce-window (same values, same gradient).
 create (same names, shapes and initializers), so checkpoints do not care
 which implementation wrote them. ``impl``: ``'auto'`` (the faster form per
 shape, as measured on CPU; always XLA's convolution on GPU), ``'xla'`` or
-``'matmul'`` (one form everywhere).
+``'matmul'`` (one form everywhere). :class:`BatchNorm` likewise creates
+``nn.BatchNorm``'s variables (``scale``, ``bias``; ``batch_stats`` ``mean``, ``var``).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -111,6 +118,30 @@ def max_pool_2x2(x: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
     return _max_pool_2x2_first_max(x)
 
 
+@jax.custom_vjp
+def _add_bias_summed_by_matmul(y, bias):
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+    return g, channel_sum(g.astype(jnp.float32)).astype(g.dtype)
+
+
+_add_bias_summed_by_matmul.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def add_channel_bias(y: jnp.ndarray, bias: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
+    """``y + bias`` for ``y`` ``(..., C)``, ``bias`` ``(C,)``; where :func:`batch_norm_uses_matmul`, the
+    bias gradient (a sum over all other axes) is one matrix product instead of XLA's CPU reduce-window."""
+    if batch_norm_uses_matmul(impl):
+        return _add_bias_summed_by_matmul(y, bias)
+    return y + bias
+
+
 class _KernelAndBias(nn.Module):
     """The parameters Flax's ``nn.Conv`` / ``nn.ConvTranspose`` create: ``kernel (k, k, C_in, features)`` and ``bias``."""
 
@@ -140,7 +171,7 @@ class Conv3x3(_KernelAndBias):
         x, kernel, bias = self.kernel_and_bias(x, 3)
         _, h, w, c = x.shape
         conv = conv3x3_matmul if conv3x3_uses_matmul(h, w, c, self.impl) else conv3x3_xla
-        return conv(x, kernel) + bias
+        return add_channel_bias(conv(x, kernel), bias, self.impl)
 
 
 def upconv2x2_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -169,4 +200,101 @@ class UpConv2x2(_KernelAndBias):
             y = lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
         else:
             y = upconv2x2_matmul(x, kernel)
-        return y + bias
+        return add_channel_bias(y, bias, self.impl)
+
+
+def channel_sum(x: jnp.ndarray) -> jnp.ndarray:
+    """Sum of ``x`` ``(..., C)`` float32 over every axis but the last, as one matrix-vector product -> ``(C,)``."""
+    channels = x.shape[-1]
+    return jnp.ones((x.size // channels,), x.dtype) @ x.reshape(-1, channels)
+
+
+def _batch_statistics(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-channel mean and E[x^2] - mean^2 (unclipped), as Flax's ``use_fast_variance`` computes them."""
+    count = x.size // x.shape[-1]
+    mean = channel_sum(x) / count
+    return mean, channel_sum(x * x) / count - mean * mean
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_matmul(x, scale, bias, epsilon):
+    """Training-mode batch normalization over all axes but the last, sums as matrix products.
+
+    ``x`` ``(..., C)`` float32, ``scale``/``bias`` ``(C,)`` -> ``(y, mean, var)``:
+    ``y = (x - mean) * scale / sqrt(var + epsilon) + bias`` with the batch's
+    ``mean`` and (biased, clipped at 0) ``var``, all float32: ``nn.BatchNorm``'s
+    arithmetic. The gradient is the closed form (Ioffe & Szegedy 2015), whose
+    two per-channel sums are matrix products too; autodiff would turn them
+    into reduce-windows again.
+    """
+    return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    mean, raw_var = _batch_statistics(x)
+    var = jnp.maximum(raw_var, 0.0)
+    inv_std = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv_std * scale) + bias
+    return (y, mean, var), (x, scale, mean, inv_std, raw_var > 0)
+
+
+def _batch_norm_bwd(epsilon, residual, cotangents):
+    x, scale, mean, inv_std, var_not_clipped = residual
+    dy, dmean, dvar = cotangents  # dmean, dvar: zero unless a caller differentiates the statistics
+    count = x.size // x.shape[-1]
+    centered = x - mean
+    normalized = centered * inv_std
+    dbias = channel_sum(dy)
+    dscale = channel_sum(dy * normalized)
+    # d var / dx = 2 (x - mean) / count, and nothing where the variance was clipped to 0.
+    dvar_total = jnp.where(var_not_clipped, dvar - 0.5 * scale * inv_std**2 * dscale, 0.0)
+    dmean_total = dmean - scale * inv_std * dbias
+    dx = scale * inv_std * dy + dmean_total / count + dvar_total * 2.0 * centered / count
+    return dx, dscale, dbias
+
+
+batch_norm_matmul.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm_uses_matmul(impl: str = "auto") -> bool:
+    """Whether :class:`BatchNorm` sums as matrix products: on CPU for ``'auto'``, everywhere for ``'matmul'``."""
+    _check_impl(impl)
+    return impl == "matmul" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm`` over the last axis (statistics over all others), same variables and arithmetic.
+
+    ``x`` ``(..., C)`` -> same shape, in ``dtype`` (default: ``x``'s).
+    Statistics are float32 whatever ``dtype`` is, as in Flax.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        features = (x.shape[-1],)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+            y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+        else:
+            if batch_norm_uses_matmul(self.impl):
+                y, mean, var = batch_norm_matmul(x32, scale, bias, self.epsilon)
+            else:
+                axes = tuple(range(x.ndim - 1))
+                mean = x32.mean(axes)
+                var = jnp.maximum((x32 * x32).mean(axes) - mean * mean, 0.0)
+                y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+            if not self.is_initializing():
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        return y.astype(self.dtype or x.dtype)

@@ -31,7 +31,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import Conv3x3, UpConv2x2, max_pool_2x2
+from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, max_pool_2x2
 
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -69,8 +69,9 @@ class TimeConditionedBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda: nn.BatchNorm(  # noqa: E731
-            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype
+        norm = lambda: BatchNorm(  # noqa: E731
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+            impl=self.conv_impl,
         )
         # Named as nn.Conv would be, so parameter trees do not depend on conv_impl.
         h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_0")(x)
