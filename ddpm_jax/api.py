@@ -53,6 +53,46 @@ class DiffusionCheckpoint:
         return schedule_from_config(self.config)
 
 
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def tree_differences(saved, expected, limit: int = 6) -> list[str]:
+    """Where two pytrees of arrays (or their metadata) differ, as ``'path: saved ... , expected ...'`` lines."""
+    a, b = _shapes_by_path(saved), _shapes_by_path(expected)
+    # The network's parameters say most about what differs; BatchNorm statistics and Adam's moments repeat them.
+    order = lambda k: (not k.startswith("params"), k.startswith("opt_state"), k)  # noqa: E731
+    lines = [f"{k}: saved {a[k]}, this config's model {b[k]}"
+             for k in sorted(a.keys() & b.keys(), key=order) if a[k] != b[k]]
+    lines += [f"{k}: not in this config's model" for k in sorted(a.keys() - b.keys(), key=order)]
+    lines += [f"{k}: missing from the saved arrays" for k in sorted(b.keys() - a.keys(), key=order)]
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_variables(config_json: str):
+    """Shapes of the variables the network of a config has (no arrays are created)."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    model, size = build_model(config.model), config.data.image_size
+    return jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)), jnp.zeros((1,), jnp.int32))
+    )
+
+
+def check_variables_fit_config(checkpoint: DiffusionCheckpoint) -> None:
+    """Raise ValueError naming the arrays that do not fit the network ``checkpoint.config`` describes."""
+    config_json = json.dumps(checkpoint.config.to_dict(), sort_keys=True)
+    diffs = tree_differences(checkpoint.variables, _expected_variables(config_json))
+    if diffs:
+        m = checkpoint.config.model
+        raise ValueError(
+            f"these params do not fit the network their config describes (model.base_channels={m.base_channels}, "
+            f"model.levels={m.levels}, data.image_size={checkpoint.config.data.image_size}): {'; '.join(diffs)}. "
+            "Load params and config together with ddpm_jax.load_checkpoint(workdir)."
+        )
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int):
     """One jitted sampler per (config, batch, options): built once, reused across calls."""
@@ -121,6 +161,7 @@ def sample(
         )
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}.")
+    check_variables_fit_config(params)
     config = params.config
     if schedule is not None:
         own = params.schedule

@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpm_jax import configs as configs_lib
-from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax.api import DiffusionCheckpoint, tree_differences
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE, _CONFIG = "state", "config"
@@ -27,8 +27,22 @@ _STATE, _CONFIG = "state", "config"
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager keeping the last ``config.train.keep_checkpoints`` steps."""
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _CONFIG))
+    # A save is written to a temporary directory and renamed when complete, and latest_step() only sees
+    # complete ones, so a process killed mid-save leaves its last finished checkpoint as the latest; the
+    # leftover temporary directory is deleted when the next manager opens the workdir.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, create=True, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict:
+    # Named handlers (rather than item names alone) let Orbax read either item's metadata without a restore.
+    return {_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def step_directory(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
 
 
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict) -> None:
@@ -51,8 +65,19 @@ def on_local_device(abstract_tree):
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, template):
-    """Restore the train state saved at ``step`` into the structure of ``template``."""
+    """Restore the train state saved at ``step`` into the structure of ``template``.
+
+    Raises ValueError listing the arrays whose shapes or names differ when the
+    checkpoint was written by another model than ``template``'s.
+    """
     abstract = on_local_device(jax.eval_shape(lambda s: s, template))
+    saved = manager.item_metadata(step)[_STATE]  # names and shapes only: compared before any array is read
+    diffs = tree_differences(saved, abstract) if saved is not None else []
+    if diffs:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} does not fit the model this config builds: "
+            + "; ".join(diffs)
+        )
     restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
     return restored[_STATE]
 
@@ -77,8 +102,11 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 # Fields that may change between a run and its resumption without making the
 # checkpoint incompatible: they steer the loop or how the same math is computed,
 # not the state's shapes or what it means.
+# The learning-rate fields are among them (every schedule gives Adam the same state), so a run that
+# diverged can continue from its last good checkpoint with a lower --lr.
 _RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
+                     "train.learning_rate", "train.lr_schedule", "train.warmup_steps", "train.on_nonfinite",
+                     "train.max_consecutive_skips", "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
 
 
 def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict):
@@ -87,8 +115,17 @@ def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collecti
     if step is None:
         return None
     saved = restore_config(manager, step).to_dict()
+    saved_data, current_data = saved.get("data", {}), config.to_dict().get("data", {})
+    if saved_data.get("fingerprint") and saved_data.get("fingerprint") != current_data.get("fingerprint"):
+        raise ValueError(
+            f"{manager.directory} holds a run (step {step}) trained on other data (fingerprint "
+            f"{saved_data['fingerprint']}, this data {current_data.get('fingerprint')}); resuming would train it on "
+            "different images. Use another --workdir, or point at the same data to resume."
+        )
     diffs = [
-        d for d in config_differences(saved, config.to_dict()) if not d.startswith(_RESUMABLE_FIELDS)
+        d for d in config_differences(saved, config.to_dict())
+        # Fields newer than the checkpoint take their defaults; the fingerprint was compared above.
+        if not d.startswith(_RESUMABLE_FIELDS) and ": '<missing>' ->" not in d and not d.startswith("data.fingerprint")
     ]
     if diffs:
         raise ValueError(
@@ -118,7 +155,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
             f"`python -m experiments.mnist --workdir {workdir}`."
         )
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-                                    item_names=(_STATE, _CONFIG))
+                                    item_handlers=_item_handlers())
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise FileNotFoundError(

@@ -33,6 +33,7 @@ from flax.training import train_state
 
 from ddpm_jax.checkpoint import on_local_device
 from ddpm_jax.configs import get_classifier_config
+from ddpm_jax.data import fingerprint
 from ddpm_jax.data import preprocess
 from ddpm_jax.models.classifier import MNISTClassifier
 from ddpm_jax.train import batch_indices
@@ -44,16 +45,6 @@ _DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 0, 1, 2
 def default_cache_dir() -> Path:
     """``$DDPM_JAX_CACHE``, else ``~/.cache/ddpm_jax``."""
     return Path(os.environ.get("DDPM_JAX_CACHE") or Path.home() / ".cache" / "ddpm_jax")
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """A short content hash of arrays (shape, dtype and bytes): names cache entries."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def build_classifier(model_config) -> MNISTClassifier:

@@ -41,6 +41,9 @@ def _base() -> ml_collections.ConfigDict:
     c.data.image_size = 28
     # Use only the first N training images (0: all). For smoke tests.
     c.data.max_train_examples = 0
+    # Written by training, not set by hand: a content hash of the training images, so a
+    # workdir holding a run on other data is refused instead of resumed with the wrong images.
+    c.data.fingerprint = ""
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # 'linear' | 'cosine'
@@ -69,6 +72,10 @@ def _base() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
+    # A NaN/Inf loss or gradient: 'stop' (exit, last good checkpoint untouched) or 'skip'
+    # (drop that batch's update; still stop after max_consecutive_skips bad steps in a row).
+    c.train.on_nonfinite = "stop"
+    c.train.max_consecutive_skips = 10
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.variance = "beta"  # 'beta' | 'beta_tilde' (sigma_t^2)

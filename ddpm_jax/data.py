@@ -29,6 +29,7 @@ but not in the same order: TFDS shuffles examples when it prepares a dataset
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -513,3 +514,13 @@ def load_mnist(
     if idx_dir is not None:
         return load_mnist_idx(idx_dir, split)
     return load_mnist_tfds(split, data_dir=data_dir, download=download)
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (shape, dtype and bytes): which data a run or a cache entry was made from."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

@@ -23,7 +23,8 @@ import numpy as np
 
 from ddpm_jax import metrics, plotting
 from ddpm_jax.api import DiffusionCheckpoint, sample
-from ddpm_jax.classifier import FeatureNetwork, default_cache_dir, fingerprint
+from ddpm_jax.classifier import FeatureNetwork, default_cache_dir
+from ddpm_jax.data import fingerprint
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ from ddpm_jax import parallel, plotting
 from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.losses import l_simple
 from ddpm_jax.models import build_model
 from ddpm_jax.schedules import DiffusionSchedule
@@ -121,9 +124,10 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer step of L_simple on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
 
-    Returns the new state and metrics: ``loss`` (batch mean), and per quarter of
-    the timestep range ``loss_sum_by_quarter`` / ``count_by_quarter`` ``(4,)``,
-    which the logger sums over steps before dividing.
+    Returns the new state and metrics: ``loss`` (batch mean), ``grad_norm``,
+    ``finite`` (False if either is NaN/Inf; the update is then dropped: see
+    below), and per quarter of the timestep range ``loss_sum_by_quarter`` /
+    ``count_by_quarter`` ``(4,)``, which the logger sums over steps before dividing.
     """
     chex.assert_rank(batch, 4)
     key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
@@ -139,15 +143,27 @@ def train_step(
         return loss, (per_image, t, batch_stats)
 
     (loss, (per_image, t, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     bucket = t * NUM_LOSS_BUCKETS // schedule.num_timesteps
     one_hot = jax.nn.one_hot(bucket, NUM_LOSS_BUCKETS, dtype=jnp.float32)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "finite": finite,
         "loss_sum_by_quarter": per_image @ one_hot,
         "count_by_quarter": jnp.sum(one_hot, axis=0),
     }
-    return state.apply_gradients(grads, batch_stats), metrics
+    updated = state.apply_gradients(grads, batch_stats)
+    # A non-finite step advances only the step counter (so the next step draws the next batch):
+    # weights, BatchNorm statistics and Adam's moments stay those of the last good step. The
+    # selects fuse into the update's elementwise loops, so this costs no extra pass over memory.
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return updated.replace(
+        params=jax.tree.map(keep, updated.params, state.params),
+        batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
+        opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+    ), metrics
 
 
 def batch_indices(key: jax.Array, num_examples: int, step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
@@ -206,18 +222,36 @@ class MetricLogger:
         self.path = path
         self._pending: list[dict] = []
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a resumed run rewrites what a killed one logged after its last checkpoint."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut short by the kill, and anything after it
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
     def add(self, metrics: dict) -> None:
         self._pending.append(metrics)  # device arrays; fetched together at flush
 
     def flush(self, step: int, extra: dict) -> dict:
         fetched = jax.device_get(self._pending)
         self._pending = []
-        sums = np.sum([m["loss_sum_by_quarter"] for m in fetched], axis=0)
-        counts = np.sum([m["count_by_quarter"] for m in fetched], axis=0)
+        good = [m for m in fetched if m["finite"]]  # skipped steps (train.on_nonfinite=skip) are counted, not averaged
+        sums = np.sum([m["loss_sum_by_quarter"] for m in good], axis=0) if good else np.zeros(NUM_LOSS_BUCKETS)
+        counts = np.sum([m["count_by_quarter"] for m in good], axis=0) if good else np.zeros(NUM_LOSS_BUCKETS)
         record = {
             "step": step,
-            "loss": float(np.mean([m["loss"] for m in fetched])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "loss": float(np.mean([m["loss"] for m in good])) if good else None,
+            "grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else None,
+            "skipped_steps": len(fetched) - len(good),
         }
         for q in range(NUM_LOSS_BUCKETS):
             record[f"loss_t_q{q}"] = float(sums[q] / counts[q]) if counts[q] else None
@@ -227,27 +261,133 @@ class MetricLogger:
         return record
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is not allowed: {allowed}.")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_examples: int | None = None) -> None:
-    """Raise ValueError naming the field, the value and what is allowed."""
-    if config.diffusion.num_timesteps < 1:
-        raise ValueError(f"diffusion.num_timesteps must be >= 1, got {config.diffusion.num_timesteps}.")
-    schedule_from_config(config)  # validates schedule name and betas
-    if config.train.batch_size < 1:
-        raise ValueError(f"train.batch_size must be >= 1, got {config.train.batch_size}.")
-    if num_examples is not None and config.train.batch_size > num_examples:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} is larger than the {num_examples} training images."
-        )
-    if config.train.num_steps < 1:
-        raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}.")
-    make_optimizer(config)
-    size, factor = config.data.image_size, 2**config.model.levels
+    """Check a config before any compute; raise ValueError naming the field, the value and what is allowed."""
+    d, t, s = config.diffusion, config.train, config.sampling
+    _require(isinstance(d.num_timesteps, int) and d.num_timesteps >= 1, "diffusion.num_timesteps", d.num_timesteps,
+             "an integer T >= 1 (the report: 100, Ho et al.: 1000)")
+    schedule_from_config(config)  # the schedule's name and betas, each checked there
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    if num_examples is not None:
+        _require(t.batch_size <= num_examples, "train.batch_size", t.batch_size,
+                 f"at most the {num_examples} training images")
+    _require(t.num_steps >= 1, "train.num_steps", t.num_steps, "an integer >= 1")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "a norm > 0, or 0 for no clipping")
+    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _require(t[field] >= 1, f"train.{field}", t[field], "an integer >= 1")
+    _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
+             " or ".join(NONFINITE_POLICIES))
+    _require(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", t.max_consecutive_skips, "an integer >= 0")
+    make_optimizer(config)  # learning rate > 0 and a known lr_schedule
+    _require(s.variance in VARIANCE_TYPES, "sampling.variance", s.variance, " or ".join(VARIANCE_TYPES))
+    _require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
+    _require(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
+    _require(config.data.max_train_examples >= 0, "data.max_train_examples", config.data.max_train_examples,
+             "0 (all images) or a positive count")
+    levels = config.model.levels
+    _require(isinstance(levels, int) and levels >= 1, "model.levels", levels, "an integer >= 1")
+    _require(config.model.base_channels >= 1, "model.base_channels", config.model.base_channels, "an integer >= 1")
+    size, factor = config.data.image_size, 2**levels
     if size < 28 or size % factor:
         raise ValueError(
             f"data.image_size={size} must be >= 28 and divisible by 2**model.levels={factor} "
-            f"(model.levels={config.model.levels}); e.g. 28 for levels <= 2, 32 for levels 3-5."
+            f"(model.levels={levels}); e.g. 28 for levels <= 2, 32 for levels 3-5."
         )
     build_model(config.model)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or Inf loss or gradient (``step``: the update that would have produced that step)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: int | None, consecutive: int = 1):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        kept = (f"the latest checkpoint (step {last_checkpoint}) is untouched. To continue from it, rerun with a "
+                "lower --lr (the same command meets the same batch again)" if last_checkpoint is not None
+                else "no checkpoint had been saved yet. Rerun with a lower --lr")
+        streak = f" ({consecutive} bad steps in a row)" if consecutive > 1 else ""
+        super().__init__(
+            f"non-finite training step {step}{streak}: loss {loss}, gradient norm {grad_norm}. Training stopped "
+            f"without applying it; {kept}, or with --set train.on_nonfinite=skip to skip such batches."
+        )
+
+
+class NonFiniteGuard:
+    """Watches each step's ``finite`` metric one step behind the loop, so the host never waits on the device
+    except at log and checkpoint points (:meth:`drain`). ``'stop'``: raise :class:`NonFiniteLossError` at the
+    first bad step; ``'skip'``: report it and go on (the step already dropped its update), until more than
+    ``max_consecutive`` bad steps in a row."""
+
+    def __init__(self, policy: str, max_consecutive: int, manager=None):
+        self.policy, self.max_consecutive, self.manager = policy, max_consecutive, manager
+        self._pending: list[tuple[int, dict]] = []
+        self.consecutive = self.skipped = 0
+
+    def push(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+        while len(self._pending) > 1:
+            self._check(*self._pending.pop(0))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._check(*self._pending.pop(0))
+
+    def _check(self, step: int, metrics: dict) -> None:
+        if bool(metrics["finite"]):
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if self.policy == "skip" and self.consecutive <= self.max_consecutive:
+            self.skipped += 1
+            print(f"step {step}: loss {loss}, gradient norm {grad_norm}: batch skipped, weights unchanged "
+                  f"(train.on_nonfinite=skip; {self.consecutive} in a row)", flush=True)
+            return
+        self._pending.clear()
+        raise NonFiniteLossError(step, loss, grad_norm, self.manager.latest_step() if self.manager else None,
+                                 self.consecutive)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM reached the training loop, which saved a checkpoint at ``step`` and stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint_dir: str):
+        self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+                         f"{checkpoint_dir}. Rerun the same command to resume.")
+
+
+class StopSignals:
+    """Within ``with``, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) set ``signum`` instead of
+    killing the process, so the loop can finish its step and save first. Outside the main thread (where
+    Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping", flush=True)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def train_and_evaluate(
@@ -280,6 +420,8 @@ def train_and_evaluate(
     if config.data.max_train_examples:
         images = images[: config.data.max_train_examples]
     validate_config(config, num_examples=len(images))
+    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config is left as it was
+    config.data.fingerprint = data_lib.fingerprint(images)
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.train.batch_size, mesh)
     os.makedirs(workdir, exist_ok=True)
@@ -288,6 +430,12 @@ def train_and_evaluate(
     manager = ckpt_lib.make_manager(workdir, config)
     state = create_train_state(config)
     restored = ckpt_lib.restore_latest(manager, state, config)
+    # Several processes: each runs this same loop over the global mesh; process 0 alone writes files and logs.
+    is_main = jax.process_index() == 0
+    progress = progress and is_main
+    logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"))
+    if is_main:  # lines a killed run logged after its last checkpoint are written again
+        logger.truncate_after(int(restored.step) if restored is not None else 0)
     if restored is not None:
         state = restored
         print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
@@ -297,9 +445,6 @@ def train_and_evaluate(
             f"{len(images):,} training images, {steps_per_epoch(len(images), config.train.batch_size):,} steps per epoch",
             flush=True,
         )
-    # Several processes: each runs this same loop over the global mesh; process 0 alone writes files and logs.
-    is_main = jax.process_index() == 0
-    progress = progress and is_main
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(configs_lib.config_to_json(config))
@@ -311,10 +456,10 @@ def train_and_evaluate(
               f"({config.train.batch_size // parallel.num_shards(mesh)} images each per step)", flush=True)
     state = parallel.put_replicated(state, mesh)
     device_images = parallel.put_replicated(np.asarray(images, dtype=np.uint8), mesh)
-    logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"))
     start, total = int(state.step), config.train.num_steps
     end = total if stop_at is None else min(stop_at, total)
     batch_size = config.train.batch_size
+    guard = NonFiniteGuard(config.train.on_nonfinite, config.train.max_consecutive_skips, manager)
 
     bar = None
     if progress and start < end:
@@ -323,39 +468,47 @@ def train_and_evaluate(
         bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, smoothing=0.1)
     last_time, last_step = time.perf_counter(), start
     compile_seconds = None
-    for step in range(start, end):
-        state, metrics = step_fn(state, device_images)
-        if is_main:
-            logger.add(metrics)
-        done = step + 1
-        if compile_seconds is None:
-            jax.block_until_ready(metrics["loss"])
-            compile_seconds = time.perf_counter() - last_time
-            last_time, last_step = time.perf_counter(), done
-        if is_main and (done % config.train.log_every == 0 or done == end):
-            jax.block_until_ready(metrics["loss"])
-            now = time.perf_counter()
-            rate = (done - last_step) * batch_size / max(now - last_time, 1e-9) if done > last_step else None
-            record = logger.flush(
-                done,
-                {
-                    "epoch": done / steps_per_epoch(len(images), batch_size),
-                    "learning_rate": float(lr_at(done - 1)),  # the rate the last step used
-                    "images_per_s": rate,
-                    "first_step_seconds": compile_seconds if last_step == start + 1 else None,
-                },
-            )
-            last_time, last_step = now, done
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}" if rate else "-")
-        if done % config.train.checkpoint_every == 0 or done == end:
-            ckpt_lib.save(manager, state, config)
+    try:
+        with StopSignals() as stop:
+            for step in range(start, end):
+                state, metrics = step_fn(state, device_images)
+                done = step + 1
+                guard.push(done, metrics)  # checks the step before this one, which has finished by now
+                if is_main:
+                    logger.add(metrics)
+                if compile_seconds is None:
+                    jax.block_until_ready(metrics["loss"])
+                    compile_seconds = time.perf_counter() - last_time
+                    last_time, last_step = time.perf_counter(), done
+                if is_main and (done % config.train.log_every == 0 or done == end):
+                    guard.drain()
+                    now = time.perf_counter()
+                    rate = (done - last_step) * batch_size / max(now - last_time, 1e-9) if done > last_step else None
+                    record = logger.flush(
+                        done,
+                        {
+                            "epoch": done / steps_per_epoch(len(images), batch_size),
+                            "learning_rate": float(lr_at(done - 1)),  # the rate the last step used
+                            "images_per_s": rate,
+                            "first_step_seconds": compile_seconds if last_step == start + 1 else None,
+                        },
+                    )
+                    last_time, last_step = now, done
+                    if bar is not None and record["loss"] is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}" if rate else "-")
+                if done % config.train.checkpoint_every == 0 or done == end or stop.signum is not None:
+                    guard.drain()  # nothing is saved after a non-finite step unless it was skipped
+                    ckpt_lib.save(manager, state, config)
+                if bar is not None:
+                    bar.update(1)
+                if stop.signum is not None:
+                    manager.wait_until_finished()
+                    raise TrainingInterrupted(stop.signum, done, ckpt_lib.step_directory(manager, done))
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    manager.wait_until_finished()
-    manager.close()
+            bar.close()
+        manager.wait_until_finished()  # a save already under way completes: the latest checkpoint stays whole
+        manager.close()
 
     if make_figures and end == total and is_main:
         write_figures(DiffusionCheckpoint.from_train_state(state, config), workdir, progress=progress)

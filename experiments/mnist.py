@@ -1,7 +1,10 @@
 """Train a DDPM on MNIST: ``python -m experiments.mnist --workdir runs/mnist``.
 
 Only parses flags and calls :func:`ddpm_jax.train.train_and_evaluate`; a run
-already in ``--workdir`` resumes from its latest checkpoint.
+already in ``--workdir`` resumes from its latest checkpoint. Exit status: 0
+done; 2 a bad flag, config value, dataset or workdir (one ``error:`` line);
+3 a NaN/Inf loss (see ``train.on_nonfinite``); 130/143 stopped by SIGINT/SIGTERM
+after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import parallel
 from ddpm_jax import train as train_lib
+
+
+EXIT_NONFINITE = 3  # 2: bad flags, config or data; 128 + N: stopped by signal N after saving
 
 
 def default_preset() -> str:
@@ -70,7 +76,8 @@ def apply_override(config, assignment: str) -> None:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and not isinstance(value, type(current)):
-        raise ValueError(f"--set {field}={raw}: expected a {type(current).__name__} like {current!r}.")
+        kind = type(current).__name__
+        raise ValueError(f"--set {field}={raw}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {current!r}.")
     node[leaf] = value
 
 
@@ -114,6 +121,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except train_lib.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except train_lib.TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for "ended by signal N"
     return 0
 
 

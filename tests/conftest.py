@@ -6,3 +6,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compile time dominates; its lowest backend optimization level compiles them
 # about twice as fast. Set before JAX is imported; results stay exact within a process.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import gzip  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def write_idx(path, array):
+    """A gzipped IDX file of ``array`` as uint8, as MNIST's are."""
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory):
+    """40 random 28x28 'training images' and labels in MNIST's IDX layout."""
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (40,)))
+    return d

@@ -1,24 +1,8 @@
-import gzip
 import json
 
-import numpy as np
 import pytest
 
 from experiments import mnist
-
-
-def _write_idx(path, array):
-    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    _write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
-    _write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (40,)))
-    return d
 
 
 def test_main_job_trains_checkpoints_and_writes_the_figures(tmp_path, idx_dir, capsys):
@@ -54,7 +38,7 @@ def test_epochs_are_converted_to_whole_steps(tmp_path, idx_dir):
         (["--set", "model.levels=3"], "image_size"),
         (["--set", "model.chanels=3"], "unknown field 'chanels'"),
         (["--set", "modle.levels=3"], "unknown config section 'modle'"),
-        (["--set", "model.levels=two"], "expected a int"),
+        (["--set", "model.levels=two"], "expected an int"),
         (["--set", "model.levels"], "FIELD=VALUE"),
     ],
 )
@@ -67,7 +51,7 @@ def test_bad_config_values_get_one_line_and_exit_status_2(flags, message, capsys
 
 def test_batch_larger_than_the_dataset_is_refused(tmp_path, idx_dir, capsys):
     assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(tmp_path), "--batch-size", "41"]) == 2
-    assert "larger than the 40 training images" in capsys.readouterr().err
+    assert "train.batch_size=41 is not allowed: at most the 40 training images" in capsys.readouterr().err
 
 
 def test_missing_dataset_names_both_ways_to_get_mnist(tmp_path, capsys):

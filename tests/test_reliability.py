@@ -1,0 +1,283 @@
+"""A run that dies loses nothing; a bad step, flag, checkpoint or dataset gets a clear answer."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import FrozenConfigDict
+
+import ddpm_jax
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax.configs import get_config
+from ddpm_jax.train import (
+    NonFiniteLossError,
+    TrainingInterrupted,
+    create_train_state,
+    schedule_from_config,
+    train_and_evaluate,
+    train_step,
+)
+from experiments import mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The killed run: long enough (about 5 ms a step) that there is time to kill it between and during saves.
+RUN_FLAGS = ["--preset", "tiny", "--steps", "300", "--set", "train.checkpoint_every=50", "--set", "train.log_every=25",
+             "--set", "train.keep_checkpoints=2", "--no-progress"]
+
+
+def _start(idx_dir, workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.mnist", "--idx-dir", str(idx_dir), "--workdir", str(workdir), *RUN_FLAGS],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _checkpoint_entries(workdir):
+    try:
+        return os.listdir(Path(workdir) / "checkpoints")
+    except FileNotFoundError:
+        return []
+
+
+def _wait_and_signal(process, workdir, ready, sig, timeout=120):
+    """Poll the checkpoint folder every millisecond; send ``sig`` as soon as ``ready(entries)`` holds."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        entries = _checkpoint_entries(workdir)
+        if ready(entries):
+            process.send_signal(sig)
+            break
+        time.sleep(0.001)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, entries, out + err
+
+
+def _finished_steps(entries):
+    return sorted(int(e) for e in entries if e.isdigit())
+
+
+def _params(workdir):
+    return jax.device_get(ddpm_jax.load_checkpoint(str(workdir)).params)
+
+
+def _logged_steps(workdir):
+    return [json.loads(line)["step"] for line in open(Path(workdir) / "metrics.jsonl")]
+
+
+def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, idx_dir):
+    straight = _start(idx_dir, tmp_path / "straight")
+    killed = tmp_path / "killed"
+
+    # 1. SIGKILL as soon as the first checkpoint is being written (its temporary folder is all there is; should
+    #    the save be too quick to see, right after it).
+    code, entries, _ = _wait_and_signal(_start(idx_dir, killed), killed, lambda e: bool(e), signal.SIGKILL)
+    assert code == -signal.SIGKILL, entries
+    # 2. Ctrl-C once the resumed run has saved a checkpoint of its own: it saves where it stands, then stops.
+    before = max(_finished_steps(_checkpoint_entries(killed)), default=0)
+    code, _, output = _wait_and_signal(_start(idx_dir, killed), killed,
+                                       lambda e: max(_finished_steps(e), default=0) > before, signal.SIGINT)
+    assert code == 130, output
+    assert "stopped by SIGINT after step" in output and "Rerun the same command to resume" in output
+    interrupted_at = int(output.split("stopped by SIGINT after step ")[1].split(";")[0])
+    assert interrupted_at in _finished_steps(_checkpoint_entries(killed))
+    # 3. SIGKILL between saves, once the next run has saved one checkpoint of its own.
+    next_save = (interrupted_at // 50 + 1) * 50
+    code, _, output = _wait_and_signal(_start(idx_dir, killed), killed,
+                                       lambda e: next_save in _finished_steps(e), signal.SIGKILL)
+    assert code == -signal.SIGKILL, output
+    assert f"resuming from step {interrupted_at}" in output
+    # 4. The last run finishes the job.
+    final = _start(idx_dir, killed)
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, out + err
+    assert straight.wait(timeout=300) == 0
+
+    assert not any("tmp" in e for e in _checkpoint_entries(killed))  # leftovers of the killed save are gone
+    expected, got = _params(tmp_path / "straight"), _params(killed)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    # Log lines of the killed runs past their last checkpoint were replaced, not duplicated.
+    assert _logged_steps(killed) == _logged_steps(tmp_path / "straight") == list(range(25, 301, 25))
+    assert (killed / "samples.png").read_bytes() == (tmp_path / "straight" / "samples.png").read_bytes()
+
+
+def _tiny(**train):
+    config = get_config("tiny")
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stopping(tmp_path, images, sig):
+    config = _tiny(num_steps=100_000, checkpoint_every=100_000, log_every=1)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def send_once_training():
+        while not (metrics.exists() and metrics.stat().st_size):
+            time.sleep(0.005)
+        os.kill(os.getpid(), sig)
+
+    handler_before = signal.getsignal(sig)
+    threading.Thread(target=send_once_training, daemon=True).start()
+    with pytest.raises(TrainingInterrupted) as info:
+        train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    step = info.value.step
+    assert 1 <= step < 100_000 and info.value.signum == sig
+    assert str(step) in os.listdir(tmp_path / "checkpoints")
+    assert ddpm_jax.load_checkpoint(str(tmp_path)).step == step
+    assert signal.getsignal(sig) == handler_before  # the loop's handlers are gone again
+
+
+def test_a_half_written_checkpoint_is_never_the_latest_and_is_cleaned_up(tmp_path, images):
+    config = _tiny(num_steps=2, checkpoint_every=2)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    # What a kill during the save of step 4 leaves: Orbax's temporary folder, partly written.
+    shutil.copytree(tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1")
+    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    assert manager.latest_step() == 2
+    manager.close()
+    deadline = time.monotonic() + 30  # Orbax deletes leftovers in the background
+    while len(os.listdir(tmp_path / "checkpoints")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step_counter(images):
+    config = _tiny()
+    state = create_train_state(config)
+    batch = jnp.full((8, 28, 28, 1), jnp.nan)
+    schedule = schedule_from_config(config)
+    new_state, metrics = jax.jit(lambda s, b: train_step(s, b, schedule))(state, batch)
+    assert not bool(metrics["finite"])
+    assert int(new_state.step) == 1
+    for field in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(new_state, field), getattr(state, field))
+
+
+# lr 0 for the first step, then 1e30: step 2 makes the weights huge but finite, step 3's loss is NaN.
+def _diverging(**train):
+    return _tiny(num_steps=8, checkpoint_every=1, keep_checkpoints=8, lr_schedule="constant", warmup_steps=2,
+                 learning_rate=1e30, **train)
+
+
+def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_untouched(tmp_path, images):
+    with pytest.raises(NonFiniteLossError) as info:
+        train_and_evaluate(_diverging(), str(tmp_path), images=images, progress=False, make_figures=False)
+    assert info.value.step == 3 and info.value.last_checkpoint == 2
+    message = str(info.value)
+    assert "non-finite training step 3" in message and "step 2" in message and "on_nonfinite=skip" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    checkpoint = ddpm_jax.load_checkpoint(str(tmp_path))
+    assert checkpoint.step == 2
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(checkpoint.params)))
+
+
+def test_skip_policy_skips_bad_batches_and_still_stops_a_diverged_run(tmp_path, images, capsys):
+    config = _diverging(on_nonfinite="skip", max_consecutive_skips=3)
+    with pytest.raises(NonFiniteLossError, match="4 bad steps in a row") as info:
+        train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    assert info.value.step == 6
+    assert capsys.readouterr().out.count("batch skipped, weights unchanged") == 3
+    # The skipped steps left the weights of step 2 in the checkpoints they wrote.
+    jax.tree.map(np.testing.assert_array_equal, ddpm_jax.load_checkpoint(str(tmp_path), step=5).params,
+                 ddpm_jax.load_checkpoint(str(tmp_path), step=2).params)
+
+
+def test_cli_exits_3_on_a_nonfinite_loss(tmp_path, idx_dir, capsys):
+    code = mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(tmp_path), "--steps", "8",
+                       "--set", "train.checkpoint_every=1", "--set", "train.lr_schedule=constant",
+                       "--set", "train.warmup_steps=2", "--lr", "1e30", "--no-progress"])
+    assert code == mnist.EXIT_NONFINITE
+    assert capsys.readouterr().err.startswith("error: non-finite training step 3")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "diffusion.num_timesteps=0"], "diffusion.num_timesteps=0"),
+        (["--set", "diffusion.schedule=linear", "--set", "diffusion.beta_end=1.5"], "beta_end < 1, got beta_start=0.0001, beta_end=1.5"),
+        (["--set", "diffusion.schedule=linear", "--set", "diffusion.beta_start=0.0"], "0 < beta_start"),
+        (["--set", "diffusion.max_beta=1.0"], "max_beta"),
+        (["--set", "train.log_every=0"], "train.log_every=0"),
+        (["--set", "train.checkpoint_every=-5"], "train.checkpoint_every=-5"),
+        (["--set", "train.on_nonfinite=ignore"], "stop or skip"),
+        (["--set", "train.lr_schedule=step"], "constant, cosine"),
+        (["--set", "sampling.variance=large"], "beta or beta_tilde"),
+        (["--set", "data.image_size=30", "--set", "model.levels=2"], "divisible by 2**model.levels=4"),
+        (["--set", "model.levels=0"], "model.levels=0"),
+        (["--set", "model.conv_impl=fast"], "auto, xla, matmul"),
+    ],
+)
+def test_each_bad_config_value_gets_one_line_naming_field_value_and_allowed(flags, message, capsys, tmp_path):
+    assert mnist.main(["--preset", "tiny", "--workdir", str(tmp_path)] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_unknown_flag_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.parse_args(["--stepz", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --stepz" in capsys.readouterr().err
+
+
+def test_a_workdir_trained_on_other_data_is_refused_not_resumed(tmp_path, images):
+    config = _tiny(num_steps=2)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    with pytest.raises(ValueError, match="trained on other data"):
+        train_and_evaluate(_tiny(num_steps=4), str(tmp_path), images=255 - images, progress=False,
+                           make_figures=False)
+    assert ddpm_jax.load_checkpoint(str(tmp_path)).step == 2
+
+
+def test_restoring_into_another_model_names_the_arrays_that_differ(tmp_path, images):
+    config = _tiny(num_steps=1)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    other = _tiny(num_steps=1)
+    other.model.base_channels = 8
+    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    with pytest.raises(ValueError, match=r"does not fit the model this config builds: params/ConvTranspose_0/bias: "
+                                         r"saved \(4,\), this config's model \(8,\)"):
+        ckpt_lib.restore_state(manager, 1, create_train_state(other))
+    manager.close()
+
+
+def test_sampling_params_of_another_config_names_the_arrays_that_differ(tmp_path, images):
+    config = _tiny(num_steps=1)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    loaded = ddpm_jax.load_checkpoint(str(tmp_path))
+    other = get_config("tiny")
+    other.model.levels = 2
+    mismatched = DiffusionCheckpoint(loaded.params, loaded.batch_stats, FrozenConfigDict(other.to_dict()), loaded.step)
+    with pytest.raises(ValueError, match=r"do not fit the network their config describes \(model.base_channels=4, "
+                                         r"model.levels=2, data.image_size=28\): params/ConvTranspose_0/bias: saved \(4,\), "
+                                         r"this config's model \(8,\)"):
+        ddpm_jax.sample(mismatched, jax.random.PRNGKey(0), 2)
+
+
+def test_same_seed_and_config_give_the_same_weights_and_samples(tmp_path, images):
+    config = _tiny(num_steps=3)
+    runs = [train_and_evaluate(config, str(tmp_path / name), images=images, progress=False, make_figures=False)
+            for name in ("a", "b")]
+    jax.tree.map(np.testing.assert_array_equal, runs[0].params, runs[1].params)
+    first, second = (ddpm_jax.sample(ddpm_jax.load_checkpoint(str(tmp_path / n)), jax.random.PRNGKey(7), 4)
+                     for n in ("a", "b"))
+    np.testing.assert_array_equal(first, second)
