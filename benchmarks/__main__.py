@@ -15,6 +15,10 @@ leak between them. Rows:
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
 - ``diffusers``: ``UNet2DModel`` of about the same size with ``DDPMScheduler``'s loop (seed size only).
 
+And few-step sampling (``sample10``): 100 samples in 10 reverse steps, ours with DDIM
+over 10 of the 100 training steps, the torch port's loop over 10 steps, diffusers'
+``DDIMScheduler`` with 10 inference steps.
+
 Train: images/s (median over timed steps), first step (compile) seconds, and
 the share of the machine's float32 matmul peak (numpy GEMM, measured here)
 that XLA's FLOP count of our step implies. Sampling: samples/s for 100 images
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FEW_STEPS = 10  # reverse steps of the few-step samplers' rows
 
 # Per preset: the peer's model flags (the same network as ours) and the train batch on the CPU.
 PRESETS = {
@@ -108,6 +113,12 @@ def plan(quick: bool) -> list[tuple[str, str, str, str, list[str], dict]]:
              KEEP_FLAGS),
             (preset, "sample", "torch port", "benchmarks.peers",
              ["torch-sample", *p["peer"], "--n", "100", "--json"] + (["--steps-to-time", "20"] if quick else []), {}),
+            # Few-step sampling: our DDIM over 10 of the 100 steps; the torch port's loop over 10 steps (a
+            # DDIM step adds a few elementwise operations to the same network call).
+            (preset, "sample10", "ours", "benchmarks.ours",
+             ["sample", *ours, "--n", "100", "--sample-steps", str(FEW_STEPS), "--method", "ddim"], {}),
+            (preset, "sample10", "torch port", "benchmarks.peers",
+             ["torch-sample", *p["peer"], "--n", "100", "--num-timesteps", str(FEW_STEPS), "--json"], {}),
         ]
         if preset == "seed":
             jobs += [
@@ -115,6 +126,8 @@ def plan(quick: bool) -> list[tuple[str, str, str, str, list[str], dict]]:
                  ["diffusers-train", "--batch", batch, "--steps", steps, "--json"], {}),
                 (preset, "sample", "diffusers", "benchmarks.peers",
                  ["diffusers-sample", "--n", "100", "--steps-to-time", "10" if quick else "25", "--json"], {}),
+                (preset, "sample10", "diffusers", "benchmarks.peers",
+                 ["diffusers-sample", "--n", "100", "--inference-steps", str(FEW_STEPS), "--json"], {}),
             ]
     return jobs
 
@@ -156,8 +169,16 @@ def print_tables(rows: list[dict], peak: float) -> None:
                 f"{max(t.get('peak_rss_mb', 0), s.get('peak_rss_mb', 0)):11.0f}",
             ]
             print(f"{label:18} " + " ".join(cells))
-    print("\n* extrapolated from timed reverse steps (or forward passes) to all 100 steps. "
-          "Few-step samplers (respacing, DDIM) do not exist yet (issue 6).")
+        few = {r["label"]: r for r in rows if r["preset"] == preset and r["task"] == "sample10"}
+        ours_few = (few.get("ours") or {}).get("samples_per_s")
+        if few:
+            print(f"{preset} preset, few-step sampling: 100 samples in {FEW_STEPS} steps "
+                  "(ours: DDIM eta=0; torch port: its loop over 10 steps; diffusers: DDIMScheduler)")
+            for label, r in few.items():
+                sps = r.get("samples_per_s")
+                print(f"{label:18} {f'{sps:10.2f}' if sps else r.get('error', '-')[:10]:>10} "
+                      f"{f'{ours_few / sps:9.2f}' if sps and ours_few else '-':>9}")
+    print("\n* extrapolated from timed reverse steps (or forward passes) to all 100 steps.")
 
 
 def main(argv=None) -> int:
@@ -177,7 +198,7 @@ def main(argv=None) -> int:
             continue
         result = run(module, job_args, args.timeout, env)
         rows.append({"preset": preset, "task": task, "label": label, **result})
-        key = "train_images_per_s" if task == "train" else "samples_per_s"
+        key = "train_images_per_s" if task == "train" else "samples_per_s"  # sample, sample10
         shown = f"{result[key]:.1f}" if key in result else result.get("error")
         print(f"  {preset:5} {task:6} {label:16} {key}={shown} ({result.get('process_seconds', 0):.0f} s)", flush=True)
     print_tables(rows, peak)

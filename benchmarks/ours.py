@@ -4,8 +4,9 @@
 from uint8 images on the device, L_simple, Adam), its first call (compile
 and run) time, images/s as the median over timed steps, and the
 floating-point operations per image that XLA's cost analysis counts in the step.
-``sample``: ancestral sampling of ``--n`` images with T steps through
-:func:`ddpm_jax.sample`'s compiled sampler; with ``--steps-to-time K`` the
+``sample``: sampling of ``--n`` images through :func:`ddpm_jax.sample`'s
+compiled sampler, ancestral with all T steps, or ``--method ddim`` and/or
+``--sample-steps K`` for the few-step samplers; with ``--steps-to-time K`` the
 network's forward pass at batch n is timed K times and multiplied by T
 instead (for configurations too slow to run whole).
 
@@ -100,8 +101,9 @@ def measure_sample(args) -> dict:
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times) * T
         return {"samples_per_s": n / seconds, "seconds": seconds, "extrapolated": True, "n": n, "T": T}
+    steps = args.sample_steps if args.sample_steps and args.sample_steps != T else None
     sampler = _compiled_sampler(json.dumps(checkpoint.config.to_dict(), sort_keys=True), n,
-                                config.sampling.variance, config.sampling.mean, 0)
+                                config.sampling.variance, config.sampling.mean, 0, steps, args.method, 0.0)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     jax.block_until_ready(sampler(checkpoint.variables, key))
@@ -110,7 +112,7 @@ def measure_sample(args) -> dict:
     jax.block_until_ready(sampler(checkpoint.variables, jax.random.fold_in(key, 1)))
     seconds = time.perf_counter() - t0
     return {"samples_per_s": n / seconds, "seconds": seconds, "first_call_seconds": first, "extrapolated": False,
-            "n": n, "T": T}
+            "n": n, "T": T, "reverse_steps": steps or T, "method": args.method}
 
 
 def main(argv=None) -> int:
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed train steps")
     p.add_argument("--n", type=int, default=100, help="samples to draw")
     p.add_argument("--steps-to-time", type=int, default=0, help="time this many forward passes and extrapolate to T")
+    p.add_argument("--sample-steps", type=int, default=None, help="reverse steps K (default: all T; K < T respaces)")
+    p.add_argument("--method", default="ancestral", choices=("ancestral", "ddim"), help="sampler")
     args = p.parse_args(argv)
     result = measure_train(args) if args.what == "train" else measure_sample(args)
     result.update({

@@ -388,12 +388,18 @@ def _diffusers_unet_and_scheduler(num_timesteps: int):
     return unet, scheduler
 
 
-def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time: int | None = None) -> dict:
-    """Samples/s of a ~12M-parameter ``UNet2DModel`` with ``DDPMScheduler``'s own reverse loop."""
+def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time: int | None = None,
+                                inference_steps: int | None = None) -> dict:
+    """Samples/s of a ~12M-parameter ``UNet2DModel`` with ``DDPMScheduler``'s own reverse loop, or with
+    ``DDIMScheduler``'s over ``inference_steps`` of the T steps."""
     threads = _setup_threads()
     unet, scheduler = _diffusers_unet_and_scheduler(num_timesteps)
     unet.eval()
-    scheduler.set_timesteps(num_timesteps)
+    if inference_steps:
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler.config)
+    scheduler.set_timesteps(inference_steps or num_timesteps)
     size = DIFFUSERS_UNET_CONFIG["sample_size"]
     x = torch.randn(n, DIFFUSERS_UNET_CONFIG["in_channels"], size, size)
 
@@ -408,7 +414,8 @@ def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time:
         [int(t) for t in scheduler.timesteps],
         steps_to_time,
     )
-    return {**timing, "params": count_params(unet), "threads": threads, "n": n}
+    return {**timing, "params": count_params(unet), "threads": threads, "n": n,
+            "scheduler": type(scheduler).__name__, "reverse_steps": len(scheduler.timesteps)}
 
 
 def diffusers_train_throughput(batch: int, steps: int, num_timesteps: int = 100, warmup_steps: int = 1) -> dict:
@@ -449,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-to-time", type=int, default=None,
                    help="time only this many reverse steps and extrapolate to T (default: all T)")
     p.add_argument("--num-timesteps", type=int, default=100, help="T")
+    p.add_argument("--inference-steps", type=int, default=None,
+                   help="diffusers-sample: DDIMScheduler over this many of the T steps")
     args = p.parse_args(argv)
     versions = {"torch": torch.__version__}
     if args.what.startswith("diffusers"):
@@ -476,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                   **diffusers_train_throughput(args.batch, args.steps, args.num_timesteps, args.warmup_steps)}
     else:
         result = {"unet_config": DIFFUSERS_UNET_CONFIG,
-                  **diffusers_sample_throughput(args.n, args.num_timesteps, args.steps_to_time)}
+                  **diffusers_sample_throughput(args.n, args.num_timesteps, args.steps_to_time,
+                                                args.inference_steps)}
     result = {
         "what": args.what,
         **result,

@@ -13,11 +13,11 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import parallel
-from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.configs import sampling_timesteps, schedule_from_config
 from ddpm_jax.data import crop
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import build_model
-from ddpm_jax.sampling import make_ancestral_sampler
+from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
 
 
@@ -93,8 +93,12 @@ def check_variables_fit_config(checkpoint: DiffusionCheckpoint) -> None:
         )
 
 
+SAMPLING_METHODS = ("ancestral", "ddim")
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int):
+def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int,
+                      steps: int | None = None, method: str = "ancestral", eta: float = 0.0):
     """One jitted sampler per (config, batch, options): built once, reused across calls."""
     config = ml_collections.ConfigDict(json.loads(config_json))
     model = build_model(config.model)
@@ -104,19 +108,20 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
     def eps_fn(variables, x, t):
         return model.apply(variables, x, t, train=False)
 
-    # Variables and key on every device, the batch split over the data mesh (one device: the same program).
-    return jax.jit(
-        make_ancestral_sampler(
-            eps_fn,
-            schedule_from_config(config),
-            (batch, size, size, 1),
-            variance=variance,
-            mean=mean,
-            return_every=return_every,
-            sharding=parallel.batch_sharded(mesh),
-        ),
-        in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+    common = dict(  # noqa: C408
+        eps_fn=eps_fn,
+        schedule=schedule_from_config(config, steps),
+        shape=(batch, size, size, 1),
+        return_every=return_every,
+        sharding=parallel.batch_sharded(mesh),
+        timesteps=sampling_timesteps(config, steps) if steps else None,  # all T: the network's own indices
     )
+    if method == "ddim":
+        sampler = make_ddim_sampler(eta=eta, **common)
+    else:
+        sampler = make_ancestral_sampler(variance=variance, mean=mean, **common)
+    # Variables and key on every device, the batch split over the data mesh (one device: the same program).
+    return jax.jit(sampler, in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
 
 
 def sample(
@@ -124,6 +129,9 @@ def sample(
     key: jax.Array,
     n: int,
     *,
+    steps: int | None = None,
+    method: str = "ancestral",
+    eta: float = 0.0,
     variance: str | None = None,
     mean: str | None = None,
     return_every: int = 0,
@@ -138,8 +146,14 @@ def sample(
         :class:`DiffusionCheckpoint`); model, schedule and T come from it.
       key: a PRNG key; the same key gives the same images.
       n: number of images.
-      variance: sigma_t^2, ``'beta'`` or ``'beta_tilde'``; default from the run's config.
-      mean: ``'x0_clip'`` or ``'eps'`` (see :func:`ddpm_jax.diffusion.p_mean`); default from the config.
+      steps: reverse steps K (default: all T the network was trained with). With K < T the
+        schedule is respaced to K evenly spaced training timesteps (Nichol & Dhariwal 2021).
+      method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T)
+        or ``'ddim'`` (Song et al. 2021; see :func:`ddpm_jax.sampling.make_ddim_sampler`).
+      eta: DDIM only: 0 deterministic, 1 ancestral-equivalent (sigma^2 = beta-tilde).
+      variance: ancestral only: sigma_t^2, ``'beta'`` or ``'beta_tilde'``; default from the run's config.
+      mean: ancestral only: ``'x0_clip'`` or ``'eps'`` (see :func:`ddpm_jax.diffusion.p_mean`); default
+        from the config.
       return_every: if k > 0, also return the chain every k steps.
       batch_size: images per jitted call (default: the config's ``sampling.batch_size``);
         the last batch is padded, so one compiled shape serves every n.
@@ -173,6 +187,21 @@ def sample(
                 f"T={own.num_timesteps}; sampling with another schedule (T={schedule.num_timesteps}) would "
                 "use the network at timesteps it never saw. Leave schedule unset."
             )
+    num_timesteps = config.diffusion.num_timesteps
+    if steps is not None and (not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps):
+        raise ValueError(f"steps must be an integer in 1..{num_timesteps} (the T this network was trained with), "
+                         f"got {steps!r}.")
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}.")
+    if method == "ddim":
+        if variance is not None or mean is not None:
+            raise ValueError("variance= and mean= choose ancestral sampling's step; DDIM's step is set by eta= "
+                             "(0: deterministic, 1: sigma^2 = beta-tilde).")
+        if not (isinstance(eta, (int, float)) and eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}.")
+    elif eta:
+        raise ValueError(f"eta={eta} applies to method='ddim' only.")
+    steps = None if steps in (None, num_timesteps) else int(steps)
     variance = variance or config.sampling.variance
     mean = mean or config.sampling.mean
     if variance not in VARIANCE_TYPES:
@@ -182,7 +211,8 @@ def sample(
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
-    sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every)
+    sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every,
+                                steps, method, float(eta))
 
     num_batches = -(-n // batch)
     batches = range(num_batches)

@@ -24,7 +24,7 @@ import json
 
 import ml_collections
 
-from ddpm_jax.schedules import DiffusionSchedule, betas_for
+from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
 
 PRESETS: tuple[str, ...] = ("cpu", "seed", "tiny")
 
@@ -154,16 +154,27 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     return ml_collections.FrozenConfigDict(d)
 
 
-def schedule_from_config(config: ml_collections.ConfigDict) -> DiffusionSchedule:
-    """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes."""
+def schedule_from_config(config: ml_collections.ConfigDict, steps: int | None = None) -> DiffusionSchedule:
+    """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes.
+
+    With ``steps = K`` (< T), the schedule respaced to K of the T timesteps
+    (:func:`ddpm_jax.schedules.respace_betas`); its index k stands for the
+    training timestep :func:`sampling_timesteps` ``(config, K)[k]``.
+    """
     d = config.diffusion
-    return DiffusionSchedule.from_betas(
-        betas_for(
-            d.schedule,
-            d.num_timesteps,
-            beta_start=d.beta_start,
-            beta_end=d.beta_end,
-            cosine_s=d.cosine_s,
-            max_beta=d.max_beta,
-        )
+    betas = betas_for(
+        d.schedule,
+        d.num_timesteps,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        cosine_s=d.cosine_s,
+        max_beta=d.max_beta,
     )
+    if steps is not None and steps != d.num_timesteps:
+        betas = respace_betas(betas, sampling_timesteps(config, steps))
+    return DiffusionSchedule.from_betas(betas)
+
+
+def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = None):
+    """The training timesteps (0-based, ascending) a K-step sampler visits: all T when ``steps`` is None."""
+    return space_timesteps(config.diffusion.num_timesteps, steps or config.diffusion.num_timesteps)

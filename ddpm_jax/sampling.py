@@ -2,6 +2,13 @@
 
 Each factory returns a function to ``jax.jit`` that runs the whole reverse
 chain inside one ``lax.scan`` (no Python loop over timesteps).
+
+Fewer steps than the network was trained with: pass a respaced schedule
+(:func:`ddpm_jax.configs.schedule_from_config` with ``steps=K``) and, as
+``timesteps``, the training timestep each of its K indices stands for; the
+network is then called with those. Ancestral sampling on a respaced schedule
+is Nichol & Dhariwal's (2021) respacing; :func:`make_ddim_sampler` is Song et
+al.'s (2021) DDIM on the same schedules.
 """
 
 from __future__ import annotations
@@ -12,11 +19,27 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import MEAN_TYPES, MeanType, VarianceType, p_mean, p_variance
-from ddpm_jax.schedules import DiffusionSchedule
+from ddpm_jax.diffusion import MEAN_TYPES, MeanType, VarianceType, p_mean, p_variance, predict_x0_from_eps
+from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # eps_fn(variables, x_t, t) -> eps_hat with x_t's shape; t int (B,), 0-based.
 EpsModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def _on_training_timesteps(eps_fn: EpsModelFn, schedule: DiffusionSchedule, timesteps) -> EpsModelFn:
+    """``eps_fn`` called with the training timestep each index of a respaced ``schedule`` stands for."""
+    if timesteps is None:
+        return eps_fn
+    timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
+    chex.assert_shape(timesteps, (schedule.num_timesteps,))
+    return lambda variables, x, t: eps_fn(variables, x, timesteps[t])
+
+
+def _chain_frames(x_T, chain, x0, num_steps: int, return_every: int):
+    """``(F, B, ...)``: x_T first, then the state after every ``return_every``-th step, x_0 last."""
+    steps_taken = list(range(0, num_steps, return_every)) + [num_steps]
+    chain = jnp.concatenate([x_T[None], chain[:-1], x0[None]], axis=0)
+    return chain[jnp.asarray(steps_taken)]
 
 
 def make_ancestral_sampler(
@@ -28,6 +51,7 @@ def make_ancestral_sampler(
     mean: MeanType = "x0_clip",
     return_every: int = 0,
     sharding: jax.sharding.Sharding | None = None,
+    timesteps=None,
 ) -> Callable[[Any, jax.Array], Any]:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2.
 
@@ -46,6 +70,8 @@ def make_ancestral_sampler(
         :func:`ddpm_jax.parallel.batch_sharded`); the chain stays in it, so every
         device runs the network on its share of the batch. The numbers drawn
         do not depend on it.
+      timesteps: for a respaced ``schedule`` of K steps, the ``(K,)`` training
+        timesteps its indices stand for (see the module docstring).
 
     Returns:
       ``sample_fn(variables, key)`` giving ``x_0`` of ``shape`` in [-1, 1]; with
@@ -60,6 +86,7 @@ def make_ancestral_sampler(
     num_timesteps = schedule.num_timesteps
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
+    eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
 
     def constrain(x):
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
@@ -82,8 +109,126 @@ def make_ancestral_sampler(
         if not return_every:
             return x0
         # Frame j is the state after j reverse steps, x_{T-j} in the paper's numbering.
-        steps_taken = list(range(0, num_timesteps, return_every)) + [num_timesteps]
-        chain = jnp.concatenate([x_T[None], chain[:-1], x0[None]], axis=0)
-        return x0, chain[jnp.asarray(steps_taken)]
+        return x0, _chain_frames(x_T, chain, x0, num_timesteps, return_every)
 
     return sample_fn
+
+
+def _ddim_step(schedule: DiffusionSchedule, x, t, eps, eta, clip_denoised: bool):
+    """Mean, standard deviation and x_0 prediction of one DDIM step from index ``t`` to ``t - 1`` (Song et al. eq. 12)."""
+    x0 = predict_x0_from_eps(schedule, x, t, eps)
+    abar = extract(schedule.alpha_bars, t, x.ndim)
+    abar_prev = extract(schedule.alpha_bars_prev, t, x.ndim)
+    if clip_denoised:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)  # the noise the clipped x_0 implies
+    # eta = 1: sigma^2 is beta-tilde, and the step is ancestral sampling's with the posterior variance.
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+    mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
+    return mean, sigma, x0
+
+
+def make_ddim_sampler(
+    eps_fn: EpsModelFn,
+    schedule: DiffusionSchedule,
+    shape: tuple[int, int, int, int],
+    *,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    return_every: int = 0,
+    sharding: jax.sharding.Sharding | None = None,
+    timesteps=None,
+) -> Callable[[Any, jax.Array], Any]:
+    """DDIM sampling (Song, Meng & Ermon 2021), usually on a respaced schedule of K << T steps.
+
+    ``x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1} - sigma_k^2) eps + sigma_k z`` with
+    ``sigma_k = eta sqrt((1 - abar_{k-1}) / (1 - abar_k)) sqrt(1 - abar_k / abar_{k-1})``:
+    ``eta = 0`` is deterministic (x_T alone fixes the sample: see :func:`ddim_invert`), ``eta = 1``
+    is ancestral sampling with sigma^2 = beta-tilde. ``clip_denoised`` clips x0_hat to [-1, 1] and
+    uses the noise it implies, as improved-diffusion does. Arguments and return value as
+    :func:`make_ancestral_sampler`'s; the same key gives the same x_T and per-step noise.
+    """
+    chex.assert_equal(len(shape), 4)
+    if not 0.0 <= eta:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: ancestral), got {eta}.")
+    if return_every < 0:
+        raise ValueError(f"return_every must be >= 0, got {return_every}.")
+    num_steps = schedule.num_timesteps
+    eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+
+    def constrain(x):
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    def sample_fn(variables, key: jax.Array):
+        init_key, step_key = jax.random.split(key)
+        x_T = constrain(jax.random.normal(init_key, shape, dtype=jnp.float32))
+
+        def reverse_step(x, i):
+            t = jnp.full((shape[0],), i, dtype=jnp.int32)
+            eps = eps_fn(variables, x, t)
+            chex.assert_equal_shape([eps, x])
+            mean, sigma, _ = _ddim_step(schedule, x, t, eps, eta, clip_denoised)
+            z = jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype=jnp.float32)
+            x_prev = constrain(mean + jnp.where(i > 0, sigma, 0.0) * z)
+            return x_prev, (x_prev if return_every else None)
+
+        x0, chain = jax.lax.scan(reverse_step, x_T, jnp.arange(num_steps - 1, -1, -1))
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        if not return_every:
+            return x0
+        return x0, _chain_frames(x_T, chain, x0, num_steps, return_every)
+
+    return sample_fn
+
+
+def make_ddim_decoder(eps_fn: EpsModelFn, schedule: DiffusionSchedule, *, timesteps=None):
+    """Deterministic DDIM (eta = 0, no clipping) from a given x_T: ``decode(variables, x_T) -> x_0``.
+
+    The inverse of :func:`ddim_invert` up to the discretization of the
+    probability-flow ODE; neither clips, so the pair is a smooth map.
+    """
+    eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+
+    def decode(variables, x_T):
+        def reverse_step(x, i):
+            t = jnp.full((x.shape[0],), i, dtype=jnp.int32)
+            mean, _, _ = _ddim_step(schedule, x, t, eps_fn(variables, x, t), 0.0, False)
+            return mean, None
+
+        return jax.lax.scan(reverse_step, x_T, jnp.arange(schedule.num_timesteps - 1, -1, -1))[0]
+
+    return decode
+
+
+def ddim_invert(eps_fn: EpsModelFn, schedule: DiffusionSchedule, variables, x0: jnp.ndarray, *,
+                timesteps=None, refine: int = 0):
+    """DDIM inversion: the x_T from which deterministic DDIM (:func:`make_ddim_decoder`) returns ``x0``.
+
+    Undoes the decoder's steps in reverse order, from ``x0`` (abar = 1) to the last
+    timestep. Each decoder step ``x_{k-1} = sqrt(abar_{k-1}) x0_hat(x_k, e) + sqrt(1 - abar_{k-1}) e``
+    uses the noise ``e = eps(x_k, k)`` at the point being solved for, so the inverse is
+    implicit. ``refine = 0`` is the usual DDIM inversion (Song et al. 2021, sec. 4.3):
+    ``e`` is taken at the known point ``x_{k-1}`` (timestep k-1; at the first step the
+    network sees ``x0`` at timestep 0). Its error grows with the step size: decoding
+    gives back ``x0`` only to first order. ``refine = r`` then re-evaluates ``e`` at the
+    new point r times (fixed-point iteration), which converges to the exact inverse of
+    the decoder where the network is smooth (r extra network calls per step).
+    ``x0``: ``(B, H, W, C)``; returns x_T of the same shape.
+    """
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}.")
+    eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+    abar, abar_prev = schedule.alpha_bars, schedule.alpha_bars_prev
+
+    def undo_step(x_prev, k):
+        def solve(e):  # x_k with x_{k-1} = decoder step of (x_k, e)
+            x0_hat = (x_prev - jnp.sqrt(1.0 - abar_prev[k]) * e) / jnp.sqrt(abar_prev[k])
+            return jnp.sqrt(abar[k]) * x0_hat + jnp.sqrt(1.0 - abar[k]) * e
+
+        batch = (x_prev.shape[0],)
+        e = eps_fn(variables, x_prev, jnp.full(batch, jnp.maximum(k - 1, 0), dtype=jnp.int32))
+        t = jnp.full(batch, k, dtype=jnp.int32)
+        e = jax.lax.fori_loop(0, refine, lambda _, e: eps_fn(variables, solve(e), t), e)
+        return solve(e), None
+
+    return jax.lax.scan(undo_step, x0, jnp.arange(schedule.num_timesteps))[0]

@@ -180,3 +180,37 @@ def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
     """
     chex.assert_rank(t, 1)
     return table[t].reshape((t.shape[0],) + (1,) * (ndim - 1))
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """``steps`` of the ``num_timesteps`` training timesteps, evenly spaced, ascending, int ``(steps,)``.
+
+    As improved-diffusion's ``space_timesteps`` with one section: the first
+    (0) and the last (T-1) are always kept, those between are rounded from an
+    even stride; ``steps = T`` keeps every timestep and ``steps = 1`` keeps only
+    T-1 (one jump from noise to the prediction of x_0).
+    """
+    _check_num_timesteps(num_timesteps)
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be an integer in 1..T={num_timesteps}, got {steps!r}.")
+    if steps == 1:
+        return np.array([num_timesteps - 1])
+    return np.round(np.arange(steps) * (num_timesteps - 1) / (steps - 1)).astype(np.int64)
+
+
+def respace_betas(betas, timesteps) -> np.ndarray:
+    """Betas of the process that visits only ``timesteps`` (Nichol & Dhariwal 2021, section 4).
+
+    The respaced process keeps the marginals q(x_t | x_0) of the kept steps:
+    ``abar'_k = abar[timesteps[k]]``, so ``beta'_k = 1 - abar'_k / abar'_{k-1}``
+    (``abar'_{-1} = 1``). Computed in float64 from the float64 ``betas``: with
+    every timestep kept, the result is ``betas`` to float64 rounding.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    timesteps = np.asarray(timesteps)
+    if timesteps.ndim != 1 or len(timesteps) < 1 or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must be strictly increasing indices, got {timesteps}.")
+    if timesteps[0] < 0 or timesteps[-1] >= len(betas):
+        raise ValueError(f"timesteps must lie in 0..{len(betas) - 1}, got {timesteps}.")
+    alpha_bars = np.cumprod(1.0 - betas)[timesteps]
+    return 1.0 - alpha_bars / np.append(1.0, alpha_bars[:-1])
