@@ -21,19 +21,27 @@ from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
 
 
+WEIGHTS = ("ema", "raw")
+
+
 @flax.struct.dataclass
 class DiffusionCheckpoint:
     """A trained denoiser and everything needed to sample from it.
 
     What :func:`ddpm_jax.load_checkpoint` returns and :func:`sample` takes:
-    the network's ``params`` and BatchNorm ``batch_stats``, the run's frozen
+    the network's ``params``, their exponential moving average ``ema_params``
+    (None for a bare set of weights), BatchNorm ``batch_stats``, the run's frozen
     ``config`` (model, schedule, sampling defaults) and the training ``step``.
+    ``weights`` says which parameters sampling uses: ``'ema'`` (the default,
+    as Ho et al. sample) or ``'raw'``; see :meth:`with_weights`.
     """
 
     params: Any
     batch_stats: Any
     config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
     step: int = flax.struct.field(pytree_node=False, default=0)
+    ema_params: Any = None
+    weights: str = flax.struct.field(pytree_node=False, default="ema")
 
     @classmethod
     def from_train_state(cls, state, config) -> "DiffusionCheckpoint":
@@ -42,11 +50,26 @@ class DiffusionCheckpoint:
             batch_stats=state.batch_stats,
             config=ml_collections.FrozenConfigDict(config.to_dict()),
             step=int(state.step),
+            ema_params=state.ema_params,
         )
 
     @property
+    def weights_used(self) -> str:
+        """``'ema'`` or ``'raw'``: which parameters :attr:`variables` (and so sampling) uses."""
+        return "ema" if self.weights == "ema" and self.ema_params is not None else "raw"
+
+    def with_weights(self, weights: str) -> "DiffusionCheckpoint":
+        """The same checkpoint sampling with ``'ema'`` (averaged) or ``'raw'`` (last step's) parameters."""
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}.")
+        if weights == "ema" and self.ema_params is None:
+            raise ValueError("this checkpoint holds no EMA weights (ema_params is None); use weights='raw'.")
+        return self.replace(weights=weights)
+
+    @property
     def variables(self) -> dict:
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        params = self.ema_params if self.weights_used == "ema" else self.params
+        return {"params": params, "batch_stats": self.batch_stats}
 
     @property
     def schedule(self) -> DiffusionSchedule:
@@ -132,6 +155,7 @@ def sample(
     steps: int | None = None,
     method: str = "ancestral",
     eta: float = 0.0,
+    weights: str | None = None,
     variance: str | None = None,
     mean: str | None = None,
     return_every: int = 0,
@@ -151,6 +175,8 @@ def sample(
       method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T)
         or ``'ddim'`` (Song et al. 2021; see :func:`ddpm_jax.sampling.make_ddim_sampler`).
       eta: DDIM only: 0 deterministic, 1 ancestral-equivalent (sigma^2 = beta-tilde).
+      weights: ``'ema'`` or ``'raw'``; default the checkpoint's own choice, which is the EMA
+        weights for a checkpoint from :func:`ddpm_jax.load_checkpoint` (``params.weights_used``).
       variance: ancestral only: sigma_t^2, ``'beta'`` or ``'beta_tilde'``; default from the run's config.
       mean: ancestral only: ``'x0_clip'`` or ``'eps'`` (see :func:`ddpm_jax.diffusion.p_mean`); default
         from the config.
@@ -175,6 +201,8 @@ def sample(
         )
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}.")
+    if weights is not None:
+        params = params.with_weights(weights)
     check_variables_fit_config(params)
     config = params.config
     if schedule is not None:

@@ -72,6 +72,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, template):
     """
     abstract = on_local_device(jax.eval_shape(lambda s: s, template))
     saved = manager.item_metadata(step)[_STATE]  # names and shapes only: compared before any array is read
+    if saved is not None and _EMA not in saved and hasattr(abstract, _EMA):
+        return _restore_without_ema(manager, step, abstract)
     diffs = tree_differences(saved, abstract) if saved is not None else []
     if diffs:
         raise ValueError(
@@ -80,6 +82,23 @@ def restore_state(manager: ocp.CheckpointManager, step: int, template):
         )
     restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
     return restored[_STATE]
+
+
+_EMA = "ema_params"
+
+
+def _restore_without_ema(manager: ocp.CheckpointManager, step: int, abstract):
+    """A checkpoint written before the train state had ``ema_params``: restored with its average
+    starting from its weights, so old runs still load and resume."""
+    fields = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
+              if name != _EMA and not name.startswith(("apply_fn", "tx", "ema_decay", "ema_warmup"))}
+    diffs = tree_differences(manager.item_metadata(step)[_STATE], fields)
+    if diffs:
+        raise ValueError(f"the checkpoint at step {step} in {manager.directory} does not fit the model this config "
+                         "builds: " + "; ".join(diffs))
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(fields)}))[_STATE]
+    state = abstract.replace(**restored)
+    return state.replace(ema_params=jax.tree.map(lambda p: p.copy(), state.params))
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
@@ -106,7 +125,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 # diverged can continue from its last good checkpoint with a lower --lr.
 _RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.learning_rate", "train.lr_schedule", "train.warmup_steps", "train.on_nonfinite",
-                     "train.max_consecutive_skips", "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
+                     "train.max_consecutive_skips", "train.ema_", "sampling.", "preset", "model.conv_impl",
+                     "model.compute_dtype")
 
 
 def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict):
@@ -135,16 +155,19 @@ def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collecti
     return restore_state(manager, step, template)
 
 
-def load_checkpoint(workdir: str, step: int | None = None):
+def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema"):
     """Load what :func:`ddpm_jax.sample` needs from a run directory.
 
     Args:
       workdir: the ``--workdir`` of a training run.
       step: which checkpoint; the latest if None.
+      weights: which parameters sampling uses: ``'ema'`` (their exponential moving
+        average, the default) or ``'raw'`` (the last step's). Both are loaded;
+        switch with ``checkpoint.with_weights(...)`` or ``sample(..., weights=...)``.
 
     Returns:
-      A :class:`ddpm_jax.DiffusionCheckpoint` (params, batch_stats, config, step),
-      on this process's first device.
+      A :class:`ddpm_jax.DiffusionCheckpoint` (params, ema_params, batch_stats,
+      config, step), on this process's first device.
     """
     from ddpm_jax.train import create_train_state  # train imports this module: import at call time
 
@@ -171,4 +194,5 @@ def load_checkpoint(workdir: str, step: int | None = None):
         batch_stats=state.batch_stats,
         config=configs_lib.config_from_dict(config.to_dict()),
         step=int(state.step),
-    )
+        ema_params=state.ema_params,
+    ).with_weights(weights)

@@ -69,6 +69,11 @@ def _base() -> ml_collections.ConfigDict:
     c.train.lr_schedule = "cosine"  # 'constant' | 'cosine' (warm-up, then cosine decay to 0)
     c.train.warmup_steps = 100
     c.train.grad_clip_norm = 1.0  # 0 disables; Ho et al. clip at 1
+    # Exponential moving average of the weights (Ho et al.: 0.9999), which sampling uses by default.
+    # With the warm-up the decay is min(ema_decay, (1 + n) / (10 + n)) after n updates, so a short
+    # run's average is not dominated by its random initialization.
+    c.train.ema_decay = 0.9999
+    c.train.ema_warmup = True
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3

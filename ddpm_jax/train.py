@@ -50,20 +50,45 @@ class TrainState:
 
     step: jnp.ndarray  # int32 scalar: optimizer steps taken
     params: Any
+    ema_params: Any  # exponential moving average of params (see ema_decay_at)
     batch_stats: Any
     opt_state: Any
     key: jnp.ndarray
     apply_fn: Any = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.9999)
+    ema_warmup: bool = flax.struct.field(pytree_node=False, default=True)
 
     def apply_gradients(self, grads, batch_stats) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        decay = ema_decay_at(self.step, self.ema_decay, self.ema_warmup)
         return self.replace(
             step=self.step + 1,
-            params=optax.apply_updates(self.params, updates),
+            params=params,
+            ema_params=ema_update(self.ema_params, params, decay),
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+
+
+def ema_decay_at(num_updates, max_decay: float, warmup: bool = True):
+    """The decay of the ``num_updates``-th EMA update (0-based): ``min(max_decay, (1 + n) / (10 + n))``
+    with the warm-up (TensorFlow's ``ExponentialMovingAverage(num_updates=n)``), else ``max_decay``.
+
+    The warm-up makes the average's horizon grow with the run (0.1 at the first update, 0.9 after
+    80, 0.99 after 890), so a run of a few thousand steps ends with usable averaged weights rather
+    than ones still 1 - 0.9999^3000 = 26% made of the random initialization.
+    """
+    if not warmup:
+        return jnp.asarray(max_decay, jnp.float32)
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema_params, params, decay):
+    """``decay * ema + (1 - decay) * params``, leaf by leaf."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -107,11 +132,14 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None 
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=variables["params"],
+        ema_params=jax.tree.map(jnp.copy, variables["params"]),
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(variables["params"]),
         key=run_key,
         apply_fn=model.apply,
         tx=tx,
+        ema_decay=float(config.train.get("ema_decay", 0.9999)),
+        ema_warmup=bool(config.train.get("ema_warmup", True)),
     )
 
 
@@ -156,11 +184,12 @@ def train_step(
     }
     updated = state.apply_gradients(grads, batch_stats)
     # A non-finite step advances only the step counter (so the next step draws the next batch):
-    # weights, BatchNorm statistics and Adam's moments stay those of the last good step. The
+    # weights, their average, BatchNorm statistics and Adam's moments stay those of the last good step. The
     # selects fuse into the update's elementwise loops, so this costs no extra pass over memory.
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     return updated.replace(
         params=jax.tree.map(keep, updated.params, state.params),
+        ema_params=jax.tree.map(keep, updated.ema_params, state.ema_params),
         batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
         opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
     ), metrics
@@ -287,6 +316,7 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     _require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
              " or ".join(NONFINITE_POLICIES))
     _require(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", t.max_consecutive_skips, "an integer >= 0")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a decay in [0, 1) (Ho et al.: 0.9999)")
     make_optimizer(config)  # learning rate > 0 and a known lr_schedule
     _require(s.variance in VARIANCE_TYPES, "sampling.variance", s.variance, " or ".join(VARIANCE_TYPES))
     _require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
@@ -520,7 +550,9 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
     and ``sampling.json`` (how long the grid took) into ``workdir``.
 
     ``checkpoint`` is a :class:`ddpm_jax.DiffusionCheckpoint`; the samples use
-    the key ``PRNGKey(config.seed + 1)``, so the figures are reproducible.
+    the key ``PRNGKey(config.seed + 1)``, so the figures are reproducible. They
+    use the checkpoint's EMA weights; ``samples_raw.png`` is the same grid (same
+    noise) from the last step's raw weights, to show what the average buys.
     """
     config = checkpoint.config
     grid_key, strip_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
@@ -529,6 +561,9 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
     grid = np.asarray(sample(checkpoint, grid_key, n_grid, progress=progress))
     seconds = time.perf_counter() - t0
     plotting.save_grid(grid, os.path.join(workdir, "samples.png"), nrow=config.sampling.grid_size)
+    if checkpoint.weights_used == "ema":
+        raw = np.asarray(sample(checkpoint, grid_key, n_grid, weights="raw"))
+        plotting.save_grid(raw, os.path.join(workdir, "samples_raw.png"), nrow=config.sampling.grid_size)
     _, frames = sample(checkpoint, strip_key, config.sampling.strip_samples, return_every=config.sampling.strip_every)
     plotting.save_reverse_process(
         np.asarray(frames),
@@ -536,8 +571,11 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
         num_timesteps=config.diffusion.num_timesteps,
         every=config.sampling.strip_every,
     )
-    info = {"num_samples": n_grid, "seconds_including_compile": seconds, "step": checkpoint.step}
+    info = {"num_samples": n_grid, "seconds_including_compile": seconds, "step": checkpoint.step,
+            "weights": checkpoint.weights_used}
     with open(os.path.join(workdir, "sampling.json"), "w") as f:
         json.dump(info, f, indent=2)
-    print(f"wrote {workdir}/samples.png and reverse_process.png ({n_grid} samples in {seconds:.1f} s)", flush=True)
+    also = " (EMA weights; samples_raw.png: the raw weights)" if checkpoint.weights_used == "ema" else ""
+    print(f"wrote {workdir}/samples.png and reverse_process.png{also} ({n_grid} samples in {seconds:.1f} s)",
+          flush=True)
     return info

@@ -38,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samples to draw and measure (default: %(default)s; FIDs are comparable only at equal counts)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per jitted sampler call (default: the run's config)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="sample with the EMA of the weights (default) or the last step's raw weights")
+    p.add_argument("--steps", type=int, default=None, help="reverse steps K (default: all T; K < T respaces)")
+    p.add_argument("--method", choices=("ancestral", "ddim"), default="ancestral", help="sampler (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--variance", choices=VARIANCE_TYPES, default=None, help="sigma_t^2 (default: the run's config)")
     p.add_argument("--mean", choices=MEAN_TYPES, default=None, help="reverse-step mean (default: the run's config)")
     p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
@@ -56,6 +61,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1.")
     if not 0.0 < args.threshold <= 1.0:
         raise ValueError(f"--threshold {args.threshold}: must lie in (0, 1].")
+    if args.method == "ddim" and (args.variance or args.mean):
+        raise ValueError("--variance and --mean choose the ancestral sampler's step; DDIM's is set by --eta.")
+    if args.method != "ddim" and args.eta:
+        raise ValueError(f"--eta {args.eta}: applies to --method ddim only.")
+    if args.eta < 0:
+        raise ValueError(f"--eta {args.eta}: must be >= 0 (0: deterministic DDIM, 1: ancestral).")
 
 
 def main(argv=None) -> int:
@@ -63,7 +74,11 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     try:
         _check(args)
-        checkpoint = load_checkpoint(args.workdir, step=args.step)
+        checkpoint = load_checkpoint(args.workdir, step=args.step, weights="ema")
+        checkpoint = checkpoint.with_weights(args.weights) if args.weights == "raw" else checkpoint
+        num_timesteps = checkpoint.config.diffusion.num_timesteps
+        if args.steps is not None and not 1 <= args.steps <= num_timesteps:
+            raise ValueError(f"--steps {args.steps}: must lie in 1..{num_timesteps} (the T this run was trained with).")
         train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
         test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
@@ -71,8 +86,8 @@ def main(argv=None) -> int:
         return 2
     config = checkpoint.config
     workdir = Path(args.workdir)
-    print(f"evaluating {workdir} at step {checkpoint.step:,} ({config.preset} preset) on {jax.default_backend()}",
-          flush=True)
+    print(f"evaluating {workdir} at step {checkpoint.step:,} ({config.preset} preset) on {jax.default_backend()}, "
+          f"sampling with the {'EMA' if checkpoint.weights_used == 'ema' else 'raw'} weights", flush=True)
 
     network = load_or_train_feature_network(
         train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress
@@ -90,10 +105,14 @@ def main(argv=None) -> int:
     test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
                                     precision_recall=False)
 
-    variance = args.variance or config.sampling.variance
-    mean = args.mean or config.sampling.mean
+    ddim = args.method == "ddim"
+    variance = None if ddim else args.variance or config.sampling.variance
+    mean = None if ddim else args.mean or config.sampling.mean
+    steps = args.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
-    chunk_dir = workdir / "eval_samples" / f"step{checkpoint.step}-seed{args.seed}-{variance}-{mean}-batch{batch_size}"
+    sampler_name = f"ddim-eta{args.eta:g}" if ddim else f"{variance}-{mean}"
+    chunk_dir = workdir / "eval_samples" / (f"step{checkpoint.step}-{checkpoint.weights_used}-seed{args.seed}-"
+                                            f"{sampler_name}-K{steps}-batch{batch_size}")
     num_batches = -(-args.num_samples // batch_size)
     reused = sum(evaluation.chunk_path(chunk_dir, b).exists() for b in range(num_batches))
     if reused:
@@ -101,7 +120,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     samples = evaluation.draw_samples(
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
-        progress=progress, variance=variance, mean=mean,
+        progress=progress, variance=variance, mean=mean, steps=steps, method=args.method,
+        **({"eta": args.eta} if ddim else {}),
     )
     sampling_seconds = time.perf_counter() - start
     probs, features = network(samples)
@@ -124,7 +144,9 @@ def main(argv=None) -> int:
                        **{k: test_floor[k] for k in ("num_samples", "histogram", "kl_to_uniform", "unreadable_rate")}},
         "reference": {"split": "test", "num_examples": len(test_images)},
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset},
-        "sampling": {"seed": args.seed, "variance": variance, "mean": mean, "batch_size": batch_size,
+        "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
+                     **({"eta": args.eta} if ddim else {}), "variance": variance, "mean": mean,
+                     "batch_size": batch_size,
                      "seconds": sampling_seconds, "batches": num_batches, "reused_batches": reused,
                      "samples_per_s": None if reused else args.num_samples / sampling_seconds,
                      "chunk_dir": str(chunk_dir)},

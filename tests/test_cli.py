@@ -10,7 +10,8 @@ def test_main_job_trains_checkpoints_and_writes_the_figures(tmp_path, idx_dir, c
     code = mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "3",
                        "--set", "sampling.strip_every=4", "--no-progress"])
     assert code == 0
-    for name in ("samples.png", "reverse_process.png", "metrics.jsonl", "config.json", "sampling.json"):
+    for name in ("samples.png", "samples_raw.png", "reverse_process.png", "metrics.jsonl", "config.json",
+                 "sampling.json"):
         assert (workdir / name).is_file(), name
     assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 3
     assert json.loads((workdir / "config.json").read_text())["sampling"]["strip_every"] == 4

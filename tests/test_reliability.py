@@ -167,7 +167,7 @@ def test_a_nonfinite_step_changes_nothing_but_the_step_counter(images):
     new_state, metrics = jax.jit(lambda s, b: train_step(s, b, schedule))(state, batch)
     assert not bool(metrics["finite"])
     assert int(new_state.step) == 1
-    for field in ("params", "batch_stats", "opt_state"):
+    for field in ("params", "ema_params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(new_state, field), getattr(state, field))
 
 
