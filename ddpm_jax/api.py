@@ -15,7 +15,7 @@ import numpy as np
 from ddpm_jax import parallel
 from ddpm_jax.configs import sampling_timesteps, schedule_from_config
 from ddpm_jax.data import crop
-from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES, split_learned_variance
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
@@ -128,8 +128,13 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
     size = config.data.image_size
     mesh = parallel.make_mesh()
 
+    learned_model = bool(config.model.get("learn_variance", False))
+    wants_both = method == "ancestral" and variance == "learned"
+
     def eps_fn(variables, x, t):
-        return model.apply(variables, x, t, train=False)
+        output = model.apply(variables, x, t, train=False)
+        # A learned-variance network's output stacks eps and v; samplers that do not use v get eps alone.
+        return split_learned_variance(output)[0] if learned_model and not wants_both else output
 
     common = dict(  # noqa: C408
         eps_fn=eps_fn,
@@ -177,7 +182,8 @@ def sample(
       eta: DDIM only: 0 deterministic, 1 ancestral-equivalent (sigma^2 = beta-tilde).
       weights: ``'ema'`` or ``'raw'``; default the checkpoint's own choice, which is the EMA
         weights for a checkpoint from :func:`ddpm_jax.load_checkpoint` (``params.weights_used``).
-      variance: ancestral only: sigma_t^2, ``'beta'`` or ``'beta_tilde'``; default from the run's config.
+      variance: ancestral only: sigma_t^2, ``'beta'``, ``'beta_tilde'`` or ``'learned'`` (a network
+        trained with ``model.learn_variance``, whose default it is); default from the run's config.
       mean: ancestral only: ``'x0_clip'`` or ``'eps'`` (see :func:`ddpm_jax.diffusion.p_mean`); default
         from the config.
       return_every: if k > 0, also return the chain every k steps.
@@ -230,7 +236,12 @@ def sample(
     elif eta:
         raise ValueError(f"eta={eta} applies to method='ddim' only.")
     steps = None if steps in (None, num_timesteps) else int(steps)
-    variance = variance or config.sampling.variance
+    learned_model = bool(config.model.get("learn_variance", False))
+    if variance == "learned" and not learned_model:
+        raise ValueError("variance='learned' needs a network trained to output it (model.learn_variance); "
+                         "this one predicts eps only: use 'beta' or 'beta_tilde'.")
+    # A learned-variance network samples with its own Sigma unless told otherwise.
+    variance = variance or ("learned" if learned_model else config.sampling.variance)
     mean = mean or config.sampling.mean
     if variance not in VARIANCE_TYPES:
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCE_TYPES)}.")

@@ -90,8 +90,8 @@ _EMA = "ema_params"
 def _restore_without_ema(manager: ocp.CheckpointManager, step: int, abstract):
     """A checkpoint written before the train state had ``ema_params``: restored with its average
     starting from its weights, so old runs still load and resume."""
-    fields = {name: getattr(abstract, name) for name in abstract.__dataclass_fields__
-              if name != _EMA and not name.startswith(("apply_fn", "tx", "ema_decay", "ema_warmup"))}
+    fields = {name: getattr(abstract, name) for name, field in abstract.__dataclass_fields__.items()
+              if name != _EMA and field.metadata.get("pytree_node", True)}  # the arrays, not the settings
     diffs = tree_differences(manager.item_metadata(step)[_STATE], fields)
     if diffs:
         raise ValueError(f"the checkpoint at step {step} in {manager.directory} does not fit the model this config "
@@ -113,6 +113,9 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         a, b = saved.get(k, "<missing>"), current.get(k, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, f"{prefix}{k}.")
+        elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # JSON keeps tuples as lists
+            if list(a) != list(b):
+                diffs.append(f"{prefix}{k}: {list(a)!r} -> {list(b)!r}")
         elif a != b:
             diffs.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return diffs

@@ -15,6 +15,8 @@ Presets:
 * ``seed``: the report's setup: its 12,552,848-parameter U-Net on MNIST padded
   to 32x32, cosine schedule with T=100, batch 1000, 2000 epochs (a GPU run;
   8 hours on the report's RTX 4070).
+* ``ddpm``: the ``cpu`` preset with Ho et al.'s U-Net (residual blocks, GroupNorm,
+  self-attention at 7x7, dropout 0.1) at 16 base channels in place of the report's.
 * ``tiny``: a few-second smoke test for tests and CI.
 """
 
@@ -26,7 +28,7 @@ import ml_collections
 
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
 
-PRESETS: tuple[str, ...] = ("cpu", "seed", "tiny")
+PRESETS: tuple[str, ...] = ("cpu", "seed", "ddpm", "tiny")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -61,6 +63,16 @@ def _base() -> ml_collections.ConfigDict:
     c.model.output_head = "block"  # 'block' (the report's) | 'conv' (a zero-initialized conv)
     c.model.conv_impl = "auto"  # 'auto' | 'xla' | 'matmul': same math, see ddpm_jax/models/layers.py
     c.model.compute_dtype = "float32"  # 'bfloat16': mixed precision (params, optimizer and loss stay float32)
+    # Learned reverse variance (Nichol & Dhariwal 2021): the network also outputs v, trained with
+    # L_hybrid = L_simple + train.hybrid_lambda * L_vlb, and sampling uses Sigma(v) by default.
+    c.model.learn_variance = False
+    # model.name='ddpm_unet' only (Ho et al.'s U-Net; levels = len(channel_mult) - 1 downsamplings):
+    c.model.channel_mult = (1, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attention_resolutions = (7,)  # feature-map heights with self-attention
+    c.model.dropout = 0.1
+    c.model.num_heads = 1
+    c.model.norm_groups = 8
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
@@ -72,6 +84,7 @@ def _base() -> ml_collections.ConfigDict:
     # Exponential moving average of the weights (Ho et al.: 0.9999), which sampling uses by default.
     # With the warm-up the decay is min(ema_decay, (1 + n) / (10 + n)) after n updates, so a short
     # run's average is not dominated by its random initialization.
+    c.train.hybrid_lambda = 0.001  # lambda of L_hybrid (learned-variance models only)
     c.train.ema_decay = 0.9999
     c.train.ema_warmup = True
     c.train.log_every = 50
@@ -83,7 +96,7 @@ def _base() -> ml_collections.ConfigDict:
     c.train.max_consecutive_skips = 10
 
     c.sampling = ml_collections.ConfigDict()
-    c.sampling.variance = "beta"  # 'beta' | 'beta_tilde' (sigma_t^2)
+    c.sampling.variance = "beta"  # 'beta' | 'beta_tilde' (sigma_t^2); a learn_variance network uses its own
     c.sampling.mean = "x0_clip"  # 'x0_clip' (Ho et al.'s code) | 'eps' (the report's eq. 14)
     c.sampling.batch_size = 100  # images per jitted sampler call
     c.sampling.grid_size = 10  # the grid PNG is grid_size x grid_size samples
@@ -109,6 +122,14 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         c.train.warmup_steps = 500
         c.train.log_every = 100
         c.train.checkpoint_every = 5000
+    elif preset == "ddpm":
+        # The cpu preset's data, schedule and training, with Ho et al.'s U-Net in place of the report's.
+        c.model.name = "ddpm_unet"
+        c.model.base_channels = 16
+        c.model.levels = 2
+        c.model.channel_mult = (1, 2, 2)
+        c.model.num_res_blocks = 1
+        c.model.attention_resolutions = (7,)
     elif preset == "tiny":
         c.model.base_channels = 4
         c.model.levels = 1

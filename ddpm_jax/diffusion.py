@@ -16,8 +16,10 @@ from ddpm_jax.schedules import DiffusionSchedule, extract
 
 MeanType = Literal["x0_clip", "eps"]
 MEAN_TYPES: tuple[str, ...] = ("x0_clip", "eps")
-VarianceType = Literal["beta", "beta_tilde"]
-VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde")
+VarianceType = Literal["beta", "beta_tilde", "learned"]
+# Fixed reverse variances, and the learned interpolation between them (Nichol & Dhariwal 2021).
+VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde", "learned")
+FIXED_VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde")
 
 
 def _check_batch(x: jnp.ndarray, t: jnp.ndarray) -> None:
@@ -105,4 +107,29 @@ def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType) -> jnp.
         return schedule.betas
     if variance_type == "beta_tilde":
         return schedule.posterior_variance
+    if variance_type == "learned":
+        raise ValueError("a learned variance comes from the network: use learned_log_variance(schedule, t, v).")
     raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}.")
+
+
+def split_learned_variance(output: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """A learned-variance network's output ``(B, H, W, 2C)`` -> ``(eps, v)``, each ``(B, H, W, C)``."""
+    channels = output.shape[-1]
+    if channels % 2:
+        raise ValueError(f"a learned-variance network outputs eps and v, 2C channels; got {channels}.")
+    return output[..., : channels // 2], output[..., channels // 2 :]
+
+
+def learned_log_variance(schedule: DiffusionSchedule, t: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """log Sigma = f log beta_t + (1 - f) log beta-tilde_t with f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15).
+
+    ``v``: the network's second output, ``(B, H, W, C)``, one value per pixel; v = 1 gives
+    beta_t (the upper bound on the reverse variance), v = -1 beta-tilde_t (the lower).
+    As in their code, v in [-1, 1] spans the interval; unlike it, f is clipped to [0, 1],
+    so Sigma never leaves the bounds (the gradient is 0 outside them, which pushes nothing).
+    Log-variances: beta-tilde's clipped at t = 0 as everywhere here.
+    """
+    fraction = jnp.clip((v.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+    log_beta = extract(jnp.log(schedule.betas), t, v.ndim)
+    log_beta_tilde = extract(schedule.posterior_log_variance_clipped, t, v.ndim)
+    return fraction * log_beta + (1.0 - fraction) * log_beta_tilde

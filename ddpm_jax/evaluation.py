@@ -232,9 +232,16 @@ def negative_log_likelihood(
     from ddpm_jax.models import build_model
 
     config = checkpoint.config
-    variance = variance or config.sampling.variance
+    learned = bool(config.model.get("learn_variance", False))
+    variance = variance or ("learned" if learned else config.sampling.variance)
+    if variance == "learned" and not learned:
+        raise ValueError("variance 'learned' needs a network trained with model.learn_variance.")
     model, size = build_model(config.model), config.data.image_size
-    eps_fn = lambda v, x, t: model.apply(v, x, t, train=False)  # noqa: E731
+    split = learned and variance != "learned"  # a learned-variance network scored with a fixed variance
+
+    def eps_fn(v, x, t):
+        output = model.apply(v, x, t, train=False)
+        return output[..., : output.shape[-1] // 2] if split else output
     schedule = checkpoint.schedule
     num_dims = size * size * images_u8.shape[-1]
 

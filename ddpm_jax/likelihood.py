@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
-from ddpm_jax.diffusion import p_mean, q_posterior_mean, q_sample
+from ddpm_jax.diffusion import learned_log_variance, p_mean, q_posterior_mean, q_sample, split_learned_variance
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # Half a pixel bin of 8-bit data mapped to [-1, 1].
@@ -105,17 +105,24 @@ def vlb_terms(
 
     ``terms[:, i]`` is L_i (``i = 0``: the decoder term), each from its own
     x_i ~ q(x_i | x_0) (noise from ``fold_in(key, i)``); ``prior`` is L_T.
-    One network call per timestep, inside one ``lax.scan``.
+    One network call per timestep, inside one ``lax.scan``. ``variance``: ``'beta'``,
+    ``'beta_tilde'``, or ``'learned'`` for a network whose output stacks eps and v.
     """
     chex.assert_rank(x0, 4)
-    logvars = model_log_variance(schedule, variance)
+    learned = variance == "learned"
+    logvars = None if learned else model_log_variance(schedule, variance)
 
     def term(_, i):
         t = jnp.full((x0.shape[0],), i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
         x_t = q_sample(schedule, x0, t, noise)
-        logvar = extract(logvars, t, x0.ndim)
-        return None, vlb_term(schedule, x0, x_t, t, eps_fn(variables, x_t, t), logvar, mean_type)
+        output = eps_fn(variables, x_t, t)
+        if learned:
+            eps, v = split_learned_variance(output)
+            logvar = learned_log_variance(schedule, t, v)
+        else:
+            eps, logvar = output, extract(logvars, t, x0.ndim)
+        return None, vlb_term(schedule, x0, x_t, t, eps, logvar, mean_type)
 
     _, terms = jax.lax.scan(term, None, jnp.arange(schedule.num_timesteps))
     return terms.T, prior_kl(schedule, x0)

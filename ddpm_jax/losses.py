@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import q_sample
+from ddpm_jax.diffusion import learned_log_variance, q_sample, split_learned_variance
 from ddpm_jax.schedules import DiffusionSchedule
 
 # eps_fn(x_t, t) -> (eps_hat, aux): the network's noise prediction, plus whatever
@@ -43,4 +43,37 @@ def l_simple(
     eps_hat, aux = eps_fn(x_t, t)
     chex.assert_equal_shape([eps_hat, noise])
     per_image = jnp.mean(jnp.square(noise - eps_hat.astype(jnp.float32)), axis=(1, 2, 3))
+    return jnp.mean(per_image), per_image, t, aux
+
+
+def l_hybrid(
+    schedule: DiffusionSchedule, model_fn: EpsFn, x0: jnp.ndarray, key: jax.Array, vlb_weight: float = 0.001
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
+    """L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1) for a learned-variance network.
+
+    ``model_fn(x_t, t) -> (output, aux)`` with ``output`` ``(B, H, W, 2C)``: eps and v
+    (:func:`ddpm_jax.diffusion.split_learned_variance`). L_simple trains eps as usual;
+    the L_vlb term trains only the variance: it sees the mean through a stop-gradient
+    (their sec. 3.1), so the mean keeps L_simple's gradient alone. L_vlb is estimated
+    from the same (t, x_t) as T times that timestep's term L_t (KL, or the decoder's
+    NLL at t = 0), in bits per dimension, as improved-diffusion does; ``vlb_weight``
+    is lambda (0.001 in the paper). Same return values as :func:`l_simple`.
+    """
+    from ddpm_jax.likelihood import vlb_term  # likelihood imports diffusion; keep losses importable alone
+
+    chex.assert_rank(x0, 4)
+    t_key, noise_key = jax.random.split(key)
+    batch = x0.shape[0]
+    t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
+    x_t = q_sample(schedule, x0, t, noise)
+    output, aux = model_fn(x_t, t)
+    eps_hat, v = split_learned_variance(output.astype(jnp.float32))
+    chex.assert_equal_shape([eps_hat, noise])
+    mse = jnp.mean(jnp.square(noise - eps_hat), axis=(1, 2, 3))
+    # The unclipped mean (as in training there): x_0 predictions are not clipped inside the loss.
+    term_nats = vlb_term(schedule, x0, x_t, t, jax.lax.stop_gradient(eps_hat),
+                         learned_log_variance(schedule, t, v), mean_type="eps")
+    vlb_bits_per_dim = schedule.num_timesteps * term_nats / (x0[0].size * jnp.log(2.0))
+    per_image = mse + vlb_weight * vlb_bits_per_dim
     return jnp.mean(per_image), per_image, t, aux

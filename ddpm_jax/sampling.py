@@ -19,7 +19,16 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import MEAN_TYPES, MeanType, VarianceType, p_mean, p_variance, predict_x0_from_eps
+from ddpm_jax.diffusion import (
+    MEAN_TYPES,
+    MeanType,
+    VarianceType,
+    learned_log_variance,
+    p_mean,
+    p_variance,
+    predict_x0_from_eps,
+    split_learned_variance,
+)
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # eps_fn(variables, x_t, t) -> eps_hat with x_t's shape; t int (B,), 0-based.
@@ -62,7 +71,9 @@ def make_ancestral_sampler(
       eps_fn: the network's noise prediction, ``(variables, x_t, t) -> eps``.
       schedule: the schedule the network was trained with.
       shape: ``(B, H, W, C)`` of the batch to draw.
-      variance: sigma_t^2 = beta_t (``'beta'``) or beta-tilde_t (``'beta_tilde'``).
+      variance: sigma_t^2 = beta_t (``'beta'``) or beta-tilde_t (``'beta_tilde'``), or
+        ``'learned'``: ``eps_fn`` then returns eps and v stacked on the channel axis and
+        sigma_t^2 is :func:`ddpm_jax.diffusion.learned_log_variance`'s, per pixel.
       mean: ``'x0_clip'`` (clip the predicted x_0, then take the posterior
         mean; Ho et al.'s code) or ``'eps'`` (the report's eq. 14 literally).
       return_every: if k > 0, also return every k-th state of the chain.
@@ -80,13 +91,37 @@ def make_ancestral_sampler(
       k-th step, and the final (clipped) ``x_0`` last.
     """
     chex.assert_equal(len(shape), 4)
-    sigmas = jnp.sqrt(p_variance(schedule, variance))
+    learned = variance == "learned"
+    sigmas = None if learned else jnp.sqrt(p_variance(schedule, variance))
     if mean not in MEAN_TYPES:
         raise ValueError(f"unknown mean_type {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
     num_timesteps = schedule.num_timesteps
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
     eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+
+    def step(x, t, output, i):
+        if learned:  # per-pixel sigma from the network's second output
+            eps, v = split_learned_variance(output)
+            sigma = jnp.exp(0.5 * learned_log_variance(schedule, t, v))
+        else:
+            eps, sigma = output, sigmas[i]
+        chex.assert_equal_shape([eps, x])
+        return p_mean(schedule, x, t, eps, mean), sigma
+
+    # Frame j of the chain is the state after j reverse steps, x_{T-j} in the paper's numbering.
+    return _reverse_chain(eps_fn, shape, num_timesteps, step, return_every, sharding)
+
+
+def _reverse_chain(eps_fn: EpsModelFn, shape, num_steps: int, step, return_every: int, sharding):
+    """``sample_fn(variables, key)`` running x_T ~ N(0, I) down to x_0 in one ``lax.scan``.
+
+    ``step(x, t, output, i) -> (mean, sigma)`` is the sampler's reverse step at index ``i``
+    given the network's output there
+    (``t`` its ``(B,)`` broadcast); ``x_{i-1} = mean + sigma z``, with no noise at
+    ``i = 0``. x_T comes from the key's first half and step ``i``'s noise from
+    ``fold_in(second half, i)``, so samplers given the same key draw the same numbers.
+    """
 
     def constrain(x):
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
@@ -97,19 +132,16 @@ def make_ancestral_sampler(
 
         def reverse_step(x, i):
             t = jnp.full((shape[0],), i, dtype=jnp.int32)
-            eps = eps_fn(variables, x, t)
-            chex.assert_equal_shape([eps, x])
-            mu = p_mean(schedule, x, t, eps, mean)
+            mean, sigma = step(x, t, eps_fn(variables, x, t), i)
             z = jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype=jnp.float32)
-            x_prev = constrain(mu + jnp.where(i > 0, sigmas[i], 0.0) * z)
+            x_prev = constrain(mean + jnp.where(i > 0, sigma, 0.0) * z)
             return x_prev, (x_prev if return_every else None)
 
-        x0, chain = jax.lax.scan(reverse_step, x_T, jnp.arange(num_timesteps - 1, -1, -1))
+        x0, chain = jax.lax.scan(reverse_step, x_T, jnp.arange(num_steps - 1, -1, -1))
         x0 = jnp.clip(x0, -1.0, 1.0)
         if not return_every:
             return x0
-        # Frame j is the state after j reverse steps, x_{T-j} in the paper's numbering.
-        return x0, _chain_frames(x_T, chain, x0, num_timesteps, return_every)
+        return x0, _chain_frames(x_T, chain, x0, num_steps, return_every)
 
     return sample_fn
 
@@ -153,32 +185,14 @@ def make_ddim_sampler(
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: ancestral), got {eta}.")
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
-    num_steps = schedule.num_timesteps
     eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
 
-    def constrain(x):
-        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    def step(x, t, eps, i):
+        chex.assert_equal_shape([eps, x])
+        mean, sigma, _ = _ddim_step(schedule, x, t, eps, eta, clip_denoised)
+        return mean, sigma
 
-    def sample_fn(variables, key: jax.Array):
-        init_key, step_key = jax.random.split(key)
-        x_T = constrain(jax.random.normal(init_key, shape, dtype=jnp.float32))
-
-        def reverse_step(x, i):
-            t = jnp.full((shape[0],), i, dtype=jnp.int32)
-            eps = eps_fn(variables, x, t)
-            chex.assert_equal_shape([eps, x])
-            mean, sigma, _ = _ddim_step(schedule, x, t, eps, eta, clip_denoised)
-            z = jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype=jnp.float32)
-            x_prev = constrain(mean + jnp.where(i > 0, sigma, 0.0) * z)
-            return x_prev, (x_prev if return_every else None)
-
-        x0, chain = jax.lax.scan(reverse_step, x_T, jnp.arange(num_steps - 1, -1, -1))
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        if not return_every:
-            return x0
-        return x0, _chain_frames(x_T, chain, x0, num_steps, return_every)
-
-    return sample_fn
+    return _reverse_chain(eps_fn, shape, schedule.num_timesteps, step, return_every, sharding)
 
 
 def make_ddim_decoder(eps_fn: EpsModelFn, schedule: DiffusionSchedule, *, timesteps=None):

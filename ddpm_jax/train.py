@@ -30,13 +30,13 @@ from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
-from ddpm_jax.losses import l_simple
+from ddpm_jax.losses import l_hybrid, l_simple
 from ddpm_jax.models import build_model
 from ddpm_jax.schedules import DiffusionSchedule
 
 # Stream ids folded into the run's key, so data order, training noise and
 # sampling never share random numbers.
-_DATA_STREAM, _STEP_STREAM = 0, 1
+_DATA_STREAM, _STEP_STREAM, _DROPOUT_STREAM = 0, 1, 2
 NUM_LOSS_BUCKETS = 4  # loss is also logged per quarter of the timestep range
 
 
@@ -58,6 +58,8 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.9999)
     ema_warmup: bool = flax.struct.field(pytree_node=False, default=True)
+    # lambda of L_hybrid for a learned-variance network; None: the network predicts eps only (L_simple).
+    hybrid_lambda: float | None = flax.struct.field(pytree_node=False, default=None)
 
     def apply_gradients(self, grads, batch_stats) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -140,6 +142,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None 
         tx=tx,
         ema_decay=float(config.train.get("ema_decay", 0.9999)),
         ema_warmup=bool(config.train.get("ema_warmup", True)),
+        hybrid_lambda=float(config.train.get("hybrid_lambda", 0.001))
+        if config.model.get("learn_variance", False) else None,
     )
 
 
@@ -150,7 +154,7 @@ def count_params(params) -> int:
 def train_step(
     state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-    """One optimizer step of L_simple on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
+    """One optimizer step of L_simple (L_hybrid for a learned variance) on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
 
     Returns the new state and metrics: ``loss`` (batch mean), ``grad_norm``,
     ``finite`` (False if either is NaN/Inf; the update is then dropped: see
@@ -159,15 +163,20 @@ def train_step(
     """
     chex.assert_rank(batch, 4)
     key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
+    dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, _DROPOUT_STREAM), state.step)
 
     def loss_fn(params):
         def eps_fn(x_t, t):
             eps, updates = state.apply_fn(
-                {"params": params, "batch_stats": state.batch_stats}, x_t, t, train=True, mutable=["batch_stats"]
+                {"params": params, "batch_stats": state.batch_stats}, x_t, t, train=True, mutable=["batch_stats"],
+                rngs={"dropout": dropout_key},
             )
-            return eps, updates["batch_stats"]
+            return eps, updates.get("batch_stats", {})  # GroupNorm networks have no statistics
 
-        loss, per_image, t, batch_stats = l_simple(schedule, eps_fn, batch, key)
+        if state.hybrid_lambda is None:
+            loss, per_image, t, batch_stats = l_simple(schedule, eps_fn, batch, key)
+        else:
+            loss, per_image, t, batch_stats = l_hybrid(schedule, eps_fn, batch, key, state.hybrid_lambda)
         return loss, (per_image, t, batch_stats)
 
     (loss, (per_image, t, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -319,12 +328,21 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "a decay in [0, 1) (Ho et al.: 0.9999)")
     make_optimizer(config)  # learning rate > 0 and a known lr_schedule
     _require(s.variance in VARIANCE_TYPES, "sampling.variance", s.variance, " or ".join(VARIANCE_TYPES))
+    learned = bool(config.model.get("learn_variance", False))
+    _require(learned or s.variance != "learned", "sampling.variance", s.variance,
+             "beta or beta_tilde ('learned' needs a network that learns it: --set model.learn_variance=True)")
+    _require(t.hybrid_lambda >= 0, "train.hybrid_lambda", t.hybrid_lambda, "a weight >= 0 (Nichol & Dhariwal: 0.001)")
     _require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
     _require(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
     _require(config.data.max_train_examples >= 0, "data.max_train_examples", config.data.max_train_examples,
              "0 (all images) or a positive count")
     levels = config.model.levels
     _require(isinstance(levels, int) and levels >= 1, "model.levels", levels, "an integer >= 1")
+    if config.model.name == "ddpm_unet":
+        mult = tuple(config.model.channel_mult)
+        _require(len(mult) == levels + 1, "model.channel_mult", mult,
+                 f"one multiplier per resolution, model.levels + 1 = {levels + 1} of them")
+        _require(0.0 <= config.model.dropout < 1.0, "model.dropout", config.model.dropout, "a rate in [0, 1)")
     _require(config.model.base_channels >= 1, "model.base_channels", config.model.base_channels, "an integer >= 1")
     size, factor = config.data.image_size, 2**levels
     if size < 28 or size % factor:

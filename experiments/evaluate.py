@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                                     precision_recall=False)
 
     ddim = args.method == "ddim"
-    variance = None if ddim else args.variance or config.sampling.variance
+    own_variance = "learned" if config.model.get("learn_variance", False) else config.sampling.variance
+    variance = None if ddim else args.variance or own_variance
     mean = None if ddim else args.mean or config.sampling.mean
     steps = args.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)

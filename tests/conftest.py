@@ -19,6 +19,27 @@ def write_idx(path, array):
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
+def _tiny_config(**train):
+    from ddpm_jax.configs import get_config
+
+    config = get_config("tiny")
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory: ``tiny_config(num_steps=4, ...)`` is the tiny preset with those ``train`` fields."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def images():
+    """40 random uint8 28x28 'training images' (test modules may override this fixture)."""
+    return np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+
+
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory):
     """40 random 28x28 'training images' and labels in MNIST's IDX layout."""

@@ -19,11 +19,6 @@ from ddpm_jax.train import (
 )
 
 
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
-
-
 def test_ema_update_is_decay_times_average_plus_the_rest_times_weights():
     ema = {"w": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(-4.0)}}
     params = {"w": jnp.array([3.0, 2.0]), "b": {"c": jnp.array(4.0)}}

@@ -112,21 +112,9 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result_bit_for_
     assert (killed / "samples.png").read_bytes() == (tmp_path / "straight" / "samples.png").read_bytes()
 
 
-def _tiny(**train):
-    config = get_config("tiny")
-    for k, v in train.items():
-        config.train[k] = v
-    return config
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stopping(tmp_path, images, sig):
-    config = _tiny(num_steps=100_000, checkpoint_every=100_000, log_every=1)
+def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stopping(tiny_config, tmp_path, images, sig):
+    config = tiny_config(num_steps=100_000, checkpoint_every=100_000, log_every=1)
     metrics = tmp_path / "metrics.jsonl"
 
     def send_once_training():
@@ -145,8 +133,8 @@ def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stoppin
     assert signal.getsignal(sig) == handler_before  # the loop's handlers are gone again
 
 
-def test_a_half_written_checkpoint_is_never_the_latest_and_is_cleaned_up(tmp_path, images):
-    config = _tiny(num_steps=2, checkpoint_every=2)
+def test_a_half_written_checkpoint_is_never_the_latest_and_is_cleaned_up(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=2, checkpoint_every=2)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     # What a kill during the save of step 4 leaves: Orbax's temporary folder, partly written.
     shutil.copytree(tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1")
@@ -159,8 +147,8 @@ def test_a_half_written_checkpoint_is_never_the_latest_and_is_cleaned_up(tmp_pat
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
-def test_a_nonfinite_step_changes_nothing_but_the_step_counter(images):
-    config = _tiny()
+def test_a_nonfinite_step_changes_nothing_but_the_step_counter(tiny_config, images):
+    config = tiny_config()
     state = create_train_state(config)
     batch = jnp.full((8, 28, 28, 1), jnp.nan)
     schedule = schedule_from_config(config)
@@ -172,14 +160,14 @@ def test_a_nonfinite_step_changes_nothing_but_the_step_counter(images):
 
 
 # lr 0 for the first step, then 1e30: step 2 makes the weights huge but finite, step 3's loss is NaN.
-def _diverging(**train):
-    return _tiny(num_steps=8, checkpoint_every=1, keep_checkpoints=8, lr_schedule="constant", warmup_steps=2,
+def _diverging(tiny_config, **train):
+    return tiny_config(num_steps=8, checkpoint_every=1, keep_checkpoints=8, lr_schedule="constant", warmup_steps=2,
                  learning_rate=1e30, **train)
 
 
-def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_untouched(tmp_path, images):
+def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_untouched(tiny_config, tmp_path, images):
     with pytest.raises(NonFiniteLossError) as info:
-        train_and_evaluate(_diverging(), str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(_diverging(tiny_config), str(tmp_path), images=images, progress=False, make_figures=False)
     assert info.value.step == 3 and info.value.last_checkpoint == 2
     message = str(info.value)
     assert "non-finite training step 3" in message and "step 2" in message and "on_nonfinite=skip" in message
@@ -189,8 +177,8 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_u
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(checkpoint.params)))
 
 
-def test_skip_policy_skips_bad_batches_and_still_stops_a_diverged_run(tmp_path, images, capsys):
-    config = _diverging(on_nonfinite="skip", max_consecutive_skips=3)
+def test_skip_policy_skips_bad_batches_and_still_stops_a_diverged_run(tiny_config, tmp_path, images, capsys):
+    config = _diverging(tiny_config, on_nonfinite="skip", max_consecutive_skips=3)
     with pytest.raises(NonFiniteLossError, match="4 bad steps in a row") as info:
         train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     assert info.value.step == 6
@@ -239,19 +227,19 @@ def test_an_unknown_flag_is_refused_by_the_parser(capsys):
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
 
 
-def test_a_workdir_trained_on_other_data_is_refused_not_resumed(tmp_path, images):
-    config = _tiny(num_steps=2)
+def test_a_workdir_trained_on_other_data_is_refused_not_resumed(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=2)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     with pytest.raises(ValueError, match="trained on other data"):
-        train_and_evaluate(_tiny(num_steps=4), str(tmp_path), images=255 - images, progress=False,
+        train_and_evaluate(tiny_config(num_steps=4), str(tmp_path), images=255 - images, progress=False,
                            make_figures=False)
     assert ddpm_jax.load_checkpoint(str(tmp_path)).step == 2
 
 
-def test_restoring_into_another_model_names_the_arrays_that_differ(tmp_path, images):
-    config = _tiny(num_steps=1)
+def test_restoring_into_another_model_names_the_arrays_that_differ(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=1)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
-    other = _tiny(num_steps=1)
+    other = tiny_config(num_steps=1)
     other.model.base_channels = 8
     manager = ckpt_lib.make_manager(str(tmp_path), config)
     with pytest.raises(ValueError, match=r"does not fit the model this config builds: params/ConvTranspose_0/bias: "
@@ -260,8 +248,8 @@ def test_restoring_into_another_model_names_the_arrays_that_differ(tmp_path, ima
     manager.close()
 
 
-def test_sampling_params_of_another_config_names_the_arrays_that_differ(tmp_path, images):
-    config = _tiny(num_steps=1)
+def test_sampling_params_of_another_config_names_the_arrays_that_differ(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=1)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     loaded = ddpm_jax.load_checkpoint(str(tmp_path))
     other = get_config("tiny")
@@ -273,8 +261,8 @@ def test_sampling_params_of_another_config_names_the_arrays_that_differ(tmp_path
         ddpm_jax.sample(mismatched, jax.random.PRNGKey(0), 2)
 
 
-def test_same_seed_and_config_give_the_same_weights_and_samples(tmp_path, images):
-    config = _tiny(num_steps=3)
+def test_same_seed_and_config_give_the_same_weights_and_samples(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=3)
     runs = [train_and_evaluate(config, str(tmp_path / name), images=images, progress=False, make_figures=False)
             for name in ("a", "b")]
     jax.tree.map(np.testing.assert_array_equal, runs[0].params, runs[1].params)

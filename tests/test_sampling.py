@@ -83,7 +83,7 @@ def test_beta_and_beta_tilde_variances_give_different_chains():
 
 
 def test_unknown_options_are_refused_with_allowed_values(schedule):
-    with pytest.raises(ValueError, match="beta, beta_tilde"):
-        make_ancestral_sampler(_toy_eps, schedule, SHAPE, variance="learned")
+    with pytest.raises(ValueError, match="beta, beta_tilde, learned"):
+        make_ancestral_sampler(_toy_eps, schedule, SHAPE, variance="large")
     with pytest.raises(ValueError, match="x0_clip, eps"):
         make_ancestral_sampler(_toy_eps, schedule, SHAPE, mean="v")

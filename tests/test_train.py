@@ -8,7 +8,6 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import get_config
 from ddpm_jax.train import (
     create_train_state,
     draw_batch,
@@ -17,13 +16,6 @@ from ddpm_jax.train import (
     schedule_from_config,
     train_and_evaluate,
 )
-
-
-def _tiny_config(**train):
-    config = get_config("tiny")
-    for k, v in train.items():
-        config.train[k] = v
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +55,8 @@ def test_data_order_is_a_function_of_the_step_alone():
     np.testing.assert_array_equal(draw_batch(key, data, jnp.asarray(7), 8), draw_batch(key, data, jnp.asarray(7), 8))
 
 
-def test_a_few_training_steps_reduce_the_loss(images):
-    config = _tiny_config(batch_size=16, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
+def test_a_few_training_steps_reduce_the_loss(tiny_config, images):
+    config = tiny_config(batch_size=16, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
     config.model.base_channels = 8
     state = create_train_state(config)
     step = make_dataset_train_step(config, schedule_from_config(config))
@@ -78,9 +70,9 @@ def test_a_few_training_steps_reduce_the_loss(images):
     assert np.isclose(float(metrics["count_by_quarter"].sum()), 16)
 
 
-def test_each_step_draws_its_own_noise_and_timesteps(images):
+def test_each_step_draws_its_own_noise_and_timesteps(tiny_config, images):
     # Every image identical, so the batch cannot differ: only the per-step key can change the loss.
-    config = _tiny_config()
+    config = tiny_config()
     same = jnp.asarray(np.repeat(images[:1], 16, axis=0))
     step = make_dataset_train_step(config, schedule_from_config(config))
     state = create_train_state(config)
@@ -92,8 +84,8 @@ def test_each_step_draws_its_own_noise_and_timesteps(images):
     assert float(m0["loss"]) != float(m1["loss"])
 
 
-def test_checkpoint_round_trips_the_train_state_exactly(tmp_path, images):
-    config = _tiny_config()
+def test_checkpoint_round_trips_the_train_state_exactly(tiny_config, tmp_path, images):
+    config = tiny_config()
     state = create_train_state(config)
     state, _ = make_dataset_train_step(config, schedule_from_config(config))(state, jnp.asarray(images))
     manager = ckpt_lib.make_manager(str(tmp_path), config)
@@ -106,8 +98,8 @@ def test_checkpoint_round_trips_the_train_state_exactly(tmp_path, images):
     assert json.loads(open(tmp_path / "checkpoints" / "1" / "config" / "metadata").read())["model"]["base_channels"] == 4
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, images):
-    config = _tiny_config(num_steps=4, checkpoint_every=2)
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=4, checkpoint_every=2)
     straight = train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False, make_figures=False)
 
     train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, make_figures=False, stop_at=2)
@@ -120,18 +112,18 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, images):
     assert [r["step"] for r in lines] == [2, 4]
 
 
-def test_resuming_with_another_model_config_names_the_differing_fields(tmp_path, images):
-    config = _tiny_config(num_steps=2)
+def test_resuming_with_another_model_config_names_the_differing_fields(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=2)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
-    other = _tiny_config(num_steps=2)
+    other = tiny_config(num_steps=2)
     other.model.base_channels = 8
     other.diffusion.num_timesteps = 20
     with pytest.raises(ValueError, match=r"model.base_channels: 4 -> 8.*|diffusion.num_timesteps: 10 -> 20"):
         train_and_evaluate(other, str(tmp_path), images=images, progress=False, make_figures=False)
 
 
-def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tmp_path, images):
-    config = _tiny_config(num_steps=2)
+def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=2)
     config.data.image_size = 32  # padded like the seed preset; samples are cropped back
     config.model.levels = 2
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
@@ -146,8 +138,8 @@ def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tmp_path, image
     assert ddpm_jax.sample(params, jax.random.PRNGKey(1), 20).shape == (20, 28, 28, 1)
 
 
-def test_sample_refuses_anything_but_a_loaded_checkpoint_and_foreign_schedules(tmp_path, images):
-    config = _tiny_config(num_steps=1)
+def test_sample_refuses_anything_but_a_loaded_checkpoint_and_foreign_schedules(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=1)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     params = ddpm_jax.load_checkpoint(str(tmp_path))
     with pytest.raises(TypeError, match="load_checkpoint"):
@@ -164,7 +156,7 @@ def test_load_checkpoint_on_an_empty_directory_says_how_to_train(tmp_path):
         ddpm_jax.load_checkpoint(str(tmp_path))
 
 
-def test_checkpoints_keep_only_the_last_k(tmp_path, images):
-    config = _tiny_config(num_steps=5, checkpoint_every=1, keep_checkpoints=2)
+def test_checkpoints_keep_only_the_last_k(tiny_config, tmp_path, images):
+    config = tiny_config(num_steps=5, checkpoint_every=1, keep_checkpoints=2)
     train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]

@@ -5,11 +5,17 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddpm_jax.models.ddpm_unet import DDPMUNet
 from ddpm_jax.models.layers import CONV_IMPLS, Conv3x3, UpConv2x2
 from ddpm_jax.models.unet import ReportUNet, TimeConditionedBlock, sinusoidal_embedding
 
-MODEL_NAMES: tuple[str, ...] = ("report_unet",)
+MODEL_NAMES: tuple[str, ...] = ("report_unet", "ddpm_unet")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def output_channels(model_config, image_channels: int = 1) -> int:
+    """The network's output channels: eps, and v too for a learned variance (``model.learn_variance``)."""
+    return image_channels * (2 if model_config.get("learn_variance", False) else 1)
 
 
 def build_model(model_config) -> nn.Module:
@@ -31,6 +37,20 @@ def build_model(model_config) -> nn.Module:
             levels=model_config.levels,
             time_embed_dim=model_config.time_embed_dim,
             output_head=model_config.output_head,
+            out_channels=output_channels(model_config),
+            dtype=COMPUTE_DTYPES[compute_dtype],
+            conv_impl=conv_impl,
+        )
+    if name == "ddpm_unet":
+        return DDPMUNet(
+            base_channels=model_config.base_channels,
+            channel_mult=tuple(model_config.channel_mult),
+            num_res_blocks=model_config.num_res_blocks,
+            attention_resolutions=tuple(model_config.attention_resolutions),
+            dropout=model_config.dropout,
+            num_heads=model_config.num_heads,
+            groups=model_config.norm_groups,
+            out_channels=output_channels(model_config),
             dtype=COMPUTE_DTYPES[compute_dtype],
             conv_impl=conv_impl,
         )
@@ -39,6 +59,7 @@ def build_model(model_config) -> nn.Module:
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "DDPMUNet",
     "CONV_IMPLS",
     "MODEL_NAMES",
     "Conv3x3",
@@ -46,5 +67,6 @@ __all__ = [
     "TimeConditionedBlock",
     "UpConv2x2",
     "build_model",
+    "output_channels",
     "sinusoidal_embedding",
 ]
