@@ -80,7 +80,7 @@ def ema_decay_at(num_updates, max_decay: float, warmup: bool = True):
 
     The warm-up makes the average's horizon grow with the run (0.1 at the first update, 0.9 after
     80, 0.99 after 890), so a run of a few thousand steps ends with usable averaged weights rather
-    than ones still 1 - 0.9999^3000 = 26% made of the random initialization.
+    than ones still 0.9999^3000 = 74% made of the random initialization.
     """
     if not warmup:
         return jnp.asarray(max_decay, jnp.float32)

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     lines = ["| variant | FID (floor) | KL to uniform | unreadable | bits/dim | samples/s | train img/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        bpd = f"{r['bits_per_dim']:.3f}" if r["bits_per_dim"] is not None else "(same run)"
+        bpd = f"{r['bits_per_dim']:.3f}" if r["bits_per_dim"] is not None else "same network"
         sps = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "-"
         ips = f"{r['train_images_per_s']:.0f}" if r["train_images_per_s"] else "-"
         lines.append(f"| {r['variant']} | {r['fid']:.1f} ({r['fid_floor']:.2f}) | {r['kl_to_uniform']:.3f} | "
