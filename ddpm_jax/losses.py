@@ -16,6 +16,15 @@ from ddpm_jax.schedules import DiffusionSchedule
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, object]]
 
 
+def noised_batch(schedule: DiffusionSchedule, x0: jnp.ndarray, key: jax.Array):
+    """``(t, eps, x_t)``: ``t ~ Uniform{0..T-1}`` and ``eps ~ N(0, I)`` per image, ``x_t ~ q(x_t | x_0)``."""
+    chex.assert_rank(x0, 4)
+    t_key, noise_key = jax.random.split(key)
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
+    return t, noise, q_sample(schedule, x0, t, noise)
+
+
 def l_simple(
     schedule: DiffusionSchedule, eps_fn: EpsFn, x0: jnp.ndarray, key: jax.Array
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
@@ -34,12 +43,7 @@ def l_simple(
       ``(loss, per_image_loss (B,), t (B,), aux)``: the batch mean, each image's
       loss and timestep (for per-timestep logging), and ``eps_fn``'s aux.
     """
-    chex.assert_rank(x0, 4)
-    t_key, noise_key = jax.random.split(key)
-    batch = x0.shape[0]
-    t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
-    x_t = q_sample(schedule, x0, t, noise)
+    t, noise, x_t = noised_batch(schedule, x0, key)
     eps_hat, aux = eps_fn(x_t, t)
     chex.assert_equal_shape([eps_hat, noise])
     per_image = jnp.mean(jnp.square(noise - eps_hat.astype(jnp.float32)), axis=(1, 2, 3))
@@ -61,12 +65,7 @@ def l_hybrid(
     """
     from ddpm_jax.likelihood import vlb_term  # likelihood imports diffusion; keep losses importable alone
 
-    chex.assert_rank(x0, 4)
-    t_key, noise_key = jax.random.split(key)
-    batch = x0.shape[0]
-    t = jax.random.randint(t_key, (batch,), 0, schedule.num_timesteps)
-    noise = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
-    x_t = q_sample(schedule, x0, t, noise)
+    t, noise, x_t = noised_batch(schedule, x0, key)
     output, aux = model_fn(x_t, t)
     eps_hat, v = split_learned_variance(output.astype(jnp.float32))
     chex.assert_equal_shape([eps_hat, noise])
