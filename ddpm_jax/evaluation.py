@@ -21,12 +21,16 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import metrics, plotting
 from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.classifier import FeatureNetwork, default_cache_dir
 from ddpm_jax.data import fingerprint, preprocess
+from ddpm_jax.diffusion import split_learned_variance
+from ddpm_jax.likelihood import bits_per_dim, vlb_terms
+from ddpm_jax.models import build_model
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:
@@ -226,11 +230,6 @@ def negative_log_likelihood(
     standard error over images, and the mean of each part: the prior term L_T,
     the decoder term L_0 and the sum of the KL terms L_1..L_{T-1}.
     """
-    import jax.numpy as jnp
-
-    from ddpm_jax.likelihood import bits_per_dim, vlb_terms
-    from ddpm_jax.models import build_model
-
     config = checkpoint.config
     learned = bool(config.model.get("learn_variance", False))
     variance = variance or ("learned" if learned else config.sampling.variance)
@@ -241,7 +240,7 @@ def negative_log_likelihood(
 
     def eps_fn(v, x, t):
         output = model.apply(v, x, t, train=False)
-        return output[..., : output.shape[-1] // 2] if split else output
+        return split_learned_variance(output)[0] if split else output
     schedule = checkpoint.schedule
     num_dims = size * size * images_u8.shape[-1]
 

@@ -42,9 +42,11 @@ def images():
 
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory):
-    """40 random 28x28 'training images' and labels in MNIST's IDX layout."""
+    """40 random 28x28 'training images' and 12 'test images', with labels, in MNIST's IDX layout."""
     d = tmp_path_factory.mktemp("idx")
     rng = np.random.default_rng(0)
     write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
     write_idx(d / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (40,)))
+    write_idx(d / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (12,)))
     return d

@@ -77,3 +77,21 @@ def test_the_prior_term_is_small_for_the_cosine_schedule_at_t_100():
     x0 = -jnp.ones((2, 28, 28, 1))  # background: the largest |x0|
     per_dim = prior_kl(schedule_from_config(config), x0) / (28 * 28 * math.log(2))
     assert bool(jnp.all(per_dim < 1e-3))  # bits per dimension
+
+
+def test_the_likelihood_cli_writes_bits_per_dim_with_its_parts(tmp_path, idx_dir, capsys):
+    import json
+
+    from experiments import likelihood, mnist
+
+    workdir = tmp_path / "run"
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "2",
+                       "--no-progress"]) == 0
+    assert likelihood.main(["--workdir", str(workdir), "--idx-dir", str(idx_dir), "--batch-size", "5",
+                            "--no-progress"]) == 0
+    result = json.loads((workdir / "likelihood.json").read_text())
+    assert result["num_images"] == 12 and result["num_dims"] == 784 and result["weights"] == "ema"
+    parts = result["prior_bits_per_dim"] + result["decoder_bits_per_dim"] + result["kl_terms_bits_per_dim"]
+    assert result["bits_per_dim"] == pytest.approx(parts, rel=1e-5) and result["stderr"] > 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert likelihood.main(["--workdir", str(workdir), "--idx-dir", str(idx_dir), "--batch-size", "0"]) == 2

@@ -31,15 +31,16 @@ def build_model(model_config) -> nn.Module:
     compute_dtype = model_config.get("compute_dtype", "float32")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}.")
+    # What every network takes alike: its output channels and how it computes.
+    common = {"out_channels": output_channels(model_config), "dtype": COMPUTE_DTYPES[compute_dtype],
+              "conv_impl": conv_impl}
     if name == "report_unet":
         return ReportUNet(
             base_channels=model_config.base_channels,
             levels=model_config.levels,
             time_embed_dim=model_config.time_embed_dim,
             output_head=model_config.output_head,
-            out_channels=output_channels(model_config),
-            dtype=COMPUTE_DTYPES[compute_dtype],
-            conv_impl=conv_impl,
+            **common,
         )
     if name == "ddpm_unet":
         return DDPMUNet(
@@ -50,9 +51,7 @@ def build_model(model_config) -> nn.Module:
             dropout=model_config.dropout,
             num_heads=model_config.num_heads,
             groups=model_config.norm_groups,
-            out_channels=output_channels(model_config),
-            dtype=COMPUTE_DTYPES[compute_dtype],
-            conv_impl=conv_impl,
+            **common,
         )
     raise ValueError(f"model.name={name!r} is not one of: {', '.join(MODEL_NAMES)}.")
 
