@@ -103,9 +103,13 @@ def _expected_variables(config_json: str):
     )
 
 
-def check_variables_fit_config(checkpoint: DiffusionCheckpoint) -> None:
+def _config_json(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def check_variables_fit_config(checkpoint: DiffusionCheckpoint, config_json: str | None = None) -> None:
     """Raise ValueError naming the arrays that do not fit the network ``checkpoint.config`` describes."""
-    config_json = json.dumps(checkpoint.config.to_dict(), sort_keys=True)
+    config_json = config_json or _config_json(checkpoint.config)
     diffs = tree_differences(checkpoint.variables, _expected_variables(config_json))
     if diffs:
         m = checkpoint.config.model
@@ -119,25 +123,32 @@ def check_variables_fit_config(checkpoint: DiffusionCheckpoint) -> None:
 SAMPLING_METHODS = ("ancestral", "ddim")
 
 
+def denoiser_fn(model_config, with_learned_variance: bool):
+    """The network as ``(variables, x, t) -> output`` in evaluation mode.
+
+    A learned-variance network's output stacks eps and v (2C channels): with
+    ``with_learned_variance`` it is returned whole, otherwise (DDIM, a fixed
+    variance) its eps half alone. Other networks return eps either way.
+    """
+    model = build_model(model_config)
+    split = bool(model_config.get("learn_variance", False)) and not with_learned_variance
+
+    def fn(variables, x, t):
+        output = model.apply(variables, x, t, train=False)
+        return split_learned_variance(output)[0] if split else output
+
+    return fn
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int,
                       steps: int | None = None, method: str = "ancestral", eta: float = 0.0):
     """One jitted sampler per (config, batch, options): built once, reused across calls."""
     config = ml_collections.ConfigDict(json.loads(config_json))
-    model = build_model(config.model)
     size = config.data.image_size
     mesh = parallel.make_mesh()
-
-    learned_model = bool(config.model.get("learn_variance", False))
-    wants_both = method == "ancestral" and variance == "learned"
-
-    def eps_fn(variables, x, t):
-        output = model.apply(variables, x, t, train=False)
-        # A learned-variance network's output stacks eps and v; samplers that do not use v get eps alone.
-        return split_learned_variance(output)[0] if learned_model and not wants_both else output
-
     common = dict(  # noqa: C408
-        eps_fn=eps_fn,
+        eps_fn=denoiser_fn(config.model, with_learned_variance=method == "ancestral" and variance == "learned"),
         schedule=schedule_from_config(config, steps),
         shape=(batch, size, size, 1),
         return_every=return_every,
@@ -209,8 +220,9 @@ def sample(
         raise ValueError(f"n must be a positive integer, got {n!r}.")
     if weights is not None:
         params = params.with_weights(weights)
-    check_variables_fit_config(params)
     config = params.config
+    config_json = _config_json(config)
+    check_variables_fit_config(params, config_json)
     if schedule is not None:
         own = params.schedule
         if schedule.num_timesteps != own.num_timesteps or not np.allclose(
@@ -250,8 +262,7 @@ def sample(
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
-    sampler = _compiled_sampler(json.dumps(config.to_dict(), sort_keys=True), batch, variance, mean, return_every,
-                                steps, method, float(eta))
+    sampler = _compiled_sampler(config_json, batch, variance, mean, return_every, steps, method, float(eta))
 
     num_batches = -(-n // batch)
     batches = range(num_batches)

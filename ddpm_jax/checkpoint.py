@@ -73,29 +73,30 @@ def restore_state(manager: ocp.CheckpointManager, step: int, template):
     abstract = on_local_device(jax.eval_shape(lambda s: s, template))
     saved = manager.item_metadata(step)[_STATE]  # names and shapes only: compared before any array is read
     if saved is not None and _EMA not in saved and hasattr(abstract, _EMA):
-        return _restore_without_ema(manager, step, abstract)
-    diffs = tree_differences(saved, abstract) if saved is not None else []
+        return _restore_without_ema(manager, step, saved, abstract)
+    _check_fits(manager, step, saved, abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
+    return restored[_STATE]
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, saved, expected) -> None:
+    diffs = tree_differences(saved, expected) if saved is not None else []
     if diffs:
         raise ValueError(
             f"the checkpoint at step {step} in {manager.directory} does not fit the model this config builds: "
             + "; ".join(diffs)
         )
-    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
-    return restored[_STATE]
 
 
 _EMA = "ema_params"
 
 
-def _restore_without_ema(manager: ocp.CheckpointManager, step: int, abstract):
+def _restore_without_ema(manager: ocp.CheckpointManager, step: int, saved, abstract):
     """A checkpoint written before the train state had ``ema_params``: restored with its average
     starting from its weights, so old runs still load and resume."""
     fields = {name: getattr(abstract, name) for name, field in abstract.__dataclass_fields__.items()
               if name != _EMA and field.metadata.get("pytree_node", True)}  # the arrays, not the settings
-    diffs = tree_differences(manager.item_metadata(step)[_STATE], fields)
-    if diffs:
-        raise ValueError(f"the checkpoint at step {step} in {manager.directory} does not fit the model this config "
-                         "builds: " + "; ".join(diffs))
+    _check_fits(manager, step, saved, fields)
     restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(fields)}))[_STATE]
     state = abstract.replace(**restored)
     return state.replace(ema_params=jax.tree.map(lambda p: p.copy(), state.params))

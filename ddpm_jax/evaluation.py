@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import metrics, plotting
-from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax.api import DiffusionCheckpoint, denoiser_fn, sample
 from ddpm_jax.classifier import FeatureNetwork, default_cache_dir
 from ddpm_jax.data import fingerprint, preprocess
-from ddpm_jax.diffusion import split_learned_variance
 from ddpm_jax.likelihood import bits_per_dim, vlb_terms
-from ddpm_jax.models import build_model
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:
@@ -235,12 +233,8 @@ def negative_log_likelihood(
     variance = variance or ("learned" if learned else config.sampling.variance)
     if variance == "learned" and not learned:
         raise ValueError("variance 'learned' needs a network trained with model.learn_variance.")
-    model, size = build_model(config.model), config.data.image_size
-    split = learned and variance != "learned"  # a learned-variance network scored with a fixed variance
-
-    def eps_fn(v, x, t):
-        output = model.apply(v, x, t, train=False)
-        return split_learned_variance(output)[0] if split else output
+    size = config.data.image_size
+    eps_fn = denoiser_fn(config.model, with_learned_variance=variance == "learned")
     schedule = checkpoint.schedule
     num_dims = size * size * images_u8.shape[-1]
 

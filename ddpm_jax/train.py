@@ -377,7 +377,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str, max_consecutive: int, manager=None):
         self.policy, self.max_consecutive, self.manager = policy, max_consecutive, manager
         self._pending: list[tuple[int, dict]] = []
-        self.consecutive = self.skipped = 0
+        self.consecutive = 0
 
     def push(self, step: int, metrics: dict) -> None:
         self._pending.append((step, metrics))
@@ -395,7 +395,6 @@ class NonFiniteGuard:
         self.consecutive += 1
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if self.policy == "skip" and self.consecutive <= self.max_consecutive:
-            self.skipped += 1
             print(f"step {step}: loss {loss}, gradient norm {grad_norm}: batch skipped, weights unchanged "
                   f"(train.on_nonfinite=skip; {self.consecutive} in a row)", flush=True)
             return
