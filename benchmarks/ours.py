@@ -1,4 +1,4 @@
-"""One measurement of our code, in its own process: ``python -m benchmarks.ours {train,sample} ...``.
+"""One measurement of our code, in its own process: ``python -m benchmarks.ours {train,sample,guidance} ...``.
 
 ``train``: the jitted train step that training uses (batch drawn inside jit
 from uint8 images on the device, L_simple, Adam), its first call (compile
@@ -9,6 +9,15 @@ compiled sampler, ancestral with all T steps, or ``--method ddim`` and/or
 ``--sample-steps K`` for the few-step samplers; with ``--steps-to-time K`` the
 network's forward pass at batch n is timed K times and multiplied by T
 instead (for configurations too slow to run whole).
+``guidance``: the cost of classifier-free guidance: the preset made
+class-conditional (``model.num_classes = 10``), ``--n`` images with labels
+``arange(n) % 10`` drawn through :func:`ddpm_jax.sample` in one batch at
+guidance scale w = 0 (the conditional network alone) and at
+``--guidance-scale`` (w > 0 runs the network on a doubled batch), each timed on
+its second call (the first compiles). ``samples_per_s`` is w = 0's.
+
+On a GPU the result also holds ``device_peak_mb``: JAX's ``peak_bytes_in_use``
+(what the arrays took, not the preallocated pool).
 
 Prints one JSON object as the last line; :mod:`benchmarks.__main__` collects them.
 """
@@ -27,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import parallel
-from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler
+from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler, sample
 from ddpm_jax.configs import get_config, schedule_from_config
+from ddpm_jax.guidance import GuidanceInputs
 from ddpm_jax.models import build_model
 from ddpm_jax.train import count_params, create_train_state, make_dataset_train_step
 
@@ -44,7 +54,10 @@ def _config(args):
 
 def _flops(lowered) -> float | None:
     """XLA's count of floating-point operations in a lowered program (None where the backend gives none)."""
-    analysis = lowered.cost_analysis()
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # a backend or JAX version without it: the row is still worth having
+        return None
     if isinstance(analysis, list):  # older JAX: one dict per program
         analysis = analysis[0] if analysis else {}
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
@@ -106,18 +119,57 @@ def measure_sample(args) -> dict:
                                 config.sampling.variance, config.sampling.mean, 0, steps, args.method, 0.0)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    jax.block_until_ready(sampler(checkpoint.variables, key))
+    jax.block_until_ready(sampler(GuidanceInputs(checkpoint.variables), key))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.block_until_ready(sampler(checkpoint.variables, jax.random.fold_in(key, 1)))
+    jax.block_until_ready(sampler(GuidanceInputs(checkpoint.variables), jax.random.fold_in(key, 1)))
     seconds = time.perf_counter() - t0
     return {"samples_per_s": n / seconds, "seconds": seconds, "first_call_seconds": first, "extrapolated": False,
             "n": n, "T": T, "reverse_steps": steps or T, "method": args.method}
 
 
+def measure_guidance(args) -> dict:
+    config = _config(args)
+    config.model.num_classes = 10
+    checkpoint = DiffusionCheckpoint.from_train_state(create_train_state(config), config)
+    n = args.n
+    labels = np.arange(n) % 10
+    key = jax.random.PRNGKey(0)
+    timings = {}
+    for w in (0.0, args.guidance_scale):
+        def draw(k, w=w):
+            return jax.block_until_ready(sample(checkpoint, k, n, labels=labels, guidance_scale=w, batch_size=n,
+                                                steps=args.sample_steps, method=args.method))
+
+        t0 = time.perf_counter()
+        draw(key)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        draw(jax.random.fold_in(key, 1))
+        timings[w] = (first, time.perf_counter() - t0)
+    (first0, seconds0), (first1, seconds1) = timings[0.0], timings[args.guidance_scale]
+    return {
+        "samples_per_s": n / seconds0, "seconds": seconds0, "first_call_seconds": first0,
+        "guidance_scale": args.guidance_scale, "guided_samples_per_s": n / seconds1, "guided_seconds": seconds1,
+        "guided_first_call_seconds": first1, "guided_time_ratio": seconds1 / seconds0,
+        "extrapolated": False, "n": n, "T": config.diffusion.num_timesteps,
+        "reverse_steps": args.sample_steps or config.diffusion.num_timesteps, "method": args.method,
+        "num_classes": 10,
+    }
+
+
+def _device_peak_mb() -> float | None:
+    """JAX's peak of bytes in use on the first device (None where the backend keeps no such statistics)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("train", "sample"))
+    p.add_argument("what", choices=("train", "sample", "guidance"))
     p.add_argument("--preset", default="seed")
     p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "matmul"))
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
@@ -127,13 +179,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps-to-time", type=int, default=0, help="time this many forward passes and extrapolate to T")
     p.add_argument("--sample-steps", type=int, default=None, help="reverse steps K (default: all T; K < T respaces)")
     p.add_argument("--method", default="ancestral", choices=("ancestral", "ddim"), help="sampler")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance: w compared with w = 0")
     args = p.parse_args(argv)
-    result = measure_train(args) if args.what == "train" else measure_sample(args)
+    measure = {"train": measure_train, "sample": measure_sample, "guidance": measure_guidance}[args.what]
+    result = measure(args)
     result.update({
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
+    if jax.default_backend() != "cpu":
+        result.update({"device_peak_mb": _device_peak_mb(), "compute_dtype": args.compute_dtype,
+                       "compilation_cache_dir": jax.config.jax_compilation_cache_dir})
     print(json.dumps(result))
     return 0
 

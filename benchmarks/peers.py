@@ -1,6 +1,10 @@
 """PyTorch peers that the JAX train step and sampler are benchmarked against.
 
-Two peers, each measured on the CPU with ``torch.set_num_threads(os.cpu_count())``:
+Two peers, each measured on the CPU with ``torch.set_num_threads(os.cpu_count())``, or with
+``--device cuda`` on the GPU (model, image pool, schedule tables and noise on the
+GPU; ``torch.cuda.synchronize()`` before every clock reading; cuDNN's autotuner on,
+``torch.backends.cudnn.benchmark = True``, as XLA autotunes its convolutions; PyTorch's
+TF32 defaults, reported in the JSON):
 
 * ``torch-*``: :class:`TorchReportUNet`, a layer-for-layer PyTorch port of
   :class:`ddpm_jax.models.unet.ReportUNet` (same blocks, same parameter count:
@@ -26,7 +30,14 @@ so that one peer's allocator and thread pool do not colour the next::
     python -m benchmarks.peers torch-sample --json --n 100 --steps-to-time 5
     python -m benchmarks.peers diffusers-train --json --batch 128 --steps 5
     python -m benchmarks.peers diffusers-sample --json --n 100 --steps-to-time 5
+    python -m benchmarks.peers torch-train --json --device cuda --amp bf16 --batch 1000
     python -m benchmarks.peers self-check        # asserts the parameter counts
+
+``--amp bf16`` (train commands only) runs the forward pass and the loss under
+``torch.autocast(device, dtype=torch.bfloat16)``, the usual PyTorch mixed precision
+(parameters, gradients and Adam stay float32), to compare with our
+``--compute-dtype bfloat16``. ``--device cuda`` where PyTorch sees no CUDA device
+is refused with a one-line error.
 
 Model flags: ``--base-channels --levels --output-head --image-size`` (the
 ``torch-*`` commands; ``--base-channels 16 --levels 2 --output-head conv
@@ -40,6 +51,7 @@ for the schedule's betas).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -95,8 +107,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
     if dim % 2:
         raise ValueError(f"time embedding width must be even, got {dim}.")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.to(torch.float32)[:, None] * freqs[None, :].to(t.device)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
@@ -207,10 +219,41 @@ def self_check() -> None:
 # ---------------------------------------------------------------------------
 
 
+CPU = torch.device("cpu")
+DEVICES = ("cpu", "cuda")
+
+
 def _setup_threads() -> int:
     # torch defaults to the physical cores; use every core, as XLA does.
     torch.set_num_threads(os.cpu_count() or 1)
     return torch.get_num_threads()
+
+
+def _setup_device(device: torch.device) -> dict:
+    """Prepare ``device`` for a measurement; what was set, for the JSON.
+
+    CPU: every core (:func:`_setup_threads`). CUDA: no thread setting; cuDNN's
+    autotuner picks each convolution's algorithm in the untimed warm-up (XLA
+    autotunes its convolutions while compiling); PyTorch's TF32 defaults are kept.
+    """
+    if device.type != "cuda":
+        return {"device": str(device), "threads": _setup_threads()}
+    torch.backends.cudnn.benchmark = True
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device),
+        "threads": None,
+        "cudnn_benchmark": True,
+        # Read with getattr: newer PyTorch also has fp32_precision settings and may drop these names.
+        "tf32_conv": getattr(torch.backends.cudnn, "allow_tf32", None),
+        "tf32_matmul": getattr(torch.backends.cuda.matmul, "allow_tf32", None),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _schedule_tables(num_timesteps: int) -> dict[str, np.ndarray]:
@@ -228,11 +271,12 @@ def _schedule_tables(num_timesteps: int) -> dict[str, np.ndarray]:
     }
 
 
-def _image_pool() -> torch.Tensor:
+def _image_pool(device: torch.device = CPU) -> torch.Tensor:
     # Random pixels rather than MNIST: the benchmark must not need the dataset,
-    # and the cost of a step does not depend on the pixel values.
+    # and the cost of a step does not depend on the pixel values. Drawn on the
+    # CPU (the same pixels for every device), then placed on the device.
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (POOL_SIZE, *DATA_SHAPE), dtype=torch.uint8, generator=generator)
+    return torch.randint(0, 256, (POOL_SIZE, *DATA_SHAPE), dtype=torch.uint8, generator=generator).to(device)
 
 
 def _preprocess(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -253,24 +297,34 @@ def _time_train(
     batch: int,
     steps: int,
     warmup_steps: int,
+    device: torch.device = CPU,
+    amp: bool = False,
 ) -> dict:
-    """Time ``steps`` full train steps (batch drawn and preprocessed inside, as in our jitted step)."""
+    """Time ``steps`` full train steps (batch drawn and preprocessed inside, as in our jitted step).
+
+    ``model`` and ``loss_fn``'s tables must already be on ``device``. ``amp``: the
+    forward pass and loss under ``torch.autocast(device, bfloat16)``.
+    """
     if steps < 1 or warmup_steps < 0 or batch < 1:
         raise ValueError(f"need batch >= 1, steps >= 1 and warmup_steps >= 0, got {batch}, {steps}, {warmup_steps}.")
-    threads = _setup_threads()
-    pool = _image_pool()
+    setup = _setup_device(device)
+    pool = _image_pool(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
     def step() -> float:
+        _sync(device)
         t0 = time.perf_counter()
-        x0 = _preprocess(pool[torch.randint(0, POOL_SIZE, (batch,))], image_size)
-        loss = loss_fn(x0)
+        x0 = _preprocess(pool[torch.randint(0, POOL_SIZE, (batch,), device=device)], image_size)
+        with autocast():
+            loss = loss_fn(x0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        loss.item()  # a host read, as our loop's metrics fetch (and a sync should this ever run on a GPU)
+        loss.item()  # a host read, as our loop's metrics fetch (a sync on a GPU)
+        _sync(device)
         return time.perf_counter() - t0
 
     warmup = [step() for _ in range(warmup_steps)]
@@ -280,7 +334,8 @@ def _time_train(
         "step_seconds": timed,
         "first_step_seconds": (warmup or timed)[0],
         "params": count_params(model),
-        "threads": threads,
+        **setup,
+        "amp": "bf16" if amp else None,
         "batch": batch,
     }
 
@@ -291,19 +346,22 @@ def _time_reverse_steps(
     x: torch.Tensor,
     timesteps: list[int],
     steps_to_time: int | None,
+    device: torch.device = CPU,
 ) -> dict:
     """Run the reverse steps (all, or the first ``steps_to_time``) and scale the time to all of them."""
     num_steps = len(timesteps)
     timed_steps = num_steps if steps_to_time is None else max(1, min(steps_to_time, num_steps))
     with torch.inference_mode():
         # One untimed forward: first-call allocations and oneDNN primitive
-        # creation are not part of the steady state (as compilation is
-        # excluded from our sampler's timing).
+        # creation (on a GPU: cuDNN's autotuning) are not part of the steady
+        # state (as compilation is excluded from our sampler's timing).
         warmup()
+        _sync(device)
         t0 = time.perf_counter()
         for i in timesteps[:timed_steps]:
             x = reverse_step(x, i)
         float(x.abs().sum())  # touch the result
+        _sync(device)
         elapsed = time.perf_counter() - t0
     seconds = elapsed * num_steps / timed_steps
     return {
@@ -329,21 +387,24 @@ def torch_train_throughput(
     steps: int,
     warmup_steps: int = 1,
     num_timesteps: int = 100,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
 ) -> dict:
     """Train images/s of :class:`TorchReportUNet` doing the work of our jitted train step."""
+    device = torch.device(device)
     torch.manual_seed(0)
-    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0])
+    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0]).to(device)
     tables = _schedule_tables(num_timesteps)
-    sqrt_ab = torch.tensor(tables["sqrt_alpha_bars"], dtype=torch.float32)
-    sqrt_1mab = torch.tensor(tables["sqrt_one_minus_alpha_bars"], dtype=torch.float32)
+    sqrt_ab = torch.tensor(tables["sqrt_alpha_bars"], dtype=torch.float32, device=device)
+    sqrt_1mab = torch.tensor(tables["sqrt_one_minus_alpha_bars"], dtype=torch.float32, device=device)
 
     def loss_fn(x0: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, num_timesteps, (x0.shape[0],))
+        t = torch.randint(0, num_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * eps
         return F.mse_loss(model(x_t, t), eps)
 
-    return _time_train(model, loss_fn, image_size, batch, steps, warmup_steps)
+    return _time_train(model, loss_fn, image_size, batch, steps, warmup_steps, device, amp)
 
 
 def torch_sample_throughput(
@@ -354,28 +415,35 @@ def torch_sample_throughput(
     n: int,
     num_timesteps: int = 100,
     steps_to_time: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
-    """Samples/s of Ho et al.'s ancestral sampler (Algorithm 2, sigma^2 = beta, x0 clipped) with the port."""
-    threads = _setup_threads()
+    """Samples/s of Ho et al.'s ancestral sampler (Algorithm 2, sigma^2 = beta, x0 clipped) with the port.
+
+    The schedule's per-step numbers are Python floats (kernel arguments on a GPU, no copies).
+    """
+    device = torch.device(device)
+    setup = _setup_device(device)
     torch.manual_seed(0)
-    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0]).eval()
+    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0])
+    model = model.to(device).eval()
     tables = {k: v.tolist() for k, v in _schedule_tables(num_timesteps).items()}
-    x = torch.randn(n, DATA_SHAPE[0], image_size, image_size)
+    x = torch.randn(n, DATA_SHAPE[0], image_size, image_size, device=device)
 
     def reverse_step(x: torch.Tensor, i: int) -> torch.Tensor:
-        eps = model(x, torch.full((n,), i, dtype=torch.int64))
+        eps = model(x, torch.full((n,), i, dtype=torch.int64, device=device))
         x0 = ((x - tables["sqrt_one_minus_alpha_bars"][i] * eps) / tables["sqrt_alpha_bars"][i]).clamp(-1.0, 1.0)
         mean = tables["coef1"][i] * x0 + tables["coef2"][i] * x
         return mean + math.sqrt(tables["betas"][i]) * torch.randn_like(x) if i > 0 else mean
 
     timing = _time_reverse_steps(
         reverse_step,
-        lambda: model(x, torch.full((n,), num_timesteps - 1, dtype=torch.int64)),
+        lambda: model(x, torch.full((n,), num_timesteps - 1, dtype=torch.int64, device=device)),
         x,
         list(range(num_timesteps - 1, -1, -1)),
         steps_to_time,
+        device,
     )
-    return {**timing, "params": count_params(model), "threads": threads, "n": n}
+    return {**timing, "params": count_params(model), **setup, "n": n}
 
 
 def _diffusers_unet_and_scheduler(num_timesteps: int):
@@ -389,19 +457,20 @@ def _diffusers_unet_and_scheduler(num_timesteps: int):
 
 
 def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time: int | None = None,
-                                inference_steps: int | None = None) -> dict:
+                                inference_steps: int | None = None, device: torch.device | str = "cpu") -> dict:
     """Samples/s of a ~12M-parameter ``UNet2DModel`` with ``DDPMScheduler``'s own reverse loop, or with
     ``DDIMScheduler``'s over ``inference_steps`` of the T steps."""
-    threads = _setup_threads()
+    device = torch.device(device)
+    setup = _setup_device(device)
     unet, scheduler = _diffusers_unet_and_scheduler(num_timesteps)
-    unet.eval()
+    unet = unet.to(device).eval()
     if inference_steps:
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(inference_steps or num_timesteps)
     size = DIFFUSERS_UNET_CONFIG["sample_size"]
-    x = torch.randn(n, DIFFUSERS_UNET_CONFIG["in_channels"], size, size)
+    x = torch.randn(n, DIFFUSERS_UNET_CONFIG["in_channels"], size, size, device=device)
 
     def reverse_step(x: torch.Tensor, t: int) -> torch.Tensor:
         eps = unet(x, t).sample
@@ -413,21 +482,25 @@ def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time:
         x,
         [int(t) for t in scheduler.timesteps],
         steps_to_time,
+        device,
     )
-    return {**timing, "params": count_params(unet), "threads": threads, "n": n,
+    return {**timing, "params": count_params(unet), **setup, "n": n,
             "scheduler": type(scheduler).__name__, "reverse_steps": len(scheduler.timesteps)}
 
 
-def diffusers_train_throughput(batch: int, steps: int, num_timesteps: int = 100, warmup_steps: int = 1) -> dict:
+def diffusers_train_throughput(batch: int, steps: int, num_timesteps: int = 100, warmup_steps: int = 1,
+                               device: torch.device | str = "cpu", amp: bool = False) -> dict:
     """Train images/s of the same ``UNet2DModel`` (noise from ``scheduler.add_noise``, eps-MSE, Adam)."""
+    device = torch.device(device)
     unet, scheduler = _diffusers_unet_and_scheduler(num_timesteps)
+    unet = unet.to(device)
 
     def loss_fn(x0: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, num_timesteps, (x0.shape[0],))
+        t = torch.randint(0, num_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         return F.mse_loss(unet(scheduler.add_noise(x0, eps, t), t).sample, eps)
 
-    return _time_train(unet, loss_fn, DIFFUSERS_UNET_CONFIG["sample_size"], batch, steps, warmup_steps)
+    return _time_train(unet, loss_fn, DIFFUSERS_UNET_CONFIG["sample_size"], batch, steps, warmup_steps, device, amp)
 
 
 # ---------------------------------------------------------------------------
@@ -441,9 +514,13 @@ def _peak_rss_mb() -> float:
 COMMANDS = ("torch-train", "torch-sample", "diffusers-train", "diffusers-sample", "self-check")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=COMMANDS)
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where model, data and noise live (cuda: the first GPU, synchronized before every clock read)")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="train commands: forward pass and loss under torch.autocast(device, bfloat16)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--levels", type=int, default=4)
@@ -458,7 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-timesteps", type=int, default=100, help="T")
     p.add_argument("--inference-steps", type=int, default=None,
                    help="diffusers-sample: DDIMScheduler over this many of the T steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "it was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        p.error(f"--device cuda: this PyTorch ({torch.__version__}) sees no CUDA device ({why}); use --device cpu.")
+    if args.amp != "none" and not args.what.endswith("-train"):
+        p.error(f"--amp {args.amp} applies to torch-train and diffusers-train only.")
+    device, amp = torch.device(args.device), args.amp == "bf16"
     versions = {"torch": torch.__version__}
     if args.what.startswith("diffusers"):
         import diffusers
@@ -476,17 +564,21 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "torch-train":
         result = {**model, **torch_train_throughput(**model, batch=args.batch, steps=args.steps,
                                                     warmup_steps=args.warmup_steps,
-                                                    num_timesteps=args.num_timesteps)}
+                                                    num_timesteps=args.num_timesteps, device=device, amp=amp)}
     elif args.what == "torch-sample":
         result = {**model, **torch_sample_throughput(**model, n=args.n, num_timesteps=args.num_timesteps,
-                                                     steps_to_time=args.steps_to_time)}
+                                                     steps_to_time=args.steps_to_time, device=device)}
     elif args.what == "diffusers-train":
         result = {"unet_config": DIFFUSERS_UNET_CONFIG,
-                  **diffusers_train_throughput(args.batch, args.steps, args.num_timesteps, args.warmup_steps)}
+                  **diffusers_train_throughput(args.batch, args.steps, args.num_timesteps, args.warmup_steps,
+                                               device=device, amp=amp)}
     else:
         result = {"unet_config": DIFFUSERS_UNET_CONFIG,
                   **diffusers_sample_throughput(args.n, args.num_timesteps, args.steps_to_time,
-                                                args.inference_steps)}
+                                                args.inference_steps, device=device)}
+    if device.type == "cuda":
+        # The caching allocator's peak: tensors only, as JAX's peak_bytes_in_use in benchmarks/ours.py.
+        result["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     result = {
         "what": args.what,
         **result,

@@ -5,6 +5,7 @@ Notebook use::
     import jax, ddpm_jax
     params = ddpm_jax.load_checkpoint("runs/mnist")
     images = ddpm_jax.sample(params, jax.random.PRNGKey(0), 16)  # (16, 28, 28, 1) in [-1, 1]
+    sevens = ddpm_jax.sample(params, key, 16, labels=7)  # a class-conditional run (--class-conditional)
 
 Timesteps are 0-based indices ``0..T-1`` everywhere (index ``i`` is the
 paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
@@ -22,6 +23,7 @@ from ddpm_jax.configs import PRESETS, get_config
 from ddpm_jax.diffusion import p_mean, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.losses import l_simple
 from ddpm_jax.models import ReportUNet
+from ddpm_jax.noisy_classifier import load_noisy_classifier
 from ddpm_jax.sampling import make_ancestral_sampler
 from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
 from ddpm_jax.train import TrainState, create_train_state, train_and_evaluate, train_step
@@ -39,6 +41,7 @@ __all__ = [
     "l_simple",
     "linear_beta_schedule",
     "load_checkpoint",
+    "load_noisy_classifier",
     "load_or_train_feature_network",
     "make_ancestral_sampler",
     "metrics",

@@ -16,6 +16,7 @@ from ddpm_jax import parallel
 from ddpm_jax.configs import sampling_timesteps, schedule_from_config
 from ddpm_jax.data import crop
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES, split_learned_variance
+from ddpm_jax.guidance import GuidanceInputs, classifier_free_fn, classifier_grad_fn, conditional_fn
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
@@ -121,10 +122,17 @@ def check_variables_fit_config(checkpoint: DiffusionCheckpoint, config_json: str
 
 
 SAMPLING_METHODS = ("ancestral", "ddim")
+# How labels steer sampling: a class-conditional network's own conditioning with classifier-free
+# guidance (Ho & Salimans 2022), or a noise-aware classifier's gradient (Dhariwal & Nichol 2021).
+GUIDANCE = ("classifier_free", "classifier")
+
+
+def _eps_half(output, split: bool):
+    return split_learned_variance(output)[0] if split else output
 
 
 def denoiser_fn(model_config, with_learned_variance: bool):
-    """The network as ``(variables, x, t) -> output`` in evaluation mode.
+    """The network as ``(variables, x, t) -> output`` in evaluation mode (a class-conditional one at its null label).
 
     A learned-variance network's output stacks eps and v (2C channels): with
     ``with_learned_variance`` it is returned whole, otherwise (DDIM, a fixed
@@ -132,23 +140,53 @@ def denoiser_fn(model_config, with_learned_variance: bool):
     """
     model = build_model(model_config)
     split = bool(model_config.get("learn_variance", False)) and not with_learned_variance
-
-    def fn(variables, x, t):
-        output = model.apply(variables, x, t, train=False)
-        return split_learned_variance(output)[0] if split else output
-
-    return fn
+    return lambda variables, x, t: _eps_half(model.apply(variables, x, t, train=False), split)
 
 
-@functools.lru_cache(maxsize=16)
+def guided_denoiser_fn(model_config, with_learned_variance: bool, conditioning: str):
+    """The network as ``(inputs, x, t) -> output``, ``inputs`` a :class:`ddpm_jax.guidance.GuidanceInputs`.
+
+    ``conditioning``: ``'none'`` (unconditional; a class-conditional network at its null label),
+    ``'labels'`` (at ``inputs.labels``) or ``'classifier_free'`` (guided at ``inputs.scale``).
+    Output as :func:`denoiser_fn`'s.
+    """
+    model = build_model(model_config)
+    learned = bool(model_config.get("learn_variance", False))
+    split = learned and not with_learned_variance
+    num_classes = int(model_config.get("num_classes", 0))
+    network = lambda variables, x, t, y=None: model.apply(variables, x, t, y=y, train=False)  # noqa: E731
+    if conditioning == "none":
+        fn = lambda inputs, x, t: network(inputs.variables, x, t)  # noqa: E731
+    elif conditioning == "labels":
+        fn = conditional_fn(network, num_classes)
+    elif conditioning == "classifier_free":
+        fn = classifier_free_fn(network, num_classes, learned_variance=learned)
+    else:
+        raise ValueError(f"unknown conditioning {conditioning!r}; allowed: none, labels, classifier_free.")
+    return lambda inputs, x, t: _eps_half(fn(inputs, x, t), split)
+
+
+@functools.lru_cache(maxsize=32)
 def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int,
-                      steps: int | None = None, method: str = "ancestral", eta: float = 0.0):
-    """One jitted sampler per (config, batch, options): built once, reused across calls."""
+                      steps: int | None = None, method: str = "ancestral", eta: float = 0.0,
+                      conditioning: str = "none", classifier_json: str | None = None):
+    """One jitted ``sampler(GuidanceInputs, key)`` per (config, batch, options): built once, reused across calls.
+
+    Labels and guidance scales are arguments, not constants: a sweep over them compiles once.
+    ``classifier_json``: the noise-aware classifier's model config, for classifier guidance.
+    """
     config = ml_collections.ConfigDict(json.loads(config_json))
     size = config.data.image_size
     mesh = parallel.make_mesh()
+    cond_fn = None
+    if classifier_json is not None:
+        from ddpm_jax.noisy_classifier import log_prob_fn
+
+        cond_fn = classifier_grad_fn(log_prob_fn(ml_collections.ConfigDict(json.loads(classifier_json))))
+    with_learned_variance = method == "ancestral" and variance == "learned"
     common = dict(  # noqa: C408
-        eps_fn=denoiser_fn(config.model, with_learned_variance=method == "ancestral" and variance == "learned"),
+        eps_fn=guided_denoiser_fn(config.model, with_learned_variance, conditioning),
+        cond_fn=cond_fn,
         schedule=schedule_from_config(config, steps),
         shape=(batch, size, size, 1),
         return_every=return_every,
@@ -168,6 +206,10 @@ def sample(
     key: jax.Array,
     n: int,
     *,
+    labels=None,
+    guidance: str | None = None,
+    guidance_scale: float | None = None,
+    classifier=None,
     steps: int | None = None,
     method: str = "ancestral",
     eta: float = 0.0,
@@ -186,6 +228,19 @@ def sample(
         :class:`DiffusionCheckpoint`); model, schedule and T come from it.
       key: a PRNG key; the same key gives the same images.
       n: number of images.
+      labels: which digits to draw: one int for all ``n`` images, or an int array of shape
+        ``(n,)``, each in ``0..num_classes-1``. None (the default) draws unconditionally; a
+        class-conditional network then uses its null label.
+      guidance: how the labels steer sampling. ``'classifier_free'`` (the default for a
+        class-conditional network, ``model.num_classes > 0``): eps = (1 + w) eps(x, t, y) - w
+        eps(x, t, null) (Ho & Salimans 2022). ``'classifier'`` (the default when ``classifier``
+        is given to an unconditional network): each step's mean moves by s Sigma grad log
+        p(y | x_t, t) of ``classifier`` (Dhariwal & Nichol 2021); on a class-conditional network
+        it guides the conditional prediction.
+      guidance_scale: w, or s for classifier guidance; default from the config
+        (``sampling.guidance_scale``, 0: plain conditional sampling; ``sampling.classifier_scale``).
+      classifier: a noise-aware classifier trained on this run's schedule
+        (:func:`ddpm_jax.noisy_classifier.load_noisy_classifier`), for classifier guidance.
       steps: reverse steps K (default: all T the network was trained with). With K < T the
         schedule is respaced to K evenly spaced training timesteps (Nichol & Dhariwal 2021).
       method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T)
@@ -206,7 +261,7 @@ def sample(
 
     Returns:
       float32 ``(n, 28, 28, 1)`` images in [-1, 1] (NHWC; map to pixels with
-      ``(x + 1) * 127.5``). With ``return_every=k``: ``(images, frames)``, frames
+      ``(x + 1) * 127.5``); with ``labels``, image ``i`` was asked to be digit ``labels[i]``. With ``return_every=k``: ``(images, frames)``, frames
       ``(F, n, 28, 28, 1)`` from pure noise x_T to x_0 (see
       :func:`ddpm_jax.sampling.make_ancestral_sampler`).
     """
@@ -248,6 +303,8 @@ def sample(
     elif eta:
         raise ValueError(f"eta={eta} applies to method='ddim' only.")
     steps = None if steps in (None, num_timesteps) else int(steps)
+    conditioning, scale, classifier_scale = _resolve_guidance(config, n, labels, guidance, guidance_scale, classifier)
+    labels = None if labels is None else np.broadcast_to(np.asarray(labels, dtype=np.int32), (n,))
     learned_model = bool(config.model.get("learn_variance", False))
     if variance == "learned" and not learned_model:
         raise ValueError("variance='learned' needs a network trained to output it (model.learn_variance); "
@@ -262,7 +319,9 @@ def sample(
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
-    sampler = _compiled_sampler(config_json, batch, variance, mean, return_every, steps, method, float(eta))
+    classifier_json = None if classifier_scale is None else _config_json(classifier.config.model)
+    sampler = _compiled_sampler(config_json, batch, variance, mean, return_every, steps, method, float(eta),
+                                conditioning, classifier_json)
 
     num_batches = -(-n // batch)
     batches = range(num_batches)
@@ -272,7 +331,15 @@ def sample(
         batches = tqdm(batches, unit="batch", desc=f"sampling {n}")
     images, frames = [], []
     for b in batches:
-        out = sampler(params.variables, jax.random.fold_in(key, b))
+        inputs = GuidanceInputs(
+            variables=params.variables,
+            # The last batch is padded by repeating its labels; its extra images are cropped below.
+            labels=None if labels is None else jnp.asarray(np.resize(labels[b * batch:(b + 1) * batch], batch)),
+            scale=jnp.float32(scale),
+            classifier_params=None if classifier_scale is None else classifier.params,
+            classifier_scale=jnp.float32(classifier_scale or 0.0),
+        )
+        out = sampler(inputs, jax.random.fold_in(key, b))
         if return_every:
             out, chain = out
             frames.append(crop(chain))
@@ -281,3 +348,71 @@ def sample(
     if return_every:
         return images, jnp.concatenate(frames, axis=1)[:, :n]
     return images
+
+
+def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifier):
+    """Check ``sample``'s label and guidance arguments: ``(conditioning, w, s)`` for the sampler.
+
+    ``conditioning`` is :func:`guided_denoiser_fn`'s; ``s`` is None without classifier guidance.
+    """
+    num_classes = int(config.model.get("num_classes", 0))
+    if labels is None:
+        if guidance is not None or guidance_scale is not None or classifier is not None:
+            raise ValueError("guidance, guidance_scale and classifier steer sampling towards labels; pass labels= "
+                             "(one digit for all images, or one per image).")
+        return "none", 0.0, None
+    if guidance is not None and guidance not in GUIDANCE:
+        raise ValueError(f"unknown guidance {guidance!r}; allowed: {', '.join(GUIDANCE)}.")
+    if guidance is None:
+        guidance = "classifier_free" if num_classes else "classifier"
+    if guidance == "classifier" and classifier is None:
+        if not num_classes:
+            raise ValueError(
+                "labels were given, but this network was trained without them (model.num_classes=0) and no "
+                "classifier was given. Either train a class-conditional network (python -m experiments.mnist --set "
+                "model.num_classes=10) or steer this one with a noise-aware classifier: classifier="
+                "ddpm_jax.noisy_classifier.load_noisy_classifier(...) (python -m experiments.noisy_classifier "
+                "--workdir RUN trains one).")
+        raise ValueError("guidance='classifier' needs classifier= (a noise-aware classifier, "
+                         "ddpm_jax.noisy_classifier.load_noisy_classifier; python -m experiments.noisy_classifier).")
+    if guidance == "classifier_free":
+        if not num_classes:
+            raise ValueError(
+                "guidance='classifier_free' needs a class-conditional network, and this one was trained without "
+                "labels (model.num_classes=0); train one with --set model.num_classes=10, or use guidance="
+                "'classifier' with a noise-aware classifier.")
+        if classifier is not None:
+            raise ValueError("classifier= is used by guidance='classifier' only; drop it, or pass "
+                             "guidance='classifier'.")
+    valid_classes = num_classes
+    if guidance == "classifier":
+        from ddpm_jax.noisy_classifier import check_classifier_matches
+
+        check_classifier_matches(classifier, config)
+        classifier_classes = int(classifier.config.model.num_classes)
+        valid_classes = min(num_classes, classifier_classes) if num_classes else classifier_classes
+    _check_labels(labels, n, valid_classes)
+    default = config.sampling.get("classifier_scale" if guidance == "classifier" else "guidance_scale",
+                                  1.0 if guidance == "classifier" else 0.0)
+    scale = default if guidance_scale is None else guidance_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(scale) or scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (0: no guidance), got {scale!r}.")
+    if guidance == "classifier":
+        return ("labels" if num_classes else "none"), 0.0, float(scale)
+    # w = 0 is the conditional prediction alone: one network call per step instead of two.
+    return ("classifier_free" if scale else "labels"), float(scale), None
+
+
+def _check_labels(labels, n: int, num_classes: int) -> None:
+    array = np.asarray(labels)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be integers (digits 0..{num_classes - 1}), got {array.dtype} values.")
+    if array.ndim > 1 or (array.ndim == 1 and array.shape != (n,)):
+        raise ValueError(f"labels must be one int or an array of shape (n,) = ({n},), one per image; "
+                         f"got shape {array.shape}.")
+    bad = np.flatnonzero((array.ravel() < 0) | (array.ravel() >= num_classes))
+    if bad.size:
+        where = "" if array.ndim == 0 else f" at index {int(bad[0])}"
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {int(array.ravel()[bad[0]])}{where}"
+                         f"{f' ({bad.size} such labels)' if bad.size > 1 else ''}.")

@@ -44,6 +44,7 @@ def draw_samples(
     batch_size: int,
     chunk_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    labels: np.ndarray | None = None,
     **sample_kwargs,
 ) -> np.ndarray:
     """``n`` samples as uint8 ``(n, 28, 28, 1)``, quantized as a saved PNG would be.
@@ -52,6 +53,8 @@ def draw_samples(
     result depends only on ``(key, batch_size)``, not on how often the call
     was interrupted. With ``chunk_dir`` each finished batch is written there
     (atomically) and batches already there are loaded instead of drawn again.
+    ``labels`` (int ``(n,)``): the digit each sample is asked to be (see
+    :func:`ddpm_jax.sample`); batch ``b`` gets its slice of them.
     """
     num_batches = -(-n // batch_size)
     if chunk_dir is not None:
@@ -69,8 +72,11 @@ def draw_samples(
         if path is not None and path.exists():
             images = np.load(path)
         else:
+            batch_labels = None
+            if labels is not None:  # the last batch is padded by repeating its labels, then cropped
+                batch_labels = np.resize(np.asarray(labels)[b * batch_size:(b + 1) * batch_size], batch_size)
             images = plotting.to_uint8(sample(checkpoint, jax.random.fold_in(key, b), batch_size,
-                                              batch_size=batch_size, **sample_kwargs))
+                                              batch_size=batch_size, labels=batch_labels, **sample_kwargs))
             if path is not None:
                 tmp = path.with_suffix(".tmp.npy")
                 np.save(tmp, images)

@@ -9,6 +9,13 @@ Fewer steps than the network was trained with: pass a respaced schedule
 network is then called with those. Ancestral sampling on a respaced schedule
 is Nichol & Dhariwal's (2021) respacing; :func:`make_ddim_sampler` is Song et
 al.'s (2021) DDIM on the same schedules.
+
+Classifier guidance (Dhariwal & Nichol 2021): both samplers take an optional
+``cond_fn(variables, x_t, t) -> s grad log p(y | x_t, t)`` (see
+:func:`ddpm_jax.guidance.classifier_grad_fn`), evaluated inside the jitted chain
+at every step; classifier-free guidance is a guided ``eps_fn``
+(:func:`ddpm_jax.guidance.classifier_free_fn`). ``variables`` is whatever the
+functions take: network variables, or a :class:`ddpm_jax.guidance.GuidanceInputs`.
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from ddpm_jax.diffusion import (
     predict_x0_from_eps,
     split_learned_variance,
 )
+from ddpm_jax.guidance import classifier_guided_eps, classifier_guided_mean
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # eps_fn(variables, x_t, t) -> eps_hat with x_t's shape; t int (B,), 0-based.
 EpsModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# cond_fn(variables, x_t, t) -> s * grad_x log p(y | x_t, t), x_t's shape (classifier guidance).
+CondFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def _on_training_timesteps(eps_fn: EpsModelFn, schedule: DiffusionSchedule, timesteps) -> EpsModelFn:
@@ -61,6 +71,7 @@ def make_ancestral_sampler(
     return_every: int = 0,
     sharding: jax.sharding.Sharding | None = None,
     timesteps=None,
+    cond_fn: CondFn | None = None,
 ) -> Callable[[Any, jax.Array], Any]:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2.
 
@@ -83,6 +94,8 @@ def make_ancestral_sampler(
         do not depend on it.
       timesteps: for a respaced ``schedule`` of K steps, the ``(K,)`` training
         timesteps its indices stand for (see the module docstring).
+      cond_fn: classifier guidance: every step's mean is shifted by
+        ``sigma_t^2 * cond_fn(variables, x_t, t)`` (Dhariwal & Nichol 2021, Algorithm 1).
 
     Returns:
       ``sample_fn(variables, key)`` giving ``x_0`` of ``shape`` in [-1, 1]; with
@@ -99,15 +112,19 @@ def make_ancestral_sampler(
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
     eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+    cond_fn = _on_training_timesteps(cond_fn, schedule, timesteps) if cond_fn is not None else None
 
-    def step(x, t, output, i):
+    def step(variables, x, t, output, i):
         if learned:  # per-pixel sigma from the network's second output
             eps, v = split_learned_variance(output)
             sigma = jnp.exp(0.5 * learned_log_variance(schedule, t, v))
         else:
             eps, sigma = output, sigmas[i]
         chex.assert_equal_shape([eps, x])
-        return p_mean(schedule, x, t, eps, mean), sigma
+        mu = p_mean(schedule, x, t, eps, mean)
+        if cond_fn is not None:
+            mu = classifier_guided_mean(mu, jnp.square(sigma), cond_fn(variables, x, t))
+        return mu, sigma
 
     # Frame j of the chain is the state after j reverse steps, x_{T-j} in the paper's numbering.
     return _reverse_chain(eps_fn, shape, num_timesteps, step, return_every, sharding)
@@ -116,8 +133,8 @@ def make_ancestral_sampler(
 def _reverse_chain(eps_fn: EpsModelFn, shape, num_steps: int, step, return_every: int, sharding):
     """``sample_fn(variables, key)`` running x_T ~ N(0, I) down to x_0 in one ``lax.scan``.
 
-    ``step(x, t, output, i) -> (mean, sigma)`` is the sampler's reverse step at index ``i``
-    given the network's output there
+    ``step(variables, x, t, output, i) -> (mean, sigma)`` is the sampler's reverse step at
+    index ``i`` given the network's output there
     (``t`` its ``(B,)`` broadcast); ``x_{i-1} = mean + sigma z``, with no noise at
     ``i = 0``. x_T comes from the key's first half and step ``i``'s noise from
     ``fold_in(second half, i)``, so samplers given the same key draw the same numbers.
@@ -132,7 +149,7 @@ def _reverse_chain(eps_fn: EpsModelFn, shape, num_steps: int, step, return_every
 
         def reverse_step(x, i):
             t = jnp.full((shape[0],), i, dtype=jnp.int32)
-            mean, sigma = step(x, t, eps_fn(variables, x, t), i)
+            mean, sigma = step(variables, x, t, eps_fn(variables, x, t), i)
             z = jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype=jnp.float32)
             x_prev = constrain(mean + jnp.where(i > 0, sigma, 0.0) * z)
             return x_prev, (x_prev if return_every else None)
@@ -170,6 +187,7 @@ def make_ddim_sampler(
     return_every: int = 0,
     sharding: jax.sharding.Sharding | None = None,
     timesteps=None,
+    cond_fn: CondFn | None = None,
 ) -> Callable[[Any, jax.Array], Any]:
     """DDIM sampling (Song, Meng & Ermon 2021), usually on a respaced schedule of K << T steps.
 
@@ -177,8 +195,10 @@ def make_ddim_sampler(
     ``sigma_k = eta sqrt((1 - abar_{k-1}) / (1 - abar_k)) sqrt(1 - abar_k / abar_{k-1})``:
     ``eta = 0`` is deterministic (x_T alone fixes the sample: see :func:`ddim_invert`), ``eta = 1``
     is ancestral sampling with sigma^2 = beta-tilde. ``clip_denoised`` clips x0_hat to [-1, 1] and
-    uses the noise it implies, as improved-diffusion does. Arguments and return value as
-    :func:`make_ancestral_sampler`'s; the same key gives the same x_T and per-step noise.
+    uses the noise it implies, as improved-diffusion does. ``cond_fn``: classifier guidance,
+    ``eps - sqrt(1 - abar_t) cond_fn(variables, x_t, t)`` (Dhariwal & Nichol 2021, Algorithm 2).
+    Other arguments and return value as :func:`make_ancestral_sampler`'s; the same key gives
+    the same x_T and per-step noise.
     """
     chex.assert_equal(len(shape), 4)
     if not 0.0 <= eta:
@@ -186,9 +206,12 @@ def make_ddim_sampler(
     if return_every < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}.")
     eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
+    cond_fn = _on_training_timesteps(cond_fn, schedule, timesteps) if cond_fn is not None else None
 
-    def step(x, t, eps, i):
+    def step(variables, x, t, eps, i):
         chex.assert_equal_shape([eps, x])
+        if cond_fn is not None:
+            eps = classifier_guided_eps(eps, extract(schedule.alpha_bars, t, x.ndim), cond_fn(variables, x, t))
         mean, sigma, _ = _ddim_step(schedule, x, t, eps, eta, clip_denoised)
         return mean, sigma
 

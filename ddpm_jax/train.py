@@ -30,13 +30,14 @@ from ddpm_jax.api import DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.guidance import drop_labels
 from ddpm_jax.losses import l_hybrid, l_simple
 from ddpm_jax.models import build_model
 from ddpm_jax.schedules import DiffusionSchedule
 
 # Stream ids folded into the run's key, so data order, training noise and
 # sampling never share random numbers.
-_DATA_STREAM, _STEP_STREAM, _DROPOUT_STREAM = 0, 1, 2
+_DATA_STREAM, _STEP_STREAM, _DROPOUT_STREAM, _LABEL_STREAM = 0, 1, 2, 3
 NUM_LOSS_BUCKETS = 4  # loss is also logged per quarter of the timestep range
 
 
@@ -60,6 +61,9 @@ class TrainState:
     ema_warmup: bool = flax.struct.field(pytree_node=False, default=True)
     # lambda of L_hybrid for a learned-variance network; None: the network predicts eps only (L_simple).
     hybrid_lambda: float | None = flax.struct.field(pytree_node=False, default=None)
+    # A class-conditional network's classes (0: unconditional) and its label-dropout rate.
+    num_classes: int = flax.struct.field(pytree_node=False, default=0)
+    p_uncond: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def apply_gradients(self, grads, batch_stats) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -144,6 +148,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None 
         ema_warmup=bool(config.train.get("ema_warmup", True)),
         hybrid_lambda=float(config.train.get("hybrid_lambda", 0.001))
         if config.model.get("learn_variance", False) else None,
+        num_classes=int(config.model.get("num_classes", 0)),
+        p_uncond=float(config.train.get("p_uncond", 0.1)),
     )
 
 
@@ -152,9 +158,13 @@ def count_params(params) -> int:
 
 
 def train_step(
-    state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule
+    state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule, labels: jnp.ndarray | None = None
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer step of L_simple (L_hybrid for a learned variance) on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
+
+    A class-conditional network (``state.num_classes > 0``) needs the batch's ``labels``
+    (int ``(B,)``, 0..num_classes-1); each is replaced by the null label with probability
+    ``state.p_uncond`` (:func:`ddpm_jax.guidance.drop_labels`) before the network sees it.
 
     Returns the new state and metrics: ``loss`` (batch mean), ``grad_norm``,
     ``finite`` (False if either is NaN/Inf; the update is then dropped: see
@@ -162,14 +172,23 @@ def train_step(
     ``count_by_quarter`` ``(4,)``, which the logger sums over steps before dividing.
     """
     chex.assert_rank(batch, 4)
-    key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
-    dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, _DROPOUT_STREAM), state.step)
+    stream_key = lambda stream: jax.random.fold_in(jax.random.fold_in(state.key, stream), state.step)  # noqa: E731
+    key, dropout_key = stream_key(_STEP_STREAM), stream_key(_DROPOUT_STREAM)
+    model_kwargs = {}
+    if state.num_classes:
+        if labels is None:
+            raise ValueError(f"this network is class-conditional (model.num_classes={state.num_classes}): "
+                             "train_step needs the batch's labels.")
+        chex.assert_shape(labels, (batch.shape[0],))
+        model_kwargs["y"] = drop_labels(stream_key(_LABEL_STREAM), labels, state.p_uncond, state.num_classes)
+    elif labels is not None:
+        raise ValueError("labels were given for a network without classes (model.num_classes=0).")
 
     def loss_fn(params):
         def eps_fn(x_t, t):
             eps, updates = state.apply_fn(
                 {"params": params, "batch_stats": state.batch_stats}, x_t, t, train=True, mutable=["batch_stats"],
-                rngs={"dropout": dropout_key},
+                rngs={"dropout": dropout_key}, **model_kwargs,
             )
             return eps, updates.get("batch_stats", {})  # GroupNorm networks have no statistics
 
@@ -226,10 +245,11 @@ def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_siz
 def make_dataset_train_step(
     config: ml_collections.ConfigDict, schedule: DiffusionSchedule, mesh: jax.sharding.Mesh | None = None
 ):
-    """A jitted ``(state, images_u8) -> (state, metrics)`` drawing its batch inside jit.
+    """A jitted ``(state, images_u8[, labels]) -> (state, metrics)`` drawing its batch inside jit.
 
     ``images_u8`` is the whole training set as uint8 ``(N, h, w, 1)``, kept on
-    the devices; the old state is donated. Data parallel over ``mesh`` (default:
+    the devices, and ``labels`` its int ``(N,)`` classes (class-conditional
+    networks only); the old state is donated. Data parallel over ``mesh`` (default:
     every device, :func:`ddpm_jax.parallel.make_mesh`): state and images
     replicated, the batch split along the mesh's ``data`` axis; XLA all-reduces
     the gradients and BatchNorm's statistics, so the step computes what one
@@ -240,13 +260,15 @@ def make_dataset_train_step(
     parallel.check_divisible(batch_size, mesh)
     everywhere, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-    def step(state: TrainState, images_u8: jnp.ndarray):
-        data_key = jax.random.fold_in(state.key, _DATA_STREAM)
-        batch = preprocess(draw_batch(data_key, images_u8, state.step, batch_size), image_size)
-        return train_step(state, jax.lax.with_sharding_constraint(batch, split), schedule)
+    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
+        indices = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step,
+                                batch_size)
+        batch = jax.lax.with_sharding_constraint(preprocess(images_u8[indices], image_size), split)
+        batch_labels = None if labels is None else jax.lax.with_sharding_constraint(labels[indices], split)
+        return train_step(state, batch, schedule, batch_labels)
 
-    return jax.jit(step, in_shardings=(everywhere, everywhere), out_shardings=(everywhere, everywhere),
-                   donate_argnums=0)
+    # One sharding for every argument (the labels may be None): state and data replicated.
+    return jax.jit(step, in_shardings=everywhere, out_shardings=(everywhere, everywhere), donate_argnums=0)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -332,6 +354,13 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     _require(learned or s.variance != "learned", "sampling.variance", s.variance,
              "beta or beta_tilde ('learned' needs a network that learns it: --set model.learn_variance=True)")
     _require(t.hybrid_lambda >= 0, "train.hybrid_lambda", t.hybrid_lambda, "a weight >= 0 (Nichol & Dhariwal: 0.001)")
+    num_classes = config.model.get("num_classes", 0)
+    _require(isinstance(num_classes, int) and num_classes >= 0, "model.num_classes", num_classes,
+             "0 (an unconditional network) or the number of classes (MNIST: 10)")
+    _require(0.0 <= t.p_uncond < 1.0, "train.p_uncond", t.p_uncond,
+             "a probability in [0, 1) (Ho & Salimans: 0.1 or 0.2; 0 trains no unconditional prediction)")
+    for field in ("guidance_scale", "classifier_scale"):
+        _require(s[field] >= 0, f"sampling.{field}", s[field], "a scale >= 0 (0: no guidance)")
     _require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
     _require(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
     _require(config.data.max_train_examples >= 0, "data.max_train_examples", config.data.max_train_examples,
@@ -442,6 +471,7 @@ def train_and_evaluate(
     workdir: str,
     *,
     images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     data_dir: str | None = None,
     idx_dir: str | None = None,
     progress: bool = True,
@@ -457,18 +487,24 @@ def train_and_evaluate(
         already there resumes from its latest checkpoint.
       images: the training images as uint8 ``(N, 28, 28, 1)``; if None, MNIST's
         train split is loaded from ``idx_dir`` (IDX files) or TFDS (``data_dir``).
+      labels: their int ``(N,)`` classes, needed with ``images`` for a class-conditional
+        network (``model.num_classes > 0``); loaded with the images when those are.
 
     Returns:
       The final train state.
     """
     workdir = os.path.abspath(workdir)
     if images is None:
-        images, _ = data_lib.load_mnist("train", data_dir=data_dir, idx_dir=idx_dir)
+        images, labels = data_lib.load_mnist("train", data_dir=data_dir, idx_dir=idx_dir)
+    num_classes = int(config.model.get("num_classes", 0))
+    labels = _training_labels(labels, len(images), num_classes)
     if config.data.max_train_examples:
         images = images[: config.data.max_train_examples]
+        labels = None if labels is None else labels[: config.data.max_train_examples]
     validate_config(config, num_examples=len(images))
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config is left as it was
-    config.data.fingerprint = data_lib.fingerprint(images)
+    # A conditional run is also refused on relabelled data; an unconditional one keeps its old fingerprint.
+    config.data.fingerprint = data_lib.fingerprint(images, *(() if labels is None else (labels,)))
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.train.batch_size, mesh)
     os.makedirs(workdir, exist_ok=True)
@@ -503,6 +539,7 @@ def train_and_evaluate(
               f"({config.train.batch_size // parallel.num_shards(mesh)} images each per step)", flush=True)
     state = parallel.put_replicated(state, mesh)
     device_images = parallel.put_replicated(np.asarray(images, dtype=np.uint8), mesh)
+    device_labels = None if labels is None else parallel.put_replicated(labels, mesh)
     start, total = int(state.step), config.train.num_steps
     end = total if stop_at is None else min(stop_at, total)
     batch_size = config.train.batch_size
@@ -518,7 +555,7 @@ def train_and_evaluate(
     try:
         with StopSignals() as stop:
             for step in range(start, end):
-                state, metrics = step_fn(state, device_images)
+                state, metrics = step_fn(state, device_images, device_labels)
                 done = step + 1
                 guard.push(done, metrics)  # checks the step before this one, which has finished by now
                 if is_main:
@@ -562,9 +599,27 @@ def train_and_evaluate(
     return state
 
 
+def _training_labels(labels, num_images: int, num_classes: int) -> np.ndarray | None:
+    """The labels a class-conditional run trains with, checked (None for an unconditional run)."""
+    if not num_classes:
+        return None
+    if labels is None:
+        raise ValueError(f"model.num_classes={num_classes}: a class-conditional network needs the images' labels; "
+                         "pass labels= with images= (or load MNIST with idx_dir / data_dir, which reads both).")
+    labels = np.asarray(labels)
+    if labels.shape != (num_images,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({num_images},), one per image; got {labels.dtype} "
+                         f"of shape {labels.shape}.")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1} (model.num_classes={num_classes}); found "
+                         f"{int(labels.min())}..{int(labels.max())}.")
+    return labels.astype(np.int32)
+
+
 def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
     """Write ``samples.png`` (the report's Figure 4), ``reverse_process.png`` (its Figure 5)
-    and ``sampling.json`` (how long the grid took) into ``workdir``.
+    and ``sampling.json`` (how long the grid took) into ``workdir``; for a class-conditional
+    network also ``samples_by_class.png``, one row per class.
 
     ``checkpoint`` is a :class:`ddpm_jax.DiffusionCheckpoint`; the samples use
     the key ``PRNGKey(config.seed + 1)``, so the figures are reproducible. They
@@ -592,7 +647,16 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
             "weights": checkpoint.weights_used}
     with open(os.path.join(workdir, "sampling.json"), "w") as f:
         json.dump(info, f, indent=2)
+    num_classes = int(config.model.get("num_classes", 0))
+    if num_classes:  # one row per class, chosen rather than cherry-picked, at the config's guidance scale
+        digits = np.repeat(np.arange(num_classes), config.sampling.grid_size)
+        by_class = np.asarray(sample(checkpoint, grid_key, len(digits), labels=digits))
+        plotting.save_grid(by_class, os.path.join(workdir, "samples_by_class.png"), nrow=config.sampling.grid_size)
+        info["guidance_scale"] = float(config.sampling.guidance_scale)
     also = " (EMA weights; samples_raw.png: the raw weights)" if checkpoint.weights_used == "ema" else ""
+    if num_classes:
+        also += (f"; samples.png is unconditional (the null label), samples_by_class.png has one row per class "
+                 f"(classifier-free guidance w={config.sampling.guidance_scale:g})")
     print(f"wrote {workdir}/samples.png and reverse_process.png{also} ({n_grid} samples in {seconds:.1f} s)",
           flush=True)
     return info

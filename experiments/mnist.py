@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="config train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (config train.learning_rate)")
     p.add_argument("--seed", type=int, default=None, help="config seed")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="train a class-conditional network (model.num_classes=10, labels dropped with probability "
+                        "train.p_uncond) for choosing digits and classifier-free guidance")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set diffusion.schedule=linear "
                         "--set diffusion.num_timesteps=1000 --set model.base_channels=32 (repeatable)")
@@ -83,6 +86,8 @@ def apply_override(config, assignment: str) -> None:
 
 def build_config(args: argparse.Namespace):
     config = configs_lib.get_config(args.preset or default_preset())
+    if args.class_conditional:
+        config.model.num_classes = 10
     for assignment in args.overrides:
         apply_override(config, assignment)
     if args.steps is not None:
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        images, _ = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        images, labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
     except (data_lib.DatasetNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
     try:
-        train_lib.train_and_evaluate(config, args.workdir, images=images, progress=not args.no_progress)
+        train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
+                                     progress=not args.no_progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

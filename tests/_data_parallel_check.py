@@ -15,7 +15,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import parallel  # noqa: E402
-from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler  # noqa: E402
+from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler
+from ddpm_jax.guidance import GuidanceInputs  # noqa: E402
 from ddpm_jax.configs import get_config, schedule_from_config  # noqa: E402
 from ddpm_jax.models import build_model  # noqa: E402
 from ddpm_jax.sampling import make_ancestral_sampler  # noqa: E402
@@ -57,7 +58,7 @@ def main():
     checkpoint = DiffusionCheckpoint.from_train_state(states["one"], config)
     sampler = _compiled_sampler(json.dumps(checkpoint.config.to_dict(), sort_keys=True), 8, "beta", "x0_clip", 0)
     key = jax.random.PRNGKey(5)
-    sharded = sampler(checkpoint.variables, key)
+    sharded = sampler(GuidanceInputs(checkpoint.variables), key)
     results["sample_shards"] = [list(s.data.shape) for s in sharded.addressable_shards]
     model = build_model(config.model)
     mesh1 = parallel.make_mesh(jax.devices()[:1])

@@ -56,3 +56,105 @@ def test_suite_table_prints_ratios_and_survives_failed_peers(capsys):
     assert "2.00" in torch_line and "No module" in torch_line
     few_line = [line for line in out.splitlines() if line.startswith("torch port")][1]
     assert "100.00" in few_line and "3.00" in few_line
+
+
+def test_ours_guidance_times_both_scales(capsys):
+    assert ours.main(["guidance", "--preset", "tiny", "--n", "4", "--guidance-scale", "1"]) == 0
+    r = _last_json(capsys)
+    assert r["num_classes"] == 10 and r["guidance_scale"] == 1.0 and r["n"] == 4 and r["T"] == 10
+    assert r["samples_per_s"] > 0 and r["guided_samples_per_s"] > 0 and r["guided_time_ratio"] > 0
+
+
+def test_cpu_plan_has_the_guidance_row():
+    jobs = suite.plan(quick=False)
+    guidance = [job for job in jobs if job[1] == "guidance"]
+    assert [(preset, label) for preset, _, label, *_ in guidance] == [("cpu", "ours")]
+    assert guidance[0][4][:3] == ["guidance", "--preset", "cpu"]
+
+
+def test_gpu_plan_runs_the_peers_on_cuda_at_a_gpu_batch():
+    jobs = suite.gpu_plan(quick=False, compile_cache="/tmp/cache")
+    labels = {(preset, task, label) for preset, task, label, *_ in jobs}
+    for task, label in [("train", "ours"), ("train", "torch port"), ("train", "ours, bf16"),
+                        ("train", "torch port, bf16"), ("sample", "ours"), ("sample", "torch port"),
+                        ("sample10", "ours"), ("sample10", "torch port"), ("guidance", "ours")]:
+        assert ("seed", task, label) in labels
+    for task in ("train", "sample"):
+        assert ("cpu", task, "ours") in labels and ("cpu", task, "torch port") in labels
+    assert not any("YNN" in label or "before" in label for *_, label in labels)
+    assert jobs[0][:3] == ("seed", "train", "ours")  # most wanted first: the budget cuts the tail
+    for preset, task, label, module, args, env in jobs:
+        assert env["DDPM_JAX_KEEP_XLA_FLAGS"] == "1"
+        if module == "benchmarks.peers":
+            assert args[args.index("--device") + 1] == "cuda" and "--json" in args
+            assert "JAX_COMPILATION_CACHE_DIR" not in env
+        else:
+            assert env["JAX_COMPILATION_CACHE_DIR"] == "/tmp/cache"
+        if task == "train":
+            assert args[args.index("--batch") + 1] == str(suite.GPU_BATCH)
+            assert args[args.index("--steps") + 1] == str(suite.GPU_STEPS)
+            assert ("bf16" in label) == ("bfloat16" in args or "bf16" in args)
+        else:
+            assert args[args.index("--n") + 1] == str(suite.GPU_BATCH)
+    assert "JAX_COMPILATION_CACHE_DIR" not in suite.gpu_plan(quick=True, compile_cache="")[0][5]
+
+
+def test_run_jobs_skips_missing_diffusers_and_jobs_past_the_budget(monkeypatch, capsys):
+    jobs = [job for job in suite.plan(quick=True) if job[0] == "seed"]
+    ran = []
+
+    def runner(module, args, timeout, env):
+        ran.append(args[0])
+        return {"train_images_per_s": 1.0, "samples_per_s": 1.0, "process_seconds": 0.0}
+
+    monkeypatch.setattr(suite, "diffusers_available", lambda: False)
+    written = []
+    rows = suite.run_jobs(jobs, ("seed",), 10, None, runner, on_row=lambda rows: written.append(len(rows)))
+    assert len(rows) == len(jobs) and written == list(range(1, len(jobs) + 1))
+    skipped = [r for r in rows if r.get("skipped")]
+    assert {r["label"] for r in skipped} == {"diffusers"} and not any(a.startswith("diffusers") for a in ran)
+    suite.print_tables(rows, peak=100.0)
+    out = capsys.readouterr().out
+    assert "skipped: seed train diffusers: diffusers is not installed" in out
+    assert next(line for line in out.splitlines() if line.startswith("diffusers")).split()[1] == "skipped"
+
+    ran.clear()
+    rows = suite.run_jobs(jobs, ("seed",), 10, budget=0, runner=runner)
+    assert not ran and all(r.get("skipped") for r in rows)
+    assert suite.run_jobs(jobs, ("cpu",), 10, runner=runner) == []
+
+
+def test_gpu_tables_show_tflops_bf16_ratios_and_guidance(capsys):
+    rows = [
+        {"preset": "seed", "task": "train", "label": "ours", "train_images_per_s": 20000.0, "flops_per_image": 1e9,
+         "first_step_seconds": 30.0, "device_peak_mb": 5000},
+        {"preset": "seed", "task": "train", "label": "torch port", "train_images_per_s": 10000.0,
+         "device_peak_mb": 7000},
+        {"preset": "seed", "task": "train", "label": "ours, bf16", "train_images_per_s": 40000.0},
+        {"preset": "seed", "task": "train", "label": "torch port, bf16", "train_images_per_s": 10000.0},
+        {"preset": "seed", "task": "train", "label": "diffusers", "skipped": "diffusers is not installed"},
+        {"preset": "seed", "task": "sample", "label": "ours", "samples_per_s": 500.0},
+        {"preset": "seed", "task": "guidance", "label": "ours", "samples_per_s": 400.0,
+         "guided_samples_per_s": 250.0, "guided_time_ratio": 1.6},
+        {"preset": "cpu", "task": "train", "label": "ours", "skipped": "over the time budget (210 s)"},
+    ]
+    sizes = {preset: (suite.GPU_BATCH, suite.GPU_BATCH) for preset in suite.PRESETS}
+    suite.print_tables(rows, None, sizes, suite.GPU_LABELS)
+    out = capsys.readouterr().out
+    lines = {}  # the first line of each label: the seed preset's main table
+    for line in out.splitlines():
+        if line[:1].isalpha():
+            lines.setdefault(line.split("  ")[0], line)
+    assert "TFLOP/s" in out and "GPU peak MB" in out and "batch 1000) and 1000 samples" in out
+    assert lines["ours"].split()[4] == "20.0" and lines["ours"].split()[-1] == "5000"  # 2e4 img/s x 1 GFLOP
+    assert lines["torch port"].split()[2:4] == ["10000.0", "2.00"]
+    assert lines["torch port, bf16"].split()[3:5] == ["10000.0", "4.00"]  # compared with ours, bf16
+    assert "skipped" in lines["diffusers"]
+    guided = next(line for line in out.splitlines() if line.startswith("ours") and "1.60" in line)
+    assert "400.00" in guided and "250.00" in guided
+    assert "skipped: cpu train ours: over the time budget (210 s)" in out
+
+
+def test_gpu_suite_without_a_gpu_is_refused(capsys):
+    assert suite.main(["--device", "gpu", "--out", "/dev/null"]) == 2
+    assert "--device gpu: JAX's default backend is 'cpu'" in capsys.readouterr().err

@@ -1,5 +1,9 @@
 """The PyTorch peers of benchmarks/peers.py: the port matches ReportUNet (counts, shapes, outputs)."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +127,34 @@ def test_diffusers_peer_size():
     unet, scheduler = peers._diffusers_unet_and_scheduler(100)
     assert peers.count_params(unet) == peers.DIFFUSERS_PARAMS
     assert len(scheduler.timesteps) == 100
+
+
+def test_device_defaults_to_cpu(capsys):
+    assert peers.build_parser().parse_args(["torch-train"]).device == "cpu"
+    assert peers.main(["torch-train", "--json", "--base-channels", "4", "--levels", "2", "--output-head", "conv",
+                       "--image-size", "28", "--batch", "2", "--steps", "1", "--warmup-steps", "0",
+                       "--num-timesteps", "5"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["device"] == "cpu" and r["amp"] is None and r["threads"] >= 1 and "device_peak_mb" not in r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        peers.main(["torch-train", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this PyTorch" in err and "sees no CUDA device" in err and "Traceback" not in err
+    # As the suite runs it: its own process, whose last stderr line is the row's error.
+    out = subprocess.run([sys.executable, "-m", "benchmarks.peers", "torch-sample", "--device", "cuda", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "sees no CUDA device" in out.stderr.strip().splitlines()[-1]
+
+
+def test_amp_bf16_train_step_and_its_scope():
+    train = peers.torch_train_throughput(4, 2, "conv", 28, batch=2, steps=1, warmup_steps=0, num_timesteps=5,
+                                         amp=True)
+    assert train["amp"] == "bf16" and train["device"] == "cpu" and train["train_images_per_s"] > 0
+    with pytest.raises(SystemExit):
+        peers.main(["torch-sample", "--amp", "bf16"])

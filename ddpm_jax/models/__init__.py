@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.models.ddpm_unet import DDPMUNet
 from ddpm_jax.models.layers import CONV_IMPLS, Conv3x3, UpConv2x2
-from ddpm_jax.models.unet import ReportUNet, TimeConditionedBlock, sinusoidal_embedding
+from ddpm_jax.models.unet import LabelEmbedding, ReportUNet, TimeConditionedBlock, sinusoidal_embedding
 
 MODEL_NAMES: tuple[str, ...] = ("report_unet", "ddpm_unet")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -33,7 +33,7 @@ def build_model(model_config) -> nn.Module:
         raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}.")
     # What every network takes alike: its output channels and how it computes.
     common = {"out_channels": output_channels(model_config), "dtype": COMPUTE_DTYPES[compute_dtype],
-              "conv_impl": conv_impl}
+              "conv_impl": conv_impl, "num_classes": int(model_config.get("num_classes", 0))}
     if name == "report_unet":
         return ReportUNet(
             base_channels=model_config.base_channels,
@@ -59,6 +59,7 @@ def build_model(model_config) -> nn.Module:
 __all__ = [
     "COMPUTE_DTYPES",
     "DDPMUNet",
+    "LabelEmbedding",
     "CONV_IMPLS",
     "MODEL_NAMES",
     "Conv3x3",

@@ -9,7 +9,9 @@ convolutions are slow), skip connections from every block of the encoder.
 The time embedding is the sinusoidal one of the report's U-Net through a
 two-layer MLP (width 4 x base channels).
 
-Like the report's U-Net it knows nothing of diffusion: ``(x, t) -> (B, H, W, out)``.
+Like the report's U-Net it knows nothing of diffusion: ``(x, t) -> (B, H, W, out)``;
+with ``num_classes > 0`` it also takes labels ``y``, embedded and added to the
+time embedding after its MLP (as improved-diffusion's ``label_emb``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddpm_jax.models.layers import Conv3x3
-from ddpm_jax.models.unet import sinusoidal_embedding
+from ddpm_jax.models.unet import LabelEmbedding, check_labels_fit, sinusoidal_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -79,6 +81,8 @@ class DDPMUNet(nn.Module):
       attention_resolutions: feature-map sizes (height) at which blocks are followed by self-attention.
       dropout: rate inside every residual block (training only; needs a ``'dropout'`` rng).
       out_channels: output channels; ``None`` means the input's (2x for a learned variance).
+      num_classes: 0 (unconditional) or the number of classes of the labels ``y`` it takes
+        (:class:`ddpm_jax.models.unet.LabelEmbedding`; ``y=None`` is the null label).
     """
 
     base_channels: int = 32
@@ -91,11 +95,13 @@ class DDPMUNet(nn.Module):
     out_channels: int | None = None
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False):
+    def __call__(self, x, t, y=None, train: bool = False):
         chex.assert_rank(x, 4)
         chex.assert_shape(t, (x.shape[0],))
+        check_labels_fit(y, self.num_classes, "DDPMUNet")
         batch, height, width, channels = x.shape
         factor = 2 ** (len(self.channel_mult) - 1)
         if height % factor or width % factor:
@@ -104,6 +110,8 @@ class DDPMUNet(nn.Module):
         emb_dim = 4 * self.base_channels
         emb = sinusoidal_embedding(t, self.base_channels).astype(self.dtype)
         emb = nn.Dense(emb_dim, dtype=self.dtype)(nn.silu(nn.Dense(emb_dim, dtype=self.dtype)(emb)))
+        if self.num_classes:
+            emb = emb + LabelEmbedding(self.num_classes, emb_dim, self.dtype, name="label_embedding")(y, batch)
         block = lambda features: ResidualBlock(features, self.dropout, self.groups, self.dtype, self.conv_impl)  # noqa: E731
         attention = lambda: AttentionBlock(self.num_heads, self.groups, self.dtype)  # noqa: E731
 

@@ -19,7 +19,9 @@ The reading that gives exactly the report's 12,552,848 parameters:
 * a final block 32 -> 1 whose last LeakyReLU is left out, so eps can be negative.
 
 The network knows nothing about diffusion: it maps ``(x, t)`` to an array of
-``x``'s shape, with ``t`` fed only through the embedding.
+``x``'s shape, with ``t`` fed only through the embedding. A class-conditional
+network (``num_classes > 0``, not in the report) also takes a label ``y`` whose
+learned embedding is added to the time embedding (:class:`LabelEmbedding`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0)
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class LabelEmbedding(nn.Module):
+    """A learned embedding of class labels, for adding to a time embedding.
+
+    ``num_classes + 1`` rows: labels ``0..num_classes-1`` and the null label
+    ``num_classes`` ("no label", what classifier-free guidance's unconditional
+    prediction sees). ``y=None`` means the null label for the whole batch.
+    ``y``: int ``(B,)`` -> ``(B, features)``.
+    """
+
+    num_classes: int
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jnp.ndarray | None, batch: int) -> jnp.ndarray:
+        if y is None:
+            y = jnp.full((batch,), self.num_classes, dtype=jnp.int32)
+        chex.assert_shape(y, (batch,))
+        return nn.Embed(self.num_classes + 1, self.features, dtype=self.dtype, name="embedding")(y)
+
+
+def check_labels_fit(y, num_classes: int, network: str) -> None:
+    """A network built without classes refuses labels, rather than silently ignoring them."""
+    if y is not None and not num_classes:
+        raise ValueError(f"this {network} was built without classes (model.num_classes=0), so it takes no labels; "
+                         "train a class-conditional one with --set model.num_classes=10.")
 
 
 class TimeConditionedBlock(nn.Module):
@@ -100,9 +130,13 @@ class ReportUNet(nn.Module):
         stay float32 and the output is float32.
       conv_impl: how convolutions are computed (``'auto'``, ``'xla'``, ``'matmul'``;
         see :mod:`ddpm_jax.models.layers`): same parameters, same outputs.
+      num_classes: 0 for an unconditional network; otherwise labels ``y`` in
+        ``0..num_classes-1`` (or the null label ``num_classes``) are embedded and
+        added to the time embedding every block sees.
 
     Call: ``x`` ``(B, H, W, C)`` float (data in [-1, 1], NHWC), ``t`` int ``(B,)``
-    0-based timesteps, ``train`` (BatchNorm uses batch statistics and updates
+    0-based timesteps, ``y`` int ``(B,)`` labels or None (the null label),
+    ``train`` (BatchNorm uses batch statistics and updates
     ``batch_stats`` when True, running averages when False) -> ``(B, H, W, out)``.
     """
 
@@ -113,11 +147,14 @@ class ReportUNet(nn.Module):
     output_head: str = "block"
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
+                 train: bool = False) -> jnp.ndarray:
         chex.assert_rank(x, 4)
         chex.assert_shape(t, (x.shape[0],))
+        check_labels_fit(y, self.num_classes, "ReportUNet")
         batch, height, width, channels = x.shape
         factor = 2**self.levels
         if height % factor or width % factor:
@@ -129,6 +166,8 @@ class ReportUNet(nn.Module):
             features, dtype=self.dtype, conv_impl=self.conv_impl, **kw
         )
         emb = sinusoidal_embedding(t, self.time_embed_dim)
+        if self.num_classes:
+            emb = emb + LabelEmbedding(self.num_classes, self.time_embed_dim, name="label_embedding")(y, batch)
 
         h = x.astype(self.dtype)
         skips = []
