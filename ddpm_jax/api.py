@@ -399,7 +399,8 @@ def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifi
             or not np.isfinite(scale) or scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0 (0: no guidance), got {scale!r}.")
     if guidance == "classifier":
-        return ("labels" if num_classes else "none"), 0.0, float(scale)
+        # s = 0 shifts nothing: skip the classifier's gradient (the samples are the same, bit for bit).
+        return ("labels" if num_classes else "none"), 0.0, (float(scale) if scale else None)
     # w = 0 is the conditional prediction alone: one network call per step instead of two.
     return ("classifier_free" if scale else "labels"), float(scale), None
 
