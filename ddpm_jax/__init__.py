@@ -5,7 +5,7 @@ Notebook use::
     import jax, ddpm_jax
     params = ddpm_jax.load_checkpoint("runs/mnist")
     images = ddpm_jax.sample(params, jax.random.PRNGKey(0), 16)  # (16, 28, 28, 1) in [-1, 1]
-    sevens = ddpm_jax.sample(params, key, 16, labels=7)  # a class-conditional run (--class-conditional)
+    sevens = ddpm_jax.sample(params, jax.random.PRNGKey(1), 16, labels=7)  # a --class-conditional run
 
 Timesteps are 0-based indices ``0..T-1`` everywhere (index ``i`` is the
 paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.

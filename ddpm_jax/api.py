@@ -237,8 +237,9 @@ def sample(
         is given to an unconditional network): each step's mean moves by s Sigma grad log
         p(y | x_t, t) of ``classifier`` (Dhariwal & Nichol 2021); on a class-conditional network
         it guides the conditional prediction.
-      guidance_scale: w, or s for classifier guidance; default from the config
-        (``sampling.guidance_scale``, 0: plain conditional sampling; ``sampling.classifier_scale``).
+      guidance_scale: w, or s for classifier guidance (0: no guidance; w = 0 is plain conditional
+        sampling); default from the config: ``sampling.guidance_scale`` (1) or
+        ``sampling.classifier_scale`` (32), the lowest FIDs of ``python -m experiments.guidance``.
       classifier: a noise-aware classifier trained on this run's schedule
         (:func:`ddpm_jax.noisy_classifier.load_noisy_classifier`), for classifier guidance.
       steps: reverse steps K (default: all T the network was trained with). With K < T the
@@ -261,7 +262,8 @@ def sample(
 
     Returns:
       float32 ``(n, 28, 28, 1)`` images in [-1, 1] (NHWC; map to pixels with
-      ``(x + 1) * 127.5``); with ``labels``, image ``i`` was asked to be digit ``labels[i]``. With ``return_every=k``: ``(images, frames)``, frames
+      ``(x + 1) * 127.5``); with ``labels``, image ``i`` was asked to be digit ``labels[i]``.
+      With ``return_every=k``: ``(images, frames)``, frames
       ``(F, n, 28, 28, 1)`` from pure noise x_T to x_0 (see
       :func:`ddpm_jax.sampling.make_ancestral_sampler`).
     """
@@ -369,8 +371,8 @@ def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifi
         if not num_classes:
             raise ValueError(
                 "labels were given, but this network was trained without them (model.num_classes=0) and no "
-                "classifier was given. Either train a class-conditional network (python -m experiments.mnist --set "
-                "model.num_classes=10) or steer this one with a noise-aware classifier: classifier="
+                "classifier was given. Either train a class-conditional network (python -m experiments.mnist "
+                "--class-conditional) or steer this one with a noise-aware classifier: classifier="
                 "ddpm_jax.noisy_classifier.load_noisy_classifier(...) (python -m experiments.noisy_classifier "
                 "--workdir RUN trains one).")
         raise ValueError("guidance='classifier' needs classifier= (a noise-aware classifier, "
@@ -379,7 +381,7 @@ def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifi
         if not num_classes:
             raise ValueError(
                 "guidance='classifier_free' needs a class-conditional network, and this one was trained without "
-                "labels (model.num_classes=0); train one with --set model.num_classes=10, or use guidance="
+                "labels (model.num_classes=0); train one with --class-conditional, or use guidance="
                 "'classifier' with a noise-aware classifier.")
         if classifier is not None:
             raise ValueError("classifier= is used by guidance='classifier' only; drop it, or pass "
@@ -392,8 +394,9 @@ def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifi
         classifier_classes = int(classifier.config.model.num_classes)
         valid_classes = min(num_classes, classifier_classes) if num_classes else classifier_classes
     _check_labels(labels, n, valid_classes)
-    default = config.sampling.get("classifier_scale" if guidance == "classifier" else "guidance_scale",
-                                  1.0 if guidance == "classifier" else 0.0)
+    # Configs saved before these fields take today's defaults.
+    default = config.sampling.get("classifier_scale", 32.0) if guidance == "classifier" else \
+        config.sampling.get("guidance_scale", 1.0)
     scale = default if guidance_scale is None else guidance_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
             or not np.isfinite(scale) or scale < 0:

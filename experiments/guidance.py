@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier-run", default=None,
                    help="an unconditional run holding a noise-aware classifier (RUN/noisy_classifier, from "
                         "python -m experiments.noisy_classifier): adds classifier-guidance rows")
-    p.add_argument("--classifier-scales", type=float, nargs="+", default=[0.0, 1.0, 4.0, 16.0],
+    p.add_argument("--classifier-scales", type=float, nargs="+", default=[0.0, 1.0, 4.0, 16.0, 32.0],
                    help="classifier guidance scales s (default: %(default)s; s=0 is the unconditional run itself)")
     p.add_argument("--num-samples", type=int, default=2_000,
                    help="samples per variant, the digits asked for in turn (default: %(default)s)")

@@ -50,20 +50,23 @@ def test_drop_labels_replaces_labels_by_the_null_label_at_rate_p_uncond():
     np.testing.assert_array_equal(kept, labels)
 
 
-def _step_loss(config, labels):
+def _step_losses(config, *label_sets):
+    """The first train step's loss for each set of labels (one compiled step)."""
     state = create_train_state(config)
     batch = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (8, 28, 28, 1)), jnp.float32)
-    _, metrics = jax.jit(lambda s, b, y: train_step(s, b, schedule_from_config(config), y))(state, batch, labels)
-    return float(metrics["loss"])
+    step = jax.jit(lambda s, b, y: train_step(s, b, schedule_from_config(config), y)[1]["loss"])
+    return [float(step(state, batch, labels)) for labels in label_sets]
 
 
 def test_train_step_conditions_on_labels_unless_they_are_all_dropped():
     a, b = jnp.zeros((8,), jnp.int32), jnp.full((8,), 7, jnp.int32)
     config = _config()
     config.train.p_uncond = 0.0
-    assert _step_loss(config, a) != _step_loss(config, b)  # the labels reach the network
+    loss_a, loss_b = _step_losses(config, a, b)
+    assert loss_a != loss_b  # the labels reach the network
     config.train.p_uncond = 0.999999
-    assert _step_loss(config, a) == _step_loss(config, b)  # every label became the null label
+    loss_a, loss_b = _step_losses(config, a, b)
+    assert loss_a == loss_b  # every label became the null label
 
 
 def test_train_step_needs_labels_for_a_conditional_network_and_refuses_them_otherwise():
