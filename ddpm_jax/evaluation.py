@@ -107,6 +107,20 @@ def cached_features(
     return probs, features
 
 
+def real_image_floor(network: FeatureNetwork, train_images: np.ndarray, n: int, reference_features: np.ndarray,
+                     cache_dir: str | os.PathLike | None = None, **measure_kwargs) -> tuple[dict, np.ndarray, np.ndarray]:
+    """What a perfect model scores at ``n`` samples: :func:`measure` of ``n`` real training images.
+
+    The images are a fixed random subset (seed 0, at most all of them), so every evaluation
+    at the same ``n`` compares against the same floor. Returns ``(metrics, indices, probs)``:
+    the subset's indices into ``train_images`` and its class probabilities.
+    """
+    n = min(n, len(train_images))
+    indices = np.sort(np.random.default_rng(0).permutation(len(train_images))[:n])
+    probs, features = cached_features(network, train_images[indices], cache_dir)
+    return measure(probs, features, reference_features, **measure_kwargs), indices, probs
+
+
 def measure(
     probs: np.ndarray,
     features: np.ndarray,

@@ -98,10 +98,9 @@ def main(argv=None) -> int:
     test_probs, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
 
     # The floor: real training images (as many as samples, a fixed random subset) against the same reference.
-    floor_n = min(args.num_samples, len(train_images))
-    floor_idx = np.sort(np.random.default_rng(0).permutation(len(train_images))[:floor_n])
-    floor_probs, floor_features = evaluation.cached_features(network, train_images[floor_idx], args.cache_dir)
-    floor = evaluation.measure(floor_probs, floor_features, test_features, threshold=args.threshold)
+    floor, floor_idx, _ = evaluation.real_image_floor(network, train_images, args.num_samples, test_features,
+                                                      args.cache_dir, threshold=args.threshold)
+    floor_n = len(floor_idx)
     test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
                                     precision_recall=False)
 

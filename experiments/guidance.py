@@ -180,10 +180,9 @@ def main(argv=None) -> int:
     network = load_or_train_feature_network(train_images, train_labels, test_images, test_labels,
                                             cache_dir=args.cache_dir, progress=progress)
     _, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
-    floor_n = min(args.num_samples, len(train_images))
-    floor_idx = np.sort(np.random.default_rng(0).permutation(len(train_images))[:floor_n])
-    floor_probs, floor_features = evaluation.cached_features(network, train_images[floor_idx], args.cache_dir)
-    floor = evaluation.measure(floor_probs, floor_features, test_features)
+    floor, floor_idx, floor_probs = evaluation.real_image_floor(network, train_images, args.num_samples,
+                                                                test_features, args.cache_dir)
+    floor_n = len(floor_idx)
     floor["accuracy"] = label_accuracy(floor_probs, train_labels[floor_idx])
 
     steps = args.steps or config.diffusion.num_timesteps
