@@ -138,9 +138,8 @@ def denoiser_fn(model_config, with_learned_variance: bool):
     ``with_learned_variance`` it is returned whole, otherwise (DDIM, a fixed
     variance) its eps half alone. Other networks return eps either way.
     """
-    model = build_model(model_config)
-    split = bool(model_config.get("learn_variance", False)) and not with_learned_variance
-    return lambda variables, x, t: _eps_half(model.apply(variables, x, t, train=False), split)
+    fn = guided_denoiser_fn(model_config, with_learned_variance, "none")
+    return lambda variables, x, t: fn(GuidanceInputs(variables), x, t)
 
 
 def guided_denoiser_fn(model_config, with_learned_variance: bool, conditioning: str):

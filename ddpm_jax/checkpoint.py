@@ -36,6 +36,13 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
     return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+    """A manager that only reads ``WORKDIR/checkpoints`` (never creates, cleans or deletes anything)."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
 def _item_handlers() -> dict:
     # Named handlers (rather than item names alone) let Orbax read either item's metadata without a restore.
     return {_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()}
@@ -181,8 +188,7 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
             f"no checkpoints in {workdir!r} (looked for {directory}); train one with "
             f"`python -m experiments.mnist --workdir {workdir}`."
         )
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-                                    item_handlers=_item_handlers())
+    manager = read_only_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise FileNotFoundError(

@@ -37,8 +37,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax.checkpoint import config_differences, on_local_device
+from ddpm_jax.checkpoint import config_differences
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.diffusion import q_sample
 from ddpm_jax.guidance import GuidanceInputs, classifier_grad_fn
@@ -62,10 +63,8 @@ __all__ = [
     "train_noisy_classifier",
 ]
 
-CHECKPOINT_SUBDIR = "checkpoints"
 DEFAULT_SUBDIR = "noisy_classifier"  # where the command line puts a run's classifier: RUN/noisy_classifier
 NUM_QUARTERS = 4  # accuracy is reported per quarter of the timestep range, as train.py reports the loss
-_STATE, _CONFIG = "state", "config"
 # Stream ids folded into the run's key, so data order, training noise and evaluation noise never share numbers.
 _DATA_STREAM, _NOISE_STREAM, _EVAL_STREAM = 0, 1, 2
 # Fields that may change between a run and its resumption: they steer the loop or the learning rate,
@@ -449,20 +448,8 @@ def _validate(config: ml_collections.ConfigDict, num_examples: int) -> None:
     jax.eval_shape(lambda: create_train_state(config))
 
 
-def _manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
-    # Saves are written to a temporary directory and renamed when complete; latest_step() sees only complete
-    # ones, and a killed run's leftover temporary directory is deleted when the next manager opens the folder.
-    options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0) if read_only else
-               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True))
-    return ocp.CheckpointManager(
-        directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler()},
-    )
-
-
 def _restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-    restored = manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+    restored = ckpt_lib.restore_config(manager, step)
     if "stage_channels" not in restored.get("model", {}):
         # The same layout as a diffusion run's checkpoints: say so rather than fail on mismatched arrays.
         run = os.path.dirname(str(manager.directory))
@@ -470,20 +457,12 @@ def _restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections
             f"{manager.directory} holds checkpoints of a diffusion run, not of a noisy classifier; its classifier "
             f"goes in {os.path.join(run, DEFAULT_SUBDIR)}."
         )
-    return ml_collections.ConfigDict(restored)
+    return restored
 
 
 def _restore_state(manager: ocp.CheckpointManager, step: int, config) -> ClassifierTrainState:
     # The state's structure (optimizer state included) follows from the config alone.
-    abstract = on_local_device(jax.eval_shape(lambda: create_train_state(config)))
-    return manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
-
-
-def _save(manager: ocp.CheckpointManager, state: ClassifierTrainState, config) -> None:
-    step = int(state.step)
-    if step not in manager.all_steps():
-        manager.save(step, args=ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _CONFIG: ocp.args.JsonSave(config.to_dict())}))
+    return ckpt_lib.restore_state(manager, step, jax.eval_shape(lambda: create_train_state(config)))
 
 
 def _resume(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> ClassifierTrainState | None:
@@ -538,7 +517,7 @@ def train_noisy_classifier(
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     schedule = schedule_from_config(config)
-    manager = _manager(workdir, config.train.keep_checkpoints)
+    manager = ckpt_lib.make_manager(workdir, config)
     state = _resume(manager, config)
     logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"))
     logger.truncate_after(int(state.step) if state is not None else 0)  # lines past the checkpoint are redone
@@ -582,12 +561,12 @@ def train_noisy_classifier(
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
                 if done % tc.checkpoint_every == 0 or done == end or stop.signum is not None:
-                    _save(manager, state, config)
+                    ckpt_lib.save(manager, state, config)  # the same layout as a diffusion run's
                 if bar is not None:
                     bar.update(1)
                 if stop.signum is not None:
                     manager.wait_until_finished()
-                    raise TrainingInterrupted(stop.signum, done, os.path.join(str(manager.directory), str(done)))
+                    raise TrainingInterrupted(stop.signum, done, ckpt_lib.step_directory(manager, done))
     finally:
         if bar is not None:
             bar.close()
@@ -624,14 +603,14 @@ def load_noisy_classifier(workdir: str, step: int | None = None) -> NoisyClassif
 
     Raises FileNotFoundError naming the folder and the command that trains one if there is none.
     """
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    directory = os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINT_SUBDIR)
     run = os.path.dirname(os.path.abspath(workdir))
     command = (f"`python -m experiments.noisy_classifier --workdir {run}`"
                if os.path.basename(os.path.abspath(workdir)) == DEFAULT_SUBDIR
                else f"`python -m experiments.noisy_classifier --workdir RUN --out {workdir}`")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no noisy classifier in {workdir!r} (looked for {directory}); train one with {command}.")
-    manager = _manager(workdir, 1, read_only=True)
+    manager = ckpt_lib.read_only_manager(workdir)
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():

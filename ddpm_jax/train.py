@@ -237,11 +237,6 @@ def batch_indices(key: jax.Array, num_examples: int, step: jnp.ndarray, batch_si
     return jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
 
 
-def draw_batch(key: jax.Array, images: jnp.ndarray, step: jnp.ndarray, batch_size: int) -> jnp.ndarray:
-    """The ``step``-th batch of ``images`` in the order of :func:`batch_indices`."""
-    return images[batch_indices(key, images.shape[0], step, batch_size)]
-
-
 def make_dataset_train_step(
     config: ml_collections.ConfigDict, schedule: DiffusionSchedule, mesh: jax.sharding.Mesh | None = None
 ):
