@@ -45,6 +45,9 @@ from ddpm_jax.train import count_params, create_train_state, make_dataset_train_
 
 def _config(args):
     config = get_config(args.preset)
+    # The network alone, as the torch port has it: the cpu preset's label embedding (a table lookup added
+    # to the time embedding) is left out of the train and sample rows; the guidance row measures it.
+    config.model.num_classes = 0
     config.model.conv_impl = args.conv_impl
     config.model.compute_dtype = args.compute_dtype
     if args.batch:

@@ -15,7 +15,7 @@ from ddpm_jax import xla_cpu
 
 xla_cpu.prefer_eigen_convolutions()  # before any device is used; see ddpm_jax/xla_cpu.py
 
-from ddpm_jax.api import DiffusionCheckpoint, sample  # noqa: E402
+from ddpm_jax.api import DiffusionCheckpoint, prior_labels, sample  # noqa: E402
 from ddpm_jax import metrics
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.classifier import FeatureNetwork, load_or_train_feature_network
@@ -48,6 +48,7 @@ __all__ = [
     "p_mean",
     "p_variance",
     "predict_x0_from_eps",
+    "prior_labels",
     "q_posterior_mean",
     "q_sample",
     "sample",

@@ -125,6 +125,12 @@ SAMPLING_METHODS = ("ancestral", "ddim")
 # How labels steer sampling: a class-conditional network's own conditioning with classifier-free
 # guidance (Ho & Salimans 2022), or a noise-aware classifier's gradient (Dhariwal & Nichol 2021).
 GUIDANCE = ("classifier_free", "classifier")
+# What a class-conditional network draws when sample() is given no labels (config sampling.unconditional):
+# labels drawn from the training label frequencies, then guided ('label_prior'), or the null label ('null').
+UNCONDITIONAL_MODES = ("label_prior", "null")
+# Which statistics a BatchNorm network normalizes with while sampling (config sampling.batchnorm).
+BATCHNORM_MODES = ("running", "batch")
+_PRIOR_LABEL_STREAM = 0x6C61626C  # folded into sample()'s key for the labels it draws; x_T uses fold_in(key, b)
 
 
 def _eps_half(output, split: bool):
@@ -142,18 +148,27 @@ def denoiser_fn(model_config, with_learned_variance: bool):
     return lambda variables, x, t: fn(GuidanceInputs(variables), x, t)
 
 
-def guided_denoiser_fn(model_config, with_learned_variance: bool, conditioning: str):
+def guided_denoiser_fn(model_config, with_learned_variance: bool, conditioning: str, batchnorm: str = "running"):
     """The network as ``(inputs, x, t) -> output``, ``inputs`` a :class:`ddpm_jax.guidance.GuidanceInputs`.
 
     ``conditioning``: ``'none'`` (unconditional; a class-conditional network at its null label),
     ``'labels'`` (at ``inputs.labels``) or ``'classifier_free'`` (guided at ``inputs.scale``).
+    ``batchnorm``: ``'running'`` (BatchNorm's running averages, as networks are usually evaluated)
+    or ``'batch'`` (the statistics of the batch being denoised, all at one timestep while
+    sampling; the running averages are left as they are). Networks without BatchNorm ignore it.
     Output as :func:`denoiser_fn`'s.
     """
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batchnorm={batchnorm!r}; allowed: {', '.join(BATCHNORM_MODES)}.")
     model = build_model(model_config)
     learned = bool(model_config.get("learn_variance", False))
     split = learned and not with_learned_variance
     num_classes = int(model_config.get("num_classes", 0))
-    network = lambda variables, x, t, y=None: model.apply(variables, x, t, y=y, train=False)  # noqa: E731
+    def network(variables, x, t, y=None):
+        # Only a network with BatchNorm statistics runs in training mode (which would also turn on dropout).
+        if batchnorm == "batch" and variables.get("batch_stats"):
+            return model.apply(variables, x, t, y=y, train=True, mutable=["batch_stats"])[0]
+        return model.apply(variables, x, t, y=y, train=False)
     if conditioning == "none":
         fn = lambda inputs, x, t: network(inputs.variables, x, t)  # noqa: E731
     elif conditioning == "labels":
@@ -168,7 +183,7 @@ def guided_denoiser_fn(model_config, with_learned_variance: bool, conditioning: 
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, return_every: int,
                       steps: int | None = None, method: str = "ancestral", eta: float = 0.0,
-                      conditioning: str = "none", classifier_json: str | None = None):
+                      conditioning: str = "none", classifier_json: str | None = None, batchnorm: str = "running"):
     """One jitted ``sampler(GuidanceInputs, key)`` per (config, batch, options): built once, reused across calls.
 
     Labels and guidance scales are arguments, not constants: a sweep over them compiles once.
@@ -184,7 +199,7 @@ def _compiled_sampler(config_json: str, batch: int, variance: str, mean: str, re
         cond_fn = classifier_grad_fn(log_prob_fn(ml_collections.ConfigDict(json.loads(classifier_json))))
     with_learned_variance = method == "ancestral" and variance == "learned"
     common = dict(  # noqa: C408
-        eps_fn=guided_denoiser_fn(config.model, with_learned_variance, conditioning),
+        eps_fn=guided_denoiser_fn(config.model, with_learned_variance, conditioning, batchnorm),
         cond_fn=cond_fn,
         schedule=schedule_from_config(config, steps),
         shape=(batch, size, size, 1),
@@ -209,6 +224,8 @@ def sample(
     guidance: str | None = None,
     guidance_scale: float | None = None,
     classifier=None,
+    unconditional: str | None = None,
+    batchnorm: str | None = None,
     steps: int | None = None,
     method: str = "ancestral",
     eta: float = 0.0,
@@ -228,8 +245,8 @@ def sample(
       key: a PRNG key; the same key gives the same images.
       n: number of images.
       labels: which digits to draw: one int for all ``n`` images, or an int array of shape
-        ``(n,)``, each in ``0..num_classes-1``. None (the default) draws unconditionally; a
-        class-conditional network then uses its null label.
+        ``(n,)``, each in ``0..num_classes-1``. None (the default) draws unconditionally: a
+        class-conditional network then does what ``unconditional`` says.
       guidance: how the labels steer sampling. ``'classifier_free'`` (the default for a
         class-conditional network, ``model.num_classes > 0``): eps = (1 + w) eps(x, t, y) - w
         eps(x, t, null) (Ho & Salimans 2022). ``'classifier'`` (the default when ``classifier``
@@ -241,6 +258,16 @@ def sample(
         ``sampling.classifier_scale`` (32), the lowest FIDs of ``python -m experiments.guidance``.
       classifier: a noise-aware classifier trained on this run's schedule
         (:func:`ddpm_jax.noisy_classifier.load_noisy_classifier`), for classifier guidance.
+      unconditional: a class-conditional network without ``labels``: ``'label_prior'`` draws
+        each image's label from the training set's label frequencies (``data.label_frequencies``,
+        uniform if the config has none) with the key, then samples with classifier-free guidance
+        as if those labels were given (``guidance_scale`` applies): a draw from
+        p(x) = sum_y p(y) p_w(x | y), the best samples such a network makes. ``'null'`` samples
+        at the null label, unguided. Default: the config's ``sampling.unconditional``
+        (``'label_prior'``; ``'null'`` for runs saved before the field existed).
+      batchnorm: a BatchNorm network's statistics while sampling: ``'running'`` (its running
+        averages, collected over training batches of mixed timesteps) or ``'batch'`` (those of each
+        batch being denoised, one timestep at a time); default the config's ``sampling.batchnorm``.
       steps: reverse steps K (default: all T the network was trained with). With K < T the
         schedule is respaced to K evenly spaced training timesteps (Nichol & Dhariwal 2021).
       method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T)
@@ -304,6 +331,10 @@ def sample(
     elif eta:
         raise ValueError(f"eta={eta} applies to method='ddim' only.")
     steps = None if steps in (None, num_timesteps) else int(steps)
+    if labels is None:
+        labels = _prior_labels(config, key, n, unconditional, classifier)
+    elif unconditional is not None:
+        raise ValueError("unconditional= says what to draw when no labels are given; drop it, or drop labels=.")
     conditioning, scale, classifier_scale = _resolve_guidance(config, n, labels, guidance, guidance_scale, classifier)
     labels = None if labels is None else np.broadcast_to(np.asarray(labels, dtype=np.int32), (n,))
     learned_model = bool(config.model.get("learn_variance", False))
@@ -321,8 +352,11 @@ def sample(
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
     classifier_json = None if classifier_scale is None else _config_json(classifier.config.model)
+    batchnorm = batchnorm or config.sampling.get("batchnorm", "running")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batchnorm {batchnorm!r}; allowed: {', '.join(BATCHNORM_MODES)}.")
     sampler = _compiled_sampler(config_json, batch, variance, mean, return_every, steps, method, float(eta),
-                                conditioning, classifier_json)
+                                conditioning, classifier_json, batchnorm)
 
     num_batches = -(-n // batch)
     batches = range(num_batches)
@@ -349,6 +383,41 @@ def sample(
     if return_every:
         return images, jnp.concatenate(frames, axis=1)[:, :n]
     return images
+
+
+def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndarray | None:
+    """The digits ``sample(params, key, n)`` draws for a class-conditional network given no labels.
+
+    int32 ``(n,)``, or None where it draws none (an unconditional network, or
+    ``sampling.unconditional='null'``). For reading a grid, or counting what was asked for.
+    """
+    return _prior_labels(params.config, key, n, None, None)
+
+
+def _prior_labels(config, key: jax.Array, n: int, unconditional: str | None, classifier) -> np.ndarray | None:
+    """Labels for a class-conditional network sampled without them (``unconditional='label_prior'``), else None.
+
+    Drawn from ``fold_in(key, _PRIOR_LABEL_STREAM)``: the same key gives the same labels, and the
+    noise (which uses ``fold_in(key, b)``) is the one an explicit-labels call with that key draws.
+    """
+    num_classes = int(config.model.get("num_classes", 0))
+    mode = unconditional if unconditional is not None else config.sampling.get("unconditional", "null")
+    if mode not in UNCONDITIONAL_MODES:
+        raise ValueError(f"unknown unconditional={mode!r}; allowed: {', '.join(UNCONDITIONAL_MODES)}.")
+    if not num_classes:
+        if unconditional is not None:
+            raise ValueError("unconditional= applies to a class-conditional network (model.num_classes > 0); "
+                             "this one was trained without labels and always samples unconditionally.")
+        return None
+    if mode == "null" or classifier is not None:
+        return None
+    frequencies = np.asarray(config.data.get("label_frequencies", ()) or np.ones(num_classes), np.float64)
+    if frequencies.shape != (num_classes,) or (frequencies < 0).any() or not frequencies.sum() > 0:
+        raise ValueError(f"data.label_frequencies={tuple(frequencies)} is not a distribution over the "
+                         f"{num_classes} classes; sample with labels= or unconditional='null'.")
+    draw = jax.random.choice(jax.random.fold_in(key, _PRIOR_LABEL_STREAM), num_classes, (n,),
+                             p=jnp.asarray(frequencies / frequencies.sum(), jnp.float32))
+    return np.asarray(draw, np.int32)
 
 
 def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifier):

@@ -7,15 +7,21 @@ being repeated.
 
 Presets:
 
-* ``cpu``: the default on a machine without a GPU. The report's U-Net shrunk
-  to 16 base channels and 2 levels at 28x28 (no padding), ending in a plain
-  convolution instead of the report's one-channel final block (which alone
-  left the loss 1.6x higher and the samples unreadable at this size), cosine
-  T=100, 3,000 steps at batch 64: about 20 minutes on 2 CPU cores.
+* ``cpu``: the default on a machine without a GPU: the ``quick`` network made
+  class-conditional and trained 9,000 steps (about 18 minutes on 2 CPU cores).
+  ``sample()`` without labels draws each digit from the training label
+  frequencies and guides it (classifier-free, w = 0.5): the sweep of
+  ``python -m experiments.sweep`` found this the lever that buys the most
+  quality per CPU minute (README, "Quality per CPU minute").
+* ``quick``: the default before issue 13, for demos and tests. The report's
+  U-Net shrunk to 16 base channels and 2 levels at 28x28 (no padding), ending
+  in a plain convolution instead of the report's one-channel final block (which
+  alone left the loss 1.6x higher and the samples unreadable at this size),
+  unconditional, cosine T=100, 3,000 steps at batch 64: about 6 minutes.
 * ``seed``: the report's setup: its 12,552,848-parameter U-Net on MNIST padded
   to 32x32, cosine schedule with T=100, batch 1000, 2000 epochs (a GPU run;
   8 hours on the report's RTX 4070).
-* ``ddpm``: the ``cpu`` preset with Ho et al.'s U-Net (residual blocks, GroupNorm,
+* ``ddpm``: the ``quick`` preset with Ho et al.'s U-Net (residual blocks, GroupNorm,
   self-attention at 7x7, dropout 0.1) at 16 base channels in place of the report's.
 * ``tiny``: a few-second smoke test for tests and CI.
 """
@@ -28,7 +34,7 @@ import ml_collections
 
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
 
-PRESETS: tuple[str, ...] = ("cpu", "seed", "ddpm", "tiny")
+PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "tiny")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -46,6 +52,9 @@ def _base() -> ml_collections.ConfigDict:
     # Written by training, not set by hand: a content hash of the training images, so a
     # workdir holding a run on other data is refused instead of resumed with the wrong images.
     c.data.fingerprint = ""
+    # Written by training for a class-conditional run, not set by hand: the share of each class among the
+    # training labels, from which sample() draws labels when none are given (sampling.unconditional).
+    c.data.label_frequencies = ()
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # 'linear' | 'cosine'
@@ -89,6 +98,10 @@ def _base() -> ml_collections.ConfigDict:
     # Class-conditional networks only: each training label is replaced by the null label with this
     # probability, which trains the unconditional prediction classifier-free guidance needs.
     c.train.p_uncond = 0.1
+    # Per-timestep weighting of L_simple: 'none' (Ho et al.) or 'min_snr' (Hang et al. 2023: each image's
+    # eps-MSE weighted by min(SNR_t, gamma) / SNR_t, which down-weights the small-noise timesteps).
+    c.train.loss_weighting = "none"
+    c.train.min_snr_gamma = 5.0
     # Exponential moving average of the weights (Ho et al.: 0.9999), which sampling uses by default.
     # With the warm-up the decay is min(ema_decay, (1 + n) / (10 + n)) after n updates, so a short
     # run's average is not dominated by its random initialization.
@@ -111,6 +124,13 @@ def _base() -> ml_collections.ConfigDict:
     # the lowest FIDs of python -m experiments.guidance's sweep on the cpu preset (README): w = 1 (95% of
     # samples read as the digit asked for), s = 32 (99%; the largest s measured, s = 1 was worse than none).
     c.sampling.guidance_scale = 1.0
+    # What a class-conditional network draws when sample() gets no labels: 'label_prior' (labels drawn at
+    # the training set's label frequencies, data.label_frequencies, then classifier-free guidance at
+    # guidance_scale: a draw from p(x) = sum_y p(y) p_w(x | y)) or 'null' (the null label, unguided).
+    c.sampling.unconditional = "label_prior"
+    # BatchNorm networks (the report's U-Net): normalize with the running averages of training ('running')
+    # or with each sampled batch's own statistics ('batch'); see sample(batchnorm=).
+    c.sampling.batchnorm = "running"
     c.sampling.classifier_scale = 32.0
     c.sampling.grid_size = 10  # the grid PNG is grid_size x grid_size samples
     c.sampling.strip_samples = 4  # rows of the reverse-process figure
@@ -122,8 +142,15 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     """A fresh config for ``preset`` (one of :data:`PRESETS`)."""
     c = _base()
     c.preset = preset
-    if preset == "cpu":
+    if preset == "quick":
         c.model.output_head = "conv"
+    elif preset == "cpu":
+        c.model.output_head = "conv"
+        c.model.num_classes = 10
+        c.train.num_steps = 9000
+        # The sweep's lowest FID for this network: w = 0.5 (11.3 at 5,000 samples) against 34.3 at w = 1,
+        # which over-sharpens a network trained this long (README, "Quality per CPU minute").
+        c.sampling.guidance_scale = 0.5
     elif preset == "seed":
         c.data.image_size = 32
         c.model.base_channels = 32
@@ -136,7 +163,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         c.train.log_every = 100
         c.train.checkpoint_every = 5000
     elif preset == "ddpm":
-        # The cpu preset's data, schedule and training, with Ho et al.'s U-Net in place of the report's.
+        # The quick preset's data, schedule and training, with Ho et al.'s U-Net in place of the report's.
         c.model.name = "ddpm_unet"
         c.model.base_channels = 16
         c.model.levels = 2

@@ -25,13 +25,29 @@ def noised_batch(schedule: DiffusionSchedule, x0: jnp.ndarray, key: jax.Array):
     return t, noise, q_sample(schedule, x0, t, noise)
 
 
+def min_snr_weights(schedule: DiffusionSchedule, t: jnp.ndarray, gamma: float) -> jnp.ndarray:
+    """Min-SNR-gamma loss weights of an eps-predicting network (Hang et al. 2023, eq. 9), ``(B,)``.
+
+    ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)``: 1 wherever the
+    signal-to-noise ratio is at most gamma (the noisy timesteps), and ``gamma / SNR_t`` < 1 at the
+    nearly clean ones, whose easy, conflicting gradients otherwise slow the rest down.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma!r} (Hang et al.: 5).")
+    abar = schedule.alpha_bars[t]
+    snr = abar / (1.0 - abar)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def l_simple(
-    schedule: DiffusionSchedule, eps_fn: EpsFn, x0: jnp.ndarray, key: jax.Array
+    schedule: DiffusionSchedule, eps_fn: EpsFn, x0: jnp.ndarray, key: jax.Array, min_snr_gamma: float | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
     """L_simple (Ho et al. 2020, eq. 14; the report's eq. 16) for one batch.
 
     Draws ``t ~ Uniform{0..T-1}`` and ``eps ~ N(0, I)`` per image and scores
-    ``||eps - eps_hat(x_t, t)||^2``, averaged over pixels.
+    ``||eps - eps_hat(x_t, t)||^2``, averaged over pixels. With ``min_snr_gamma``
+    each image's term is weighted by :func:`min_snr_weights` before the batch mean
+    (the per-image losses returned stay the unweighted MSE, comparable across runs).
 
     Args:
       schedule: the diffusion tables.
@@ -47,7 +63,9 @@ def l_simple(
     eps_hat, aux = eps_fn(x_t, t)
     chex.assert_equal_shape([eps_hat, noise])
     per_image = jnp.mean(jnp.square(noise - eps_hat.astype(jnp.float32)), axis=(1, 2, 3))
-    return jnp.mean(per_image), per_image, t, aux
+    if min_snr_gamma is None:
+        return jnp.mean(per_image), per_image, t, aux
+    return jnp.mean(min_snr_weights(schedule, t, min_snr_gamma) * per_image), per_image, t, aux
 
 
 def l_hybrid(

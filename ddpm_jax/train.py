@@ -26,7 +26,7 @@ from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import parallel, plotting
-from ddpm_jax.api import DiffusionCheckpoint, sample
+from ddpm_jax.api import BATCHNORM_MODES, UNCONDITIONAL_MODES, DiffusionCheckpoint, sample
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.data import crop, preprocess  # noqa: F401  (crop: re-exported for notebooks)
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
@@ -64,6 +64,8 @@ class TrainState:
     # A class-conditional network's classes (0: unconditional) and its label-dropout rate.
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     p_uncond: float = flax.struct.field(pytree_node=False, default=0.0)
+    # gamma of the min-SNR weighting of L_simple (train.loss_weighting='min_snr'); None: unweighted.
+    min_snr_gamma: float | None = flax.struct.field(pytree_node=False, default=None)
 
     def apply_gradients(self, grads, batch_stats) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -150,6 +152,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None 
         if config.model.get("learn_variance", False) else None,
         num_classes=int(config.model.get("num_classes", 0)),
         p_uncond=float(config.train.get("p_uncond", 0.1)),
+        min_snr_gamma=float(config.train.get("min_snr_gamma", 5.0))
+        if config.train.get("loss_weighting", "none") == "min_snr" else None,
     )
 
 
@@ -193,7 +197,7 @@ def train_step(
             return eps, updates.get("batch_stats", {})  # GroupNorm networks have no statistics
 
         if state.hybrid_lambda is None:
-            loss, per_image, t, batch_stats = l_simple(schedule, eps_fn, batch, key)
+            loss, per_image, t, batch_stats = l_simple(schedule, eps_fn, batch, key, state.min_snr_gamma)
         else:
             loss, per_image, t, batch_stats = l_hybrid(schedule, eps_fn, batch, key, state.hybrid_lambda)
         return loss, (per_image, t, batch_stats)
@@ -317,6 +321,7 @@ class MetricLogger:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -357,6 +362,18 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     for field in ("guidance_scale", "classifier_scale"):
         _require(s[field] >= 0, f"sampling.{field}", s[field], "a scale >= 0 (0: no guidance)")
     _require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
+    weighting = t.get("loss_weighting", "none")
+    _require(weighting in LOSS_WEIGHTINGS, "train.loss_weighting", weighting, " or ".join(LOSS_WEIGHTINGS))
+    gamma = t.get("min_snr_gamma", 5.0)
+    _require(isinstance(gamma, (int, float)) and np.isfinite(gamma) and gamma > 0, "train.min_snr_gamma", gamma,
+             "a finite gamma > 0 (Hang et al.: 5)")
+    _require(learned is False or weighting == "none", "train.loss_weighting", weighting,
+             "'none' for a learned-variance network (L_hybrid has its own weighting)")
+    batchnorm = s.get("batchnorm", "running")
+    _require(batchnorm in BATCHNORM_MODES, "sampling.batchnorm", batchnorm, " or ".join(BATCHNORM_MODES))
+    unconditional = s.get("unconditional", "null")
+    _require(unconditional in UNCONDITIONAL_MODES, "sampling.unconditional", unconditional,
+             " or ".join(UNCONDITIONAL_MODES))
     _require(s.batch_size >= 1, "sampling.batch_size", s.batch_size, "an integer >= 1")
     _require(config.data.max_train_examples >= 0, "data.max_train_examples", config.data.max_train_examples,
              "0 (all images) or a positive count")
@@ -500,6 +517,9 @@ def train_and_evaluate(
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config is left as it was
     # A conditional run is also refused on relabelled data; an unconditional one keeps its old fingerprint.
     config.data.fingerprint = data_lib.fingerprint(images, *(() if labels is None else (labels,)))
+    if labels is not None:  # sample() draws labels from these when given none (sampling.unconditional)
+        counts = np.bincount(labels, minlength=num_classes)
+        config.data.label_frequencies = tuple(round(float(c), 6) for c in counts / counts.sum())
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.train.batch_size, mesh)
     os.makedirs(workdir, exist_ok=True)
@@ -650,7 +670,9 @@ def write_figures(checkpoint, workdir: str, progress: bool = False) -> dict:
         info["guidance_scale"] = float(config.sampling.guidance_scale)
     also = " (EMA weights; samples_raw.png: the raw weights)" if checkpoint.weights_used == "ema" else ""
     if num_classes:
-        also += (f"; samples.png is unconditional (the null label), samples_by_class.png has one row per class "
+        drawn = ("labels drawn at the training label frequencies" if config.sampling.get("unconditional", "null")
+                 == "label_prior" else "unconditional: the null label")
+        also += (f"; samples.png: {drawn}; samples_by_class.png: one row per class "
                  f"(classifier-free guidance w={config.sampling.guidance_scale:g})")
     print(f"wrote {workdir}/samples.png and reverse_process.png{also} ({n_grid} samples in {seconds:.1f} s)",
           flush=True)

@@ -23,6 +23,8 @@ import numpy as np
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation, metrics, plotting
+from ddpm_jax.api import BATCHNORM_MODES, UNCONDITIONAL_MODES
+from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.classifier import default_cache_dir, load_or_train_feature_network
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
@@ -45,6 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--variance", choices=VARIANCE_TYPES, default=None, help="sigma_t^2 (default: the run's config)")
     p.add_argument("--mean", choices=MEAN_TYPES, default=None, help="reverse-step mean (default: the run's config)")
+    p.add_argument("--unconditional", choices=UNCONDITIONAL_MODES, default=None,
+                   help="class-conditional runs: draw labels at the training label frequencies and guide "
+                        "('label_prior'), or sample at the null label ('null'); default: the run's config")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="class-conditional runs with label_prior: classifier-free guidance w (default: the run's config)")
+    p.add_argument("--batchnorm", choices=(*BATCHNORM_MODES, "recalibrated"), default=None,
+                   help="BatchNorm networks: normalize with the running averages, each sampled batch's statistics, "
+                        "or statistics recomputed for the sampling weights over 100 batches of noised training "
+                        "images ('recalibrated', precise BN; see ddpm_jax/batchnorm_stats.py); default: the run's config")
     p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
                    help="a sample is unreadable if no digit gets at least this probability (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
@@ -65,6 +76,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--variance and --mean choose the ancestral sampler's step; DDIM's is set by --eta.")
     if args.method != "ddim" and args.eta:
         raise ValueError(f"--eta {args.eta}: applies to --method ddim only.")
+    if args.guidance_scale is not None and not (np.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale {args.guidance_scale}: must be a finite number >= 0 (0: no guidance).")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta}: must be >= 0 (0: deterministic DDIM, 1: ancestral).")
 
@@ -111,6 +124,25 @@ def main(argv=None) -> int:
     steps = args.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
     sampler_name = f"ddim-eta{args.eta:g}" if ddim else f"{variance}-{mean}"
+    num_classes = int(config.model.get("num_classes", 0))
+    unconditional = (args.unconditional or config.sampling.get("unconditional", "null")) if num_classes else None
+    guidance_scale = None
+    if unconditional == "label_prior":
+        guidance_scale = config.sampling.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        sampler_name += f"-prior-w{guidance_scale:g}"
+    elif args.guidance_scale is not None:
+        print("error: --guidance-scale applies to a class-conditional run sampled with labels drawn from the "
+              "label prior (--unconditional label_prior).", file=sys.stderr)
+        return 2
+    elif unconditional == "null":
+        sampler_name += "-null"
+    batchnorm = args.batchnorm or config.sampling.get("batchnorm", "running")
+    if batchnorm != "running":
+        sampler_name += f"-bn{batchnorm}"
+    if batchnorm == "recalibrated":
+        checkpoint = recalibrate_batch_stats(checkpoint, train_images, jax.random.PRNGKey(args.seed),
+                                             labels=train_labels if num_classes else None)
+        batchnorm = "running"  # with the recomputed statistics
     chunk_dir = workdir / "eval_samples" / (f"step{checkpoint.step}-{checkpoint.weights_used}-seed{args.seed}-"
                                             f"{sampler_name}-K{steps}-batch{batch_size}")
     num_batches = -(-args.num_samples // batch_size)
@@ -122,6 +154,9 @@ def main(argv=None) -> int:
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
         progress=progress, variance=variance, mean=mean, steps=steps, method=args.method,
         **({"eta": args.eta} if ddim else {}),
+        **({} if unconditional is None else {"unconditional": unconditional}),
+        **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
+        batchnorm=batchnorm,
     )
     sampling_seconds = time.perf_counter() - start
     probs, features = network(samples)
@@ -146,6 +181,8 @@ def main(argv=None) -> int:
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset},
         "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
                      **({"eta": args.eta} if ddim else {}), "variance": variance, "mean": mean,
+                     "unconditional": unconditional, "guidance_scale": guidance_scale,
+                     "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
                      "batch_size": batch_size,
                      "seconds": sampling_seconds, "batches": num_batches, "reused_batches": reused,
                      "samples_per_s": None if reused else args.num_samples / sampling_seconds,

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
 
     steps = args.steps or config.diffusion.num_timesteps
     digits = requested_digits(args.num_samples)
-    variants = [("unconditional (null label)", "unconditional", None, checkpoint, {})]
+    variants = [("unconditional (null label)", "unconditional", None, checkpoint, {"unconditional": "null"})]
     variants += [(f"classifier-free guidance w={w:g}", "classifier_free", w, checkpoint,
                   {"labels": digits, "guidance": "classifier_free", "guidance_scale": w}) for w in args.scales]
     if classifier is not None:

@@ -41,6 +41,14 @@ def test_epochs_are_converted_to_whole_steps(tmp_path, idx_dir):
         (["--set", "modle.levels=3"], "unknown config section 'modle'"),
         (["--set", "model.levels=two"], "expected an int"),
         (["--set", "model.levels"], "FIELD=VALUE"),
+        (["--set", "train.loss_weighting=snr"], "train.loss_weighting='snr' is not allowed: none or min_snr"),
+        (["--set", "train.min_snr_gamma=0.0"], "train.min_snr_gamma=0.0 is not allowed"),
+        (["--set", "train.min_snr_gamma=nan"], "expected a float"),
+        (["--set", "train.min_snr_gamma=1e999"], "train.min_snr_gamma=inf is not allowed"),
+        (["--set", "model.learn_variance=True", "--set", "train.loss_weighting=min_snr"],
+         "'none' for a learned-variance network"),
+        (["--set", "sampling.unconditional=prior"], "sampling.unconditional='prior' is not allowed"),
+        (["--set", "sampling.batchnorm=mixed"], "sampling.batchnorm='mixed' is not allowed: running or batch"),
     ],
 )
 def test_bad_config_values_get_one_line_and_exit_status_2(flags, message, capsys, tmp_path):

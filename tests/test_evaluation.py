@@ -184,6 +184,27 @@ def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, 
     assert "FID" in capsys.readouterr().out
 
 
+def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_otherwise(
+        tmp_path, mnist_dir, network, monkeypatch, capsys):
+    workdir = tmp_path / "cond"
+    assert mnist.main(["--preset", "tiny", "--class-conditional", "--idx-dir", str(mnist_dir), "--workdir",
+                       str(workdir), "--steps", "2", "--no-progress"]) == 0
+    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
+    common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "12", "--batch-size", "6",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    runs = {}
+    for name, flags in (("default", []), ("w2", ["--guidance-scale", "2"]), ("null", ["--unconditional", "null"])):
+        assert evaluate.main(common + flags) == 0
+        runs[name] = json.loads((workdir / "eval.json").read_text())["sampling"]
+    assert (runs["default"]["unconditional"], runs["default"]["guidance_scale"]) == ("label_prior", 1.0)
+    assert runs["default"]["chunk_dir"].endswith("-prior-w1-K10-batch6")
+    assert runs["w2"]["guidance_scale"] == 2.0 and "-prior-w2-" in runs["w2"]["chunk_dir"]
+    assert runs["null"]["guidance_scale"] is None and runs["null"]["chunk_dir"].endswith("-null-K10-batch6")
+    assert len({r["chunk_dir"] for r in runs.values()}) == 3  # no option reuses another's samples
+    assert evaluate.main(common + ["--unconditional", "null", "--guidance-scale", "2"]) == 2
+    assert "--guidance-scale applies to a class-conditional run" in capsys.readouterr().err
+
+
 def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     from ddpm_jax import data
@@ -204,7 +225,8 @@ def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypa
 @pytest.mark.parametrize(
     "flags, message",
     [(["--num-samples", "1"], "--num-samples 1"), (["--threshold", "1.5"], "--threshold 1.5"),
-     (["--batch-size", "0"], "--batch-size 0")],
+     (["--batch-size", "0"], "--batch-size 0"), (["--guidance-scale", "-1"], "--guidance-scale -1.0"),
+     (["--guidance-scale", "nan"], "--guidance-scale nan")],
 )
 def test_evaluate_bad_values_get_one_line_and_exit_status_2(tmp_path, flags, message, capsys):
     assert evaluate.main(["--workdir", str(tmp_path)] + flags) == 2

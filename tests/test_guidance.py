@@ -2,11 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ddpm_jax import guidance
-from ddpm_jax.api import DiffusionCheckpoint, guided_denoiser_fn, sample
+from ddpm_jax.api import DiffusionCheckpoint, _prior_labels, guided_denoiser_fn, prior_labels, sample
 from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.guidance import GuidanceInputs
 from ddpm_jax.models import build_model
@@ -194,11 +195,55 @@ def test_sample_with_labels_returns_one_image_per_label(conditional, method, ste
     assert not np.array_equal(a, sample(conditional, key, 7, labels=np.roll(labels, 1), guidance_scale=0.0, **kw))
 
 
-def test_sampling_a_conditional_network_without_labels_uses_the_null_label(conditional):
+def test_sampling_a_conditional_network_unconditionally_at_the_null_label(conditional):
     key = jax.random.PRNGKey(3)
-    out = sample(conditional, key, 4)
+    out = sample(conditional, key, 4, unconditional="null")
     assert out.shape == (4, 28, 28, 1)
     assert not np.array_equal(out, sample(conditional, key, 4, labels=0))
+    # Configs saved before sampling.unconditional existed keep the null label as their default.
+    old = conditional.replace(config=_without_field(conditional.config, "sampling", "unconditional"))
+    np.testing.assert_array_equal(sample(old, key, 4), out)
+
+
+def _without_field(config, section, field):
+    d = config.to_dict()
+    del d[section][field]
+    return ml_collections.FrozenConfigDict(d)
+
+
+def _with_frequencies(checkpoint, frequencies):
+    d = checkpoint.config.to_dict()
+    d["data"]["label_frequencies"] = tuple(frequencies)
+    return checkpoint.replace(config=ml_collections.FrozenConfigDict(d))
+
+
+def test_sampling_a_conditional_network_without_labels_draws_them_from_the_label_prior(conditional):
+    """No labels: each image's label is drawn from data.label_frequencies with the key, then guided as if given."""
+    key = jax.random.PRNGKey(4)
+    skewed = _with_frequencies(conditional, [0.0] * 7 + [0.5, 0.0, 0.5])
+    labels = _prior_labels(skewed.config, key, 6, None, None)
+    assert set(labels.tolist()) <= {7, 9}
+    np.testing.assert_array_equal(sample(skewed, key, 6), sample(skewed, key, 6, labels=labels))
+    w = 3.0
+    np.testing.assert_array_equal(sample(skewed, key, 6, guidance_scale=w),
+                                  sample(skewed, key, 6, labels=labels, guidance_scale=w))
+    # Many draws follow the frequencies (binomial standard error 0.0016 at n = 100,000; 5 of them).
+    frequencies = np.array([0.1, 0.2, 0.0, 0.05, 0.15, 0.1, 0.1, 0.1, 0.1, 0.1])
+    many = _prior_labels(_with_frequencies(conditional, frequencies).config, key, 100_000, None, None)
+    np.testing.assert_allclose(np.bincount(many, minlength=NUM_CLASSES) / many.size, frequencies, atol=0.008)
+    # No frequencies in the config (a network not trained by train_and_evaluate): uniform.
+    uniform = _prior_labels(conditional.config, key, 100_000, None, None)
+    np.testing.assert_allclose(np.bincount(uniform, minlength=NUM_CLASSES) / uniform.size, 0.1, atol=0.008)
+    with pytest.raises(ValueError, match="not a distribution over the 10 classes"):
+        sample(_with_frequencies(conditional, [0.5, 0.5]), key, 2)
+
+
+def test_unconditional_argument_is_refused_for_an_unconditional_network():
+    config = get_config("tiny")
+    checkpoint = DiffusionCheckpoint.from_train_state(create_train_state(config), config)
+    with pytest.raises(ValueError, match="applies to a class-conditional network"):
+        sample(checkpoint, jax.random.PRNGKey(0), 2, unconditional="label_prior")
+    assert prior_labels(checkpoint, jax.random.PRNGKey(0), 2) is None
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -208,7 +253,9 @@ def test_sampling_a_conditional_network_without_labels_uses_the_null_label(condi
     ({"labels": np.zeros((5, 1), int)}, r"got shape \(5, 1\)"),
     ({"labels": 1.5}, "labels must be integers"),
     ({"labels": [True] * 5}, "labels must be integers"),
-    ({"guidance_scale": 2.0}, "pass labels="),
+    ({"guidance_scale": 2.0, "unconditional": "null"}, "pass labels="),
+    ({"labels": 1, "unconditional": "null"}, "drop it, or drop labels="),
+    ({"unconditional": "prior"}, "unknown unconditional='prior'"),
     ({"labels": 1, "guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
     ({"labels": 1, "guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
     ({"labels": 1, "guidance": "free"}, "unknown guidance 'free'"),
@@ -251,6 +298,23 @@ def conditional_run(tmp_path_factory, idx_dir):
     images, labels = load_mnist("train", idx_dir=str(idx_dir))
     train_and_evaluate(_config(), str(workdir), images=images, labels=labels, progress=False, make_figures=False)
     return workdir
+
+
+def test_a_conditional_run_records_its_label_frequencies_and_samples_from_them(conditional_run, idx_dir):
+    import json
+
+    import ddpm_jax
+    from ddpm_jax.checkpoint import load_checkpoint
+    from ddpm_jax.data import load_mnist
+
+    _, labels = load_mnist("train", idx_dir=str(idx_dir))
+    saved = json.loads((conditional_run / "config.json").read_text())["data"]["label_frequencies"]
+    np.testing.assert_allclose(saved, np.bincount(labels, minlength=NUM_CLASSES) / len(labels), atol=1e-6)
+    checkpoint = load_checkpoint(str(conditional_run))
+    key = jax.random.PRNGKey(2)
+    drawn = ddpm_jax.prior_labels(checkpoint, key, 5)
+    assert set(drawn.tolist()) <= set(np.flatnonzero(np.asarray(saved) > 0).tolist())
+    np.testing.assert_array_equal(sample(checkpoint, key, 5), sample(checkpoint, key, 5, labels=drawn))
 
 
 def _untrained_feature_network():
