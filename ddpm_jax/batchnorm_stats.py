@@ -64,7 +64,8 @@ def recalibrate_batch_stats(
     all_labels = None if labels is None else jnp.asarray(labels, jnp.int32)
 
     @jax.jit
-    def batch_statistics(key):
+    def running_update(key, start):
+        """The running averages after one training-mode step from ``start`` on a fresh noised batch."""
         idx_key, t_key, noise_key, drop_key = jax.random.split(key, 4)
         idx = jax.random.choice(idx_key, all_images.shape[0], (batch_size,), replace=False)
         x0 = preprocess(all_images[idx], config.data.image_size)
@@ -74,17 +75,17 @@ def recalibrate_batch_stats(
         if num_classes:
             dropped = jax.random.uniform(drop_key, (batch_size,)) < float(config.train.get("p_uncond", 0.1))
             y = jnp.where(dropped, num_classes, all_labels[idx])
-        # A running average r becomes m r + (1 - m) s for the batch's statistic s: starting from r = 0 it
-        # holds (1 - m) s, from r = 1 it holds m + (1 - m) s; their difference is each layer's momentum m.
-        def update(start):
-            _, updates = model.apply({"params": params, "batch_stats": start}, x_t, t, y=y, train=True,
-                                     mutable=["batch_stats"])
-            return updates["batch_stats"]
+        _, updates = model.apply({"params": params, "batch_stats": start}, x_t, t, y=y, train=True,
+                                 mutable=["batch_stats"])
+        return updates["batch_stats"]
 
-        from_zeros, from_ones = update(zeros), update(ones)
-        return jax.tree.map(lambda u0, u1: u0 / (1.0 - (u1 - u0)), from_zeros, from_ones)
-
+    # A running average r becomes m r + (1 - m) s for the batch's statistic s: from r = 0 it holds
+    # (1 - m) s, from r = 1 it holds m + (1 - m) s. Their difference, on any one batch, is each layer's
+    # momentum m, found once; every batch then needs one pass from r = 0.
+    probe = jax.random.fold_in(key, num_batches)
+    keep = jax.tree.map(lambda u1, u0: 1.0 - (u1 - u0), running_update(probe, ones), running_update(probe, zeros))
     total = zeros
     for b in range(num_batches):
-        total = jax.tree.map(jnp.add, total, batch_statistics(jax.random.fold_in(key, b)))
+        statistics = jax.tree.map(jnp.divide, running_update(jax.random.fold_in(key, b), zeros), keep)
+        total = jax.tree.map(jnp.add, total, statistics)
     return checkpoint.replace(batch_stats=jax.tree.map(lambda s: s / num_batches, total))
