@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any
 
 import flax.struct
@@ -18,6 +19,7 @@ from ddpm_jax.data import crop
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES, split_learned_variance
 from ddpm_jax.guidance import GuidanceInputs, classifier_free_fn, classifier_grad_fn, conditional_fn
 from ddpm_jax.models import build_model
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
 
@@ -34,7 +36,9 @@ class DiffusionCheckpoint:
     (None for a bare set of weights), BatchNorm ``batch_stats``, the run's frozen
     ``config`` (model, schedule, sampling defaults) and the training ``step``.
     ``weights`` says which parameters sampling uses: ``'ema'`` (the default,
-    as Ho et al. sample) or ``'raw'``; see :meth:`with_weights`.
+    as Ho et al. sample) or ``'raw'``; see :meth:`with_weights`. ``identity`` is
+    the SHA-256 digest of the checkpoint's verified files when it was loaded
+    from disk (None for one built in memory): caches of its samples key on it.
     """
 
     params: Any
@@ -43,6 +47,7 @@ class DiffusionCheckpoint:
     step: int = flax.struct.field(pytree_node=False, default=0)
     ema_params: Any = None
     weights: str = flax.struct.field(pytree_node=False, default="ema")
+    identity: str | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def from_train_state(cls, state, config) -> "DiffusionCheckpoint":
@@ -299,8 +304,13 @@ def sample(
             f"holding params, batch_stats and the run's config), got {type(params).__name__}. For raw network "
             "variables use ddpm_jax.sampling.make_ancestral_sampler with your model and schedule."
         )
-    if not isinstance(n, (int, np.integer)) or n < 1:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}.")
+    n = int(n)
+    for name, value, least in (("batch_size", batch_size, 1), ("return_every", return_every, 0)):
+        if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+                                  or value < least):
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
     if weights is not None:
         params = params.with_weights(weights)
     config = params.config
@@ -326,8 +336,10 @@ def sample(
         if variance is not None or mean is not None:
             raise ValueError("variance= and mean= choose ancestral sampling's step; DDIM's step is set by eta= "
                              "(0: deterministic, 1: sigma^2 = beta-tilde).")
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta must be a number >= 0, got {eta!r}.")
+        # Numbers from numpy are numbers; NaN and Inf are not valid etas (they give all-NaN images).
+        if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: ancestral), got {eta!r}.")
     elif eta:
         raise ValueError(f"eta={eta} applies to method='ddim' only.")
     steps = None if steps in (None, num_timesteps) else int(steps)
@@ -348,6 +360,7 @@ def sample(
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCE_TYPES)}.")
     if mean not in MEAN_TYPES:
         raise ValueError(f"unknown mean {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
+    _check_fits_in_memory(n, config.data.image_size, return_every, steps or num_timesteps)
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
@@ -359,11 +372,7 @@ def sample(
                                 conditioning, classifier_json, batchnorm)
 
     num_batches = -(-n // batch)
-    batches = range(num_batches)
-    if progress and num_batches > 1:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, unit="batch", desc=f"sampling {n}")
+    batches = progress_bar(range(num_batches), unit="batch", desc=f"sampling {n}", enabled=progress and num_batches > 1)
     images, frames = [], []
     for b in batches:
         inputs = GuidanceInputs(
@@ -383,6 +392,35 @@ def sample(
     if return_every:
         return images, jnp.concatenate(frames, axis=1)[:, :n]
     return images
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a process could still get: Linux's MemAvailable (free plus reclaimable cache), else the
+    free pages the OS reports, else None where it says nothing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits_in_memory(n: int, size: int, return_every: int, steps: int) -> None:
+    """Refuse up front a request whose results alone could not fit in memory (they are gathered whole)."""
+    frames = (steps // return_every + 1) if return_every else 0
+    need = 4 * size * size * n * (1 + frames)  # float32 images, plus the chain's frames
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise ValueError(
+            f"sample(n={n:,}{f', return_every={return_every}' if return_every else ''}) would need "
+            f"{need / 2**30:.1f} GiB for its results, more than the {available / 2**30:.1f} GiB available. Draw "
+            "batches of fewer images with separate keys (jax.random.fold_in(key, i)), or use "
+            "ddpm_jax.evaluation.draw_samples / python -m experiments.evaluate, which stream to disk.")
 
 
 def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndarray | None:

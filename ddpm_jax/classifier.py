@@ -36,6 +36,7 @@ from ddpm_jax.configs import get_classifier_config
 from ddpm_jax.data import fingerprint
 from ddpm_jax.data import preprocess
 from ddpm_jax.models.classifier import MNISTClassifier
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.train import batch_indices
 
 _PARAMS, _META = "params", "meta"
@@ -202,9 +203,7 @@ def train_classifier(
     labels = jnp.asarray(train_labels, jnp.int32)
     steps = range(num_steps)
     if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="training the MNIST feature classifier", unit="step")
+        steps = progress_bar(steps, desc="training the MNIST feature classifier", unit="step")
     start = time.perf_counter()
     recent = []
     for i in steps:

@@ -114,6 +114,11 @@ def _base() -> ml_collections.ConfigDict:
     # (drop that batch's update; still stop after max_consecutive_skips bad steps in a row).
     c.train.on_nonfinite = "stop"
     c.train.max_consecutive_skips = 10
+    # Divergence: a finite loss more than divergence_factor times the median of the last divergence_window
+    # steps' losses stops training, and no checkpoint is saved from weights whose next loss is that high
+    # (0 turns the check off). Loss curves of these runs never rise 10x; a learning rate 100x too high does.
+    c.train.divergence_factor = 10.0
+    c.train.divergence_window = 200
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.variance = "beta"  # 'beta' | 'beta_tilde' (sigma_t^2); a learn_variance network uses its own

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -73,6 +74,9 @@ _IDX_DTYPES = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+
+# NumPy 1.x builds arrays of at most 32 dimensions (2.x: 64); MNIST uses 1 or 3.
+_IDX_MAX_NDIM = 32
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -136,14 +140,24 @@ def read_idx(path) -> np.ndarray:
     FileNotFoundError
         If ``path`` does not exist.
     IDXFormatError
-        On a corrupt gzip stream, a wrong magic number, an unsupported type
-        code, or a payload whose length does not match the header (truncated
-        or over-long file). The message names the file, what was expected and
-        what was found.
+        On a directory in place of the file, a corrupt gzip stream, a wrong
+        magic number, an unsupported type code, more than 32 dimensions, a
+        truncated header, a dimension of size 0, or a payload whose length does
+        not match the header (truncated or over-long file, including headers
+        whose sizes multiply past what any file could hold). The message names
+        the file, what was expected and what was found.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError as e:
+        # Not a missing file but a wrong one: a format error, so callers that
+        # turn bad data into one line need not know about directories.
+        raise IDXFormatError(
+            f"{path}: is a directory, not an IDX file; give the path of the "
+            "file itself (e.g. train-images-idx3-ubyte.gz)"
+        ) from e
     if raw[:2] == _GZIP_MAGIC:
         try:
             data = gzip.decompress(raw)
@@ -174,6 +188,13 @@ def read_idx(path) -> np.ndarray:
             f"{path}: unsupported IDX type code 0x{code:02x} in magic number "
             f"0x{magic:08x}; expected one of {supported}"
         )
+    if ndim > _IDX_MAX_NDIM:
+        # The byte allows 255, but NumPy cannot build such an array; a count
+        # this large means a corrupt header, not a real tensor.
+        raise IDXFormatError(
+            f"{path}: magic number 0x{magic:08x} announces {ndim} dimensions; "
+            f"at most {_IDX_MAX_NDIM} are supported (MNIST files have 1 or 3)"
+        )
     dtype = _IDX_DTYPES[code]
 
     header_len = 4 + 4 * ndim
@@ -186,7 +207,15 @@ def read_idx(path) -> np.ndarray:
     dims = tuple(
         int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
     )
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if 0 in dims:
+        raise IDXFormatError(
+            f"{path}: IDX header announces shape {dims}, which holds no data; "
+            "every dimension must be at least 1 (a damaged header or an empty "
+            "export)"
+        )
+    # Python ints, not np.prod: three sizes of 2**32 overflow int64 and could
+    # wrap to a product that matches the payload length.
+    expected = math.prod(dims) * dtype.itemsize
     found = len(data) - header_len
     if found != expected:
         kind = "truncated" if found < expected else "over-long"
@@ -208,6 +237,20 @@ def _find_idx_file(idx_dir: Path, base: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _read_idx_file(path: Path) -> np.ndarray:
+    # A file that exists but cannot be opened (no read permission, removed
+    # between the lookup and the read) is a dataset that cannot be read:
+    # callers already turn DatasetNotFoundError into one line.
+    try:
+        return read_idx(path)
+    except OSError as e:
+        raise DatasetNotFoundError(
+            f"{path}: cannot read the MNIST IDX file ({e.strerror or e}); "
+            "check that it exists and is readable, or point --idx-dir at "
+            "another copy"
+        ) from e
 
 
 def load_mnist_idx(idx_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -239,8 +282,8 @@ def load_mnist_idx(idx_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     ValueError
         If ``split`` is not ``'train'`` or ``'test'``.
     DatasetNotFoundError
-        If the folder or either file is missing; the message names the folder
-        and the exact file names looked for.
+        If the folder or either file is missing or cannot be read; the message
+        names the folder and the exact file names looked for.
     IDXFormatError
         If a file is malformed, does not hold 28x28 uint8 images / uint8
         labels in 0..9, or the two files hold different numbers of examples
@@ -265,14 +308,14 @@ def load_mnist_idx(idx_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
         )
     image_path, label_path = paths
 
-    images = read_idx(image_path)
+    images = _read_idx_file(image_path)
     if (images.dtype != np.uint8 or images.ndim != 3
             or images.shape[1:] != IMAGE_SHAPE):
         raise IDXFormatError(
             f"{image_path}: expected uint8 images of shape (N, 28, 28) "
             f"(magic 0x00000803), found {images.dtype} of shape {images.shape}"
         )
-    labels = read_idx(label_path)
+    labels = _read_idx_file(label_path)
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise IDXFormatError(
             f"{label_path}: expected uint8 labels of shape (N,) "

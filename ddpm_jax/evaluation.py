@@ -29,6 +29,7 @@ from ddpm_jax.api import DiffusionCheckpoint, denoiser_fn, sample
 from ddpm_jax.classifier import FeatureNetwork, default_cache_dir
 from ddpm_jax.data import fingerprint, preprocess
 from ddpm_jax.likelihood import bits_per_dim, vlb_terms
+from ddpm_jax.progress import progress_bar
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:
@@ -63,9 +64,7 @@ def draw_samples(
     batches = range(num_batches)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, unit="sample", desc=f"sampling {n:,}")
+        bar = progress_bar(total=n, unit="sample", desc=f"sampling {n:,}")
     out = []
     for b in batches:
         path = chunk_path(chunk_dir, b) if chunk_dir is not None else None
@@ -269,9 +268,7 @@ def negative_log_likelihood(
     per_image, decoder, kls, priors = [], [], [], []
     batches = range(-(-n // batch_size))
     if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, unit="batch", desc=f"L_vlb of {n} images")
+        batches = progress_bar(batches, unit="batch", desc=f"L_vlb of {n} images")
     for b in batches:
         chunk = images_u8[b * batch_size : (b + 1) * batch_size]
         real = len(chunk)

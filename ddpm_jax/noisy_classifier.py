@@ -45,8 +45,10 @@ from ddpm_jax.diffusion import q_sample
 from ddpm_jax.guidance import GuidanceInputs, classifier_grad_fn
 from ddpm_jax.models.layers import CONV_IMPLS
 from ddpm_jax.models.noisy_classifier import NoisyClassifier
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.schedules import DiffusionSchedule
 from ddpm_jax.train import MetricLogger, StopSignals, TrainingInterrupted, batch_indices
+from ddpm_jax.workdir import WorkdirLock, prepare_workdir
 
 __all__ = [
     "NoisyClassifierCheckpoint",
@@ -453,7 +455,7 @@ def _restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections
     if "stage_channels" not in restored.get("model", {}):
         # The same layout as a diffusion run's checkpoints: say so rather than fail on mismatched arrays.
         run = os.path.dirname(str(manager.directory))
-        raise ValueError(
+        raise ckpt_lib.ConfigRefusedError(
             f"{manager.directory} holds checkpoints of a diffusion run, not of a noisy classifier; its classifier "
             f"goes in {os.path.join(run, DEFAULT_SUBDIR)}."
         )
@@ -466,18 +468,20 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, config) -> Classif
 
 
 def _resume(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> ClassifierTrainState | None:
-    """The latest saved state, or None; refuses a checkpoint of another config or other data."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    saved = _restore_config(manager, step).to_dict()
-    diffs = [d for d in config_differences(saved, config.to_dict()) if not d.startswith(_RESUMABLE_FIELDS)]
-    if diffs:
-        raise ValueError(
-            f"{manager.directory} holds a noisy classifier (step {step}) of a different config or data; fields "
-            f"that differ (saved -> now): {'; '.join(diffs)}. Use another output folder, or the same settings to resume."
-        )
-    return _restore_state(manager, step, config)
+    """The latest intact saved state, or None; refuses a checkpoint of another config or other data
+    (a damaged one is moved aside: :func:`ddpm_jax.checkpoint.restore_newest_intact`)."""
+    def load(step):
+        saved = _restore_config(manager, step).to_dict()
+        diffs = [d for d in config_differences(saved, config.to_dict()) if not d.startswith(_RESUMABLE_FIELDS)]
+        if diffs:
+            raise ckpt_lib.ConfigRefusedError(
+                f"{manager.directory} holds a noisy classifier (step {step}) of a different config or data; fields "
+                f"that differ (saved -> now): {'; '.join(diffs)}. Use another output folder, or the same settings "
+                "to resume."
+            )
+        return _restore_state(manager, step, config)
+
+    return ckpt_lib.restore_newest_intact(manager, load)
 
 
 def train_noisy_classifier(
@@ -503,7 +507,8 @@ def train_noisy_classifier(
       config: the classifier config (default :func:`noisy_classifier_config`).
       test_images, test_labels: if given, accuracy on them per quarter of the timestep
         range (:func:`evaluate_noisy_classifier`) is written to ``workdir/accuracy.json``.
-      progress: a tqdm progress bar.
+      progress: a progress bar (:func:`ddpm_jax.progress.progress_bar`: tqdm on a terminal,
+        a plain line every 30 s when stderr is a file).
 
     Returns:
       The trained :class:`NoisyClassifierCheckpoint`.
@@ -514,8 +519,13 @@ def train_noisy_classifier(
     chex.assert_shape(labels, (images_u8.shape[0],))
     config = _full_config(run_config, config or noisy_classifier_config(), images_u8, labels)
     _validate(config, len(labels))
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = prepare_workdir(workdir, "workdir")
+    # One process per folder, as for a diffusion run: a second would clean up the first's save in flight.
+    with WorkdirLock(workdir, what="training a noisy classifier"):
+        return _train_locked(config, workdir, images_u8, labels, test_images, test_labels, progress)
+
+
+def _train_locked(config, workdir: str, images_u8, labels, test_images, test_labels, progress: bool):
     schedule = schedule_from_config(config)
     manager = ckpt_lib.make_manager(workdir, config)
     state = _resume(manager, config)
@@ -541,10 +551,9 @@ def train_noisy_classifier(
     lr_at = learning_rate_schedule(config)
     bar = None
     if progress and start < end:
-        from tqdm.auto import tqdm
-
         # smoothing=0: the average rate; steps are dispatched ahead and finish in bursts at each log point.
-        bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, desc="noisy classifier", smoothing=0)
+        bar = progress_bar(total=end, initial=start, unit="step", desc="noisy classifier", dynamic_ncols=True,
+                           smoothing=0)
     pending, last_time = [], time.perf_counter()
     try:
         with StopSignals() as stop:
@@ -571,6 +580,7 @@ def train_noisy_classifier(
         if bar is not None:
             bar.close()
         manager.wait_until_finished()  # a save under way completes, so the latest checkpoint stays whole
+        ckpt_lib.finish_manifests(manager.directory)
         manager.close()
 
     classifier = NoisyClassifierCheckpoint(params=state.params, config=_freeze(config), step=int(state.step))
@@ -618,6 +628,11 @@ def load_noisy_classifier(workdir: str, step: int | None = None) -> NoisyClassif
                 f"no noisy-classifier checkpoint for step {step} in {directory} (saved steps: "
                 f"{list(manager.all_steps())}); train one with {command}."
             )
+        try:
+            ckpt_lib.verify_checkpoint(ckpt_lib.step_directory(manager, step))
+        except ckpt_lib.CheckpointDamagedError as e:
+            raise ckpt_lib.CheckpointDamagedError(f"the noisy classifier's checkpoint at step {step} is damaged "
+                                                  f"({e}); retrain it, or load another step.") from None
         config = _restore_config(manager, step)
         state = _restore_state(manager, step, config)
     finally:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
+import math
 import platform
 import sys
 import time
@@ -28,6 +31,7 @@ from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.classifier import default_cache_dir, load_or_train_feature_network
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.workdir import WorkdirLock
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,13 +82,14 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta {args.eta}: applies to --method ddim only.")
     if args.guidance_scale is not None and not (np.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise ValueError(f"--guidance-scale {args.guidance_scale}: must be a finite number >= 0 (0: no guidance).")
-    if args.eta < 0:
-        raise ValueError(f"--eta {args.eta}: must be >= 0 (0: deterministic DDIM, 1: ancestral).")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise ValueError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM, 1: ancestral).")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise ValueError(f"--seed {args.seed}: must be an integer in 0..{2**32 - 1}.")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    progress = not args.no_progress
     try:
         _check(args)
         checkpoint = load_checkpoint(args.workdir, step=args.step, weights="ema")
@@ -97,6 +102,18 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    workdir = Path(args.workdir)
+    try:
+        # One evaluation per workdir at a time: two would write the same sample batches and eval.json.
+        with WorkdirLock(str(workdir), ".eval.lock", what="evaluating"):
+            return _evaluate(args, checkpoint, train_images, train_labels, test_images, test_labels)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args, checkpoint, train_images, train_labels, test_images, test_labels) -> int:
+    progress = not args.no_progress
     config = checkpoint.config
     workdir = Path(args.workdir)
     print(f"evaluating {workdir} at step {checkpoint.step:,} ({config.preset} preset) on {jax.default_backend()}, "
@@ -139,12 +156,23 @@ def main(argv=None) -> int:
     batchnorm = args.batchnorm or config.sampling.get("batchnorm", "running")
     if batchnorm != "running":
         sampler_name += f"-bn{batchnorm}"
-    if batchnorm == "recalibrated":
+    batchnorm_recalibrated = batchnorm == "recalibrated"
+    if batchnorm_recalibrated:
         checkpoint = recalibrate_batch_stats(checkpoint, train_images, jax.random.PRNGKey(args.seed),
                                              labels=train_labels if num_classes else None)
         batchnorm = "running"  # with the recomputed statistics
-    chunk_dir = workdir / "eval_samples" / (f"step{checkpoint.step}-{checkpoint.weights_used}-seed{args.seed}-"
+    # The cache of drawn batches is keyed by the checkpoint's identity (the digest of its verified files) and
+    # every option that changes a sample, so a workdir whose checkpoints were replaced never reuses old samples.
+    options = {"checkpoint": checkpoint.identity, "step": checkpoint.step, "weights": checkpoint.weights_used,
+               "seed": args.seed, "method": args.method, "eta": args.eta if ddim else None, "variance": variance,
+               "mean": mean, "steps": steps, "batch_size": batch_size, "unconditional": unconditional,
+               "guidance_scale": guidance_scale, "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
+               "recalibration_data": data_lib.fingerprint(train_images) if batchnorm_recalibrated else None}
+    key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    chunk_dir = workdir / "eval_samples" / (f"step{checkpoint.step}-{key}-{checkpoint.weights_used}-seed{args.seed}-"
                                             f"{sampler_name}-K{steps}-batch{batch_size}")
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    (chunk_dir / "options.json").write_text(json.dumps(options, indent=1, sort_keys=True))
     num_batches = -(-args.num_samples // batch_size)
     reused = sum(evaluation.chunk_path(chunk_dir, b).exists() for b in range(num_batches))
     if reused:
@@ -178,7 +206,8 @@ def main(argv=None) -> int:
         "test_split": {"what": "the reference set itself: its classifier histogram and unreadable rate",
                        **{k: test_floor[k] for k in ("num_samples", "histogram", "kl_to_uniform", "unreadable_rate")}},
         "reference": {"split": "test", "num_examples": len(test_images)},
-        "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset},
+        "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset,
+                       "identity": checkpoint.identity},
         "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
                      **({"eta": args.eta} if ddim else {}), "variance": variance, "mean": mean,
                      "unconditional": unconditional, "guidance_scale": guidance_scale,

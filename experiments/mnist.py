@@ -2,8 +2,10 @@
 
 Only parses flags and calls :func:`ddpm_jax.train.train_and_evaluate`; a run
 already in ``--workdir`` resumes from its latest checkpoint. Exit status: 0
-done; 2 a bad flag, config value, dataset or workdir (one ``error:`` line);
-3 a NaN/Inf loss (see ``train.on_nonfinite``); 130/143 stopped by SIGINT/SIGTERM
+done; 2 a bad flag, config value, dataset or workdir, a workdir in use by another
+process, or a damaged checkpoint that cannot be replaced (one ``error:`` line);
+3 a NaN/Inf loss or update, or a diverging loss (see ``train.on_nonfinite`` and
+``train.divergence_factor``; nothing after the last good state is saved); 130/143 stopped by SIGINT/SIGTERM
 after saving a checkpoint.
 """
 
@@ -20,6 +22,7 @@ from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import parallel
 from ddpm_jax import train as train_lib
+from ddpm_jax.workdir import prepare_workdir
 
 
 EXIT_NONFINITE = 3  # 2: bad flags, config or data; 128 + N: stopped by signal N after saving
@@ -63,14 +66,16 @@ def apply_override(config, assignment: str) -> None:
     if "=" not in assignment:
         raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set model.base_channels=32.")
     field, raw = assignment.split("=", 1)
+    # Shown as typed, unless it holds a newline or other control character, which would break the one-line error.
+    shown_field, shown_raw = (t if t.isprintable() else repr(t) for t in (field, raw))
     *parents, leaf = field.strip().split(".")
     node = config
     for name in parents:
         if name not in node or not hasattr(node[name], "keys"):
-            raise ValueError(f"--set {field}: unknown config section {name!r}; sections: {', '.join(k for k in node.keys() if hasattr(node[k], 'keys'))}.")
+            raise ValueError(f"--set {shown_field}: unknown config section {name!r}; sections: {', '.join(k for k in node.keys() if hasattr(node[k], 'keys'))}.")
         node = node[name]
     if leaf not in node:
-        raise ValueError(f"--set {field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
+        raise ValueError(f"--set {shown_field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -78,9 +83,10 @@ def apply_override(config, assignment: str) -> None:
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if current is not None and not isinstance(value, type(current)):
+    # bool is an int to Python; a count, size or rate given True/False is still a mistake.
+    if current is not None and (not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool)):
         kind = type(current).__name__
-        raise ValueError(f"--set {field}={raw}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {current!r}.")
+        raise ValueError(f"--set {shown_field}={shown_raw}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {current!r}.")
     node[leaf] = value
 
 
@@ -104,10 +110,17 @@ def build_config(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Before anything touches a device (default_preset asks for the backend).
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as e:  # bad distributed flags, or a coordinator out of reach
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+            raise ValueError(f"--epochs {args.epochs}: must be a finite number > 0 (it is converted to steps).")
         config = build_config(args)
         train_lib.validate_config(config)
+        prepare_workdir(args.workdir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,16 +131,20 @@ def main(argv=None) -> int:
         return 2
     if args.epochs is not None:
         n = min(len(images), config.data.max_train_examples or len(images))
-        config.train.num_steps = max(1, math.ceil(args.epochs * n / config.train.batch_size))
+        config.train.num_steps = math.ceil(args.epochs * n / config.train.batch_size)
+        if config.train.num_steps > train_lib.MAX_STEPS:
+            print(f"error: --epochs {args.epochs}: {config.train.num_steps:,} steps at batch {config.train.batch_size}; "
+                  f"at most {train_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
+            return 2
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
     try:
         train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
                                      progress=not args.no_progress)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: the disk filled up, a folder vanished mid-run
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train_lib.NonFiniteLossError as e:
+    except (train_lib.NonFiniteLossError, train_lib.TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except train_lib.TrainingInterrupted as e:

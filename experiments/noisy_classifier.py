@@ -44,6 +44,10 @@ def main(argv=None) -> int:
         config.train.batch_size = args.batch_size
     out = args.out or os.path.join(args.workdir, nc.DEFAULT_SUBDIR)
     try:
+        # Checked again with the data, but here too, before the data is loaded (or downloaded).
+        for field, value in (("train.num_steps", args.steps), ("train.batch_size", args.batch_size)):
+            if value is not None and not 1 <= value <= 2**31 - 1:
+                raise ValueError(f"{field}={value} is not allowed: an integer in 1..{2**31 - 1}.")
         run_config = load_checkpoint(args.workdir).config
         train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
         test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_jax.workdir import prepare_workdir
+
 # The levers, at the old default's training time (3,000 steps of the 199,025-parameter network,
 # about 5 minutes here) unless a row says otherwise; equal-time rows take fewer steps of a costlier
 # step, in the ratio of their measured step times. 'cpu' is the new default preset, whole.
@@ -212,6 +214,11 @@ def main(argv=None) -> int:
     if args.num_samples < 2:
         print(f"error: --num-samples {args.num_samples}: need at least 2 (use 5000 or more for FIDs to compare).",
               file=sys.stderr)
+        return 2
+    try:
+        args.workdir = prepare_workdir(args.workdir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     names = [v["name"] for v in VARIANTS]
     unknown = sorted(set(args.only or ()) - set(names))

@@ -6,8 +6,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compile time dominates; its lowest backend optimization level compiles them
 # about twice as fast. Set before JAX is imported; results stay exact within a process.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Many tests train the same tiny network, each building its jitted step anew: JAX's persistent compilation
+# cache (one folder per test session, shared with the subprocesses it starts) compiles each program once.
+# The cached executable is the one a fresh compile would make, so results are unchanged; about 15% less time.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import gzip  # noqa: E402
+import hashlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -50,3 +63,30 @@ def idx_dir(tmp_path_factory):
     write_idx(d / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
     write_idx(d / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (12,)))
     return d
+
+
+def _snapshot(directory):
+    """Every file under ``directory`` with the digest of its bytes: what 'nothing lost or changed' compares."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """``snapshot(directory)``: ``{relative path: sha256}`` of every file under it."""
+    return _snapshot
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory, idx_dir):
+    """A finished tiny run on ``idx_dir`` (4 steps, checkpoints at 2 and 4), shared: tests that change
+    a run copy it first, and tests that must not change it compare :func:`snapshot` before and after."""
+    from experiments import mnist
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "4",
+                       "--no-progress"]) == 0
+    return workdir

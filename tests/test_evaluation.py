@@ -184,6 +184,31 @@ def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, 
     assert "FID" in capsys.readouterr().out
 
 
+def test_evaluate_never_reuses_samples_of_a_checkpoint_that_was_replaced(tmp_path, tiny_run, mnist_dir, network,
+                                                                        trained_tiny_run, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
+    common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "8", "--batch-size", "4",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+
+    def evaluated():
+        assert evaluate.main(common) == 0
+        return json.loads((workdir / "eval.json").read_text())
+
+    first, again = evaluated(), evaluated()
+    assert (first["sampling"]["reused_batches"], again["sampling"]["reused_batches"]) == (0, 2)
+    assert again["fid"] == first["fid"]
+    # Another run of the same preset replaces the checkpoints: the same step, other weights.
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.copytree(trained_tiny_run / "checkpoints" / "2", workdir / "checkpoints" / "2")
+    replaced = evaluated()
+    assert replaced["checkpoint"]["step"] == first["checkpoint"]["step"]
+    assert replaced["sampling"]["reused_batches"] == 0
+    assert replaced["sampling"]["chunk_dir"] != first["sampling"]["chunk_dir"]
+    assert replaced["fid"] != first["fid"]
+
+
 def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_otherwise(
         tmp_path, mnist_dir, network, monkeypatch, capsys):
     workdir = tmp_path / "cond"

@@ -127,7 +127,7 @@ def test_sample_takes_steps_and_method_and_keeps_the_three_argument_call(checkpo
         ({"method": "dpm"}, "allowed: ancestral, ddim"),
         ({"eta": 1.0}, "method='ddim' only"),
         ({"method": "ddim", "variance": "beta"}, "DDIM's step is set by eta"),
-        ({"method": "ddim", "eta": -1.0}, "eta must be a number >= 0"),
+        ({"method": "ddim", "eta": -1.0}, "eta must be a finite number >= 0"),
     ],
 )
 def test_bad_sampling_options_are_refused_with_what_is_allowed(checkpoint, kwargs, message):

@@ -280,12 +280,15 @@ def test_cli_bad_values_get_one_error_line_and_exit_status_2(tiny_run, idx_dir, 
 
 
 def test_a_diffusion_runs_folder_is_not_taken_for_a_classifier(tiny_run, tmp_path, labelled):
+    steps = sorted(os.listdir(tiny_run / "checkpoints"))
     with pytest.raises(ValueError, match="holds checkpoints of a diffusion run, not of a noisy classifier"):
         nc.load_noisy_classifier(str(tiny_run))
     images, labels = labelled
     with pytest.raises(ValueError, match=str(tiny_run / "noisy_classifier")):
         nc.train_noisy_classifier(get_config("tiny"), images, labels, str(tiny_run), config=small_config(),
                                   progress=False)
+    # A refusal is not damage: the run's intact checkpoints stay where they are.
+    assert sorted(os.listdir(tiny_run / "checkpoints")) == steps and not (tiny_run / "damaged_checkpoints").exists()
 
 
 def test_cli_without_a_diffusion_run_says_how_to_train_one(tmp_path, idx_dir, capsys):

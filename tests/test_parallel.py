@@ -55,13 +55,3 @@ def test_single_process_run_does_not_initialize_distributed(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
     assert parallel.initialize_distributed() is False
-
-
-def test_distributed_settings_come_from_the_environment(monkeypatch):
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
-    monkeypatch.setenv("JAX_PROCESS_ID", "1")
-    assert parallel.initialize_distributed() is True
-    assert calls == [(("10.0.0.1:1234", 2, 1), {})]

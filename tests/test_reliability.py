@@ -165,15 +165,16 @@ def _diverging(tiny_config, **train):
                  learning_rate=1e30, **train)
 
 
-def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_last_checkpoint_untouched(tiny_config, tmp_path, images):
+def test_a_nonfinite_loss_stops_naming_the_step_and_saves_nothing_it_cannot_vouch_for(tiny_config, tmp_path, images):
     with pytest.raises(NonFiniteLossError) as info:
         train_and_evaluate(_diverging(tiny_config), str(tmp_path), images=images, progress=False, make_figures=False)
-    assert info.value.step == 3 and info.value.last_checkpoint == 2
+    # Step 2's weights are finite but give a NaN loss on the next batch: judged before saving, never saved.
+    assert info.value.step == 3 and info.value.last_checkpoint == 1
     message = str(info.value)
-    assert "non-finite training step 3" in message and "step 2" in message and "on_nonfinite=skip" in message
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    assert "non-finite training step 3" in message and "(step 1, loss" in message and "on_nonfinite=skip" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     checkpoint = ddpm_jax.load_checkpoint(str(tmp_path))
-    assert checkpoint.step == 2
+    assert checkpoint.step == 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(checkpoint.params)))
 
 
@@ -182,10 +183,11 @@ def test_skip_policy_skips_bad_batches_and_still_stops_a_diverged_run(tiny_confi
     with pytest.raises(NonFiniteLossError, match="4 bad steps in a row") as info:
         train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
     assert info.value.step == 6
-    assert capsys.readouterr().out.count("batch skipped, weights unchanged") == 3
-    # The skipped steps left the weights of step 2 in the checkpoints they wrote.
-    jax.tree.map(np.testing.assert_array_equal, ddpm_jax.load_checkpoint(str(tmp_path), step=5).params,
-                 ddpm_jax.load_checkpoint(str(tmp_path), step=2).params)
+    out = capsys.readouterr().out
+    assert out.count("batch skipped, weights unchanged") == 3
+    # Step 2's weights give NaN on every batch after it: the skipped steps keep them, and no save vouches for them.
+    assert out.count("not saved: its loss on the next batch is nan") == 4
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
 
 def test_cli_exits_3_on_a_nonfinite_loss(tmp_path, idx_dir, capsys):
