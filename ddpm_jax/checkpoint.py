@@ -288,24 +288,37 @@ def restore_newest_intact(manager: ocp.CheckpointManager, load):
     :class:`CheckpointMismatchError`, which pass through.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        step_dir = step_directory(manager, step)
-        try:
-            verified = read_manifest(step_dir) is not None
-            verify_checkpoint(step_dir)
-            return load(step)
-        except (CheckpointMismatchError, ConfigRefusedError):
-            raise
-        except CheckpointDamagedError as e:
-            reason = _reason(e)
-        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes Orbax or TensorStore raise
-            if verified:
-                raise  # every file is as it was saved: not damage, so nothing is moved
-            reason = _reason(e)
+        loaded, reason = _load_unless_damaged(step_directory(manager, step), lambda _identity, step=step: load(step))
+        if reason is None:
+            return loaded
         moved = move_aside(manager, step)
         print(f"warning: the checkpoint at step {step} is damaged ({reason}); moved it to {moved} and "
               "looking for an older one", file=sys.stderr, flush=True)
         manager.reload()
     return None
+
+
+def _load_unless_damaged(step_dir: str, load):
+    """``(load(identity), None)``, or ``(None, reason)`` when the checkpoint in ``step_dir`` is damaged.
+
+    The one rule for damage: its files fail :func:`verify_checkpoint`, or it has no manifest (saved
+    before they existed) and loading it fails. A checkpoint whose files verify is never damaged: an
+    error loading it passes through, as do the refusals :class:`ConfigRefusedError` and
+    :class:`CheckpointMismatchError`.
+    """
+    verified = False
+    try:
+        verified = read_manifest(step_dir) is not None
+        identity = verify_checkpoint(step_dir)
+        return load(identity), None
+    except (CheckpointMismatchError, ConfigRefusedError):
+        raise
+    except CheckpointDamagedError as e:
+        return None, _reason(e)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes Orbax or TensorStore raise
+        if verified:
+            raise  # every file is as it was saved: not damage
+        return None, _reason(e)
 
 
 class ConfigRefusedError(ValueError):
@@ -393,17 +406,11 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
         if not saved_steps:
             raise FileNotFoundError(f"no checkpoint in {directory} (a run killed before its first save?).")
         for candidate in [step] if step is not None else saved_steps:
-            try:
-                verified = read_manifest(step_directory(manager, candidate)) is not None
-                return _load_verified(manager, candidate, weights)
-            except CheckpointMismatchError:
-                raise
-            except CheckpointDamagedError as e:
-                reason = _reason(e)
-            except Exception as e:  # noqa: BLE001 - what a damaged file makes Orbax or TensorStore raise
-                if verified:
-                    raise  # every file is as it was saved: the error is not damage
-                reason = _reason(e)
+            loaded, reason = _load_unless_damaged(
+                step_directory(manager, candidate),
+                lambda identity, candidate=candidate: _load_verified(manager, candidate, weights, identity))
+            if reason is None:
+                return loaded
             if step is not None:
                 raise CheckpointDamagedError(
                     f"the checkpoint at step {step} in {directory} is damaged ({reason}); load another "
@@ -415,10 +422,10 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
         manager.close()
 
 
-def _load_verified(manager: ocp.CheckpointManager, step: int, weights: str):
+def _load_verified(manager: ocp.CheckpointManager, step: int, weights: str, identity: str):
+    """The checkpoint at ``step``, whose files :func:`verify_checkpoint` found intact (``identity``)."""
     from ddpm_jax.train import create_train_state  # train imports this module: import at call time
 
-    identity = verify_checkpoint(step_directory(manager, step))
     config = restore_config(manager, step)
     # The state's structure (optimizer state included) follows from the config alone.
     template = jax.eval_shape(lambda: create_train_state(config))

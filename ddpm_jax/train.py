@@ -682,8 +682,9 @@ class NonFiniteGuard:
         this save."""
         self.drain()
         loss = float(probe["loss"])
-        last_checkpoint, last_loss = self._last()
         if not bool(probe["state_finite"]) or (not np.isfinite(loss) and self.policy == "stop"):
+            # Asked only when failing: _last() waits for the save under way and writes its manifest.
+            last_checkpoint, last_loss = self._last()
             raise NonFiniteLossError(step + 1, loss, float("nan"), last_checkpoint, 1, last_loss)
         if not np.isfinite(loss):
             print(f"step {step}: not saved: its loss on the next batch is {loss} (train.on_nonfinite=skip)", flush=True)
@@ -691,7 +692,7 @@ class NonFiniteGuard:
         median = self._diverged(loss)
         if median is not None:
             raise TrainingDivergedError(step, loss, median, self.divergence_factor, len(self._recent),
-                                        last_checkpoint, last_loss, at_checkpoint=True)
+                                        *self._last(), at_checkpoint=True)
         return True, loss
 
 
