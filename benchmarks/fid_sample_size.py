@@ -23,7 +23,7 @@ import numpy as np
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation, metrics
-from ddpm_jax.classifier import load_or_train_feature_network
+from ddpm_jax.feature_network import load_or_train_feature_network
 
 SIZES = (100, 250, 500, 1000, 2000, 5000, 10_000)
 

@@ -36,11 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import parallel
-from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler, sample
+from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.generate import _compiled_sampler, sample
+from ddpm_jax.validation import sampling_options
 from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.guidance import GuidanceInputs
 from ddpm_jax.models import build_model
-from ddpm_jax.train import count_params, create_train_state, make_dataset_train_step
+from ddpm_jax.train import make_dataset_train_step
+from ddpm_jax.train_state import count_params, create_train_state
 
 
 def _config(args):
@@ -118,8 +121,8 @@ def measure_sample(args) -> dict:
         seconds = statistics.median(times) * T
         return {"samples_per_s": n / seconds, "seconds": seconds, "extrapolated": True, "n": n, "T": T}
     steps = args.sample_steps if args.sample_steps and args.sample_steps != T else None
-    sampler = _compiled_sampler(json.dumps(checkpoint.config.to_dict(), sort_keys=True), n,
-                                config.sampling.variance, config.sampling.mean, 0, steps, args.method, 0.0)
+    options = sampling_options(checkpoint.config, steps=steps, method=args.method)
+    sampler = _compiled_sampler(checkpoint.config, n, options, 0)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     jax.block_until_ready(sampler(GuidanceInputs(checkpoint.variables), key))

@@ -15,10 +15,11 @@ from ddpm_jax import xla_cpu
 
 xla_cpu.prefer_eigen_convolutions()  # before any device is used; see ddpm_jax/xla_cpu.py
 
-from ddpm_jax.api import DiffusionCheckpoint, prior_labels, sample  # noqa: E402
-from ddpm_jax import metrics
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.classifier import FeatureNetwork, load_or_train_feature_network
+from ddpm_jax import metrics  # noqa: E402
+from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
+from ddpm_jax.feature_network import FeatureNetwork, load_or_train_feature_network
+from ddpm_jax.figures import write_figures
+from ddpm_jax.generate import prior_labels, sample
 from ddpm_jax.configs import PRESETS, get_config
 from ddpm_jax.diffusion import p_mean, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.losses import l_simple
@@ -26,7 +27,8 @@ from ddpm_jax.models import ReportUNet
 from ddpm_jax.noisy_classifier import load_noisy_classifier
 from ddpm_jax.sampling import make_ancestral_sampler
 from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
-from ddpm_jax.train import TrainState, create_train_state, train_and_evaluate, train_step
+from ddpm_jax.train import train_and_evaluate, train_step
+from ddpm_jax.train_state import TrainState, create_train_state
 
 __all__ = [
     "DiffusionCheckpoint",
@@ -54,4 +56,5 @@ __all__ = [
     "sample",
     "train_and_evaluate",
     "train_step",
+    "write_figures",
 ]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.data import preprocess
 from ddpm_jax.diffusion import q_sample
 from ddpm_jax.models import build_model

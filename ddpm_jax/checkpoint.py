@@ -1,130 +1,147 @@
-"""Orbax checkpoints: the whole train state plus the run's config, per step.
+"""Orbax checkpoints: the whole train state plus the run's config, per step, and what loads them.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state,config}``. ``state`` is the
-:class:`~ddpm_jax.train.TrainState` pytree (params, batch_stats, opt_state,
-step, key); ``config`` is the config as JSON, so :func:`load_checkpoint`
-rebuilds everything from the directory alone.
+Layout: ``WORKDIR/checkpoints/<step>/{state,config,manifest.json}``. ``state`` is the
+:class:`~ddpm_jax.train_state.TrainState` pytree (params, EMA, batch_stats, opt_state,
+step, key); ``config`` is the config as JSON, so :func:`load_checkpoint` rebuilds
+everything from the directory alone; ``manifest.json`` holds the checksums that
+:mod:`ddpm_jax.manifest` verifies before anything is loaded. A damaged latest checkpoint
+is never loaded: training moves it aside and resumes from the newest intact one
+(:func:`restore_newest_intact`); :func:`load_checkpoint` skips it (or refuses an
+explicitly asked-for step), each saying so in one line.
 
-Every finalized checkpoint also gets ``manifest.json``: the size and SHA-256 of
-each of its files (written once Orbax has renamed the finished save into
-place). Restoring verifies it; a damaged latest checkpoint (a flipped bit, a
-truncated or deleted file) is never loaded: training moves it aside into
-``WORKDIR/damaged_checkpoints/`` and resumes from the newest intact one,
-:func:`load_checkpoint` skips it (or refuses an explicitly asked-for step), each
-saying so in one line. The manifest's own digest is the checkpoint's identity
-(:attr:`ddpm_jax.DiffusionCheckpoint.identity`), which keys evaluation caches.
-
-Restoring always targets an abstract state built on this process's first
-device, so a checkpoint written on a GPU restores on a CPU-only machine.
+Restoring always targets an abstract state built on this process's first device, so a
+checkpoint written on a GPU restores on a CPU-only machine.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
-import shutil
 import sys
-import time
+from typing import Any
 
+import flax.struct
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ddpm_jax import configs as configs_lib
-from ddpm_jax.api import DiffusionCheckpoint, tree_differences
+from ddpm_jax import manifest as manifest_lib
+from ddpm_jax.configs import config_from_dict, schedule_from_config
+from ddpm_jax.denoiser import expected_variables
+from ddpm_jax.manifest import (  # noqa: F401  (the errors are raised through this module too)
+    DAMAGED_SUBDIR,
+    MANIFEST,
+    CheckpointDamagedError,
+    CheckpointMismatchError,
+    ConfigRefusedError,
+    finish_manifests,
+    verify_checkpoint,
+)
+from ddpm_jax.schedules import DiffusionSchedule
+from ddpm_jax.train_state import create_train_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
-DAMAGED_SUBDIR = "damaged_checkpoints"
-MANIFEST = "manifest.json"
+
+
+class _NotReadOnlyNoise(logging.Filter):
+    """Orbax warns each time a read-only manager opens a directory; loading a checkpoint is not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_NotReadOnlyNoise())
 _STATE, _CONFIG = "state", "config"
+WEIGHTS = ("ema", "raw")
 
 
-class CheckpointDamagedError(ValueError):
-    """A checkpoint's files do not match its manifest, or cannot be read back."""
+@flax.struct.dataclass
+class DiffusionCheckpoint:
+    """A trained denoiser and everything needed to sample from it.
 
-
-class CheckpointMismatchError(ValueError):
-    """A readable checkpoint that does not fit this config's model (not damage: nothing is moved aside)."""
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files_of(step_dir: str) -> dict[str, dict]:
-    """``{relative path: {size, sha256}}`` of every file under ``step_dir`` but the manifest."""
-    files = {}
-    for root, _, names in os.walk(step_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel != MANIFEST:
-                files[rel] = {"size": os.path.getsize(path), "sha256": _file_digest(path)}
-    return dict(sorted(files.items()))
-
-
-def _identity(files: dict) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(step_dir: str, extra: dict | None = None) -> dict:
-    """Checksum every file of a finalized checkpoint into ``step_dir/manifest.json`` (atomically)."""
-    files = _files_of(step_dir)
-    manifest = {"identity": _identity(files), "files": files, **(extra or {})}
-    tmp = os.path.join(step_dir, f".{MANIFEST}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
-    return manifest
-
-
-def read_manifest(step_dir: str) -> dict | None:
-    """The manifest of a checkpoint, or None for one saved before manifests existed."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no file list")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointDamagedError(f"{path} is unreadable ({e})") from None
-    return manifest
-
-
-def verify_checkpoint(step_dir: str) -> str:
-    """Check ``step_dir``'s files against its manifest; return the checkpoint's identity.
-
-    A checkpoint without a manifest (saved before they existed, or by a run killed
-    between Orbax's rename and the manifest) is hashed as it is. Raises
-    :class:`CheckpointDamagedError` naming the first file missing, resized or changed.
+    What :func:`ddpm_jax.load_checkpoint` returns and :func:`sample` takes:
+    the network's ``params``, their exponential moving average ``ema_params``
+    (None for a bare set of weights), BatchNorm ``batch_stats``, the run's frozen
+    ``config`` (model, schedule, sampling defaults) and the training ``step``.
+    ``weights`` says which parameters sampling uses: ``'ema'`` (the default,
+    as Ho et al. sample) or ``'raw'``; see :meth:`with_weights`. ``identity`` is
+    the SHA-256 digest of the checkpoint's verified files when it was loaded
+    from disk (None for one built in memory): caches of its samples key on it.
     """
-    manifest = read_manifest(step_dir)
-    if manifest is None:
-        return _identity(_files_of(step_dir))
-    for rel, expected in manifest["files"].items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            raise CheckpointDamagedError(f"{path} is missing")
-        size = os.path.getsize(path)
-        if size != expected.get("size"):
-            raise CheckpointDamagedError(f"{path} has {size} bytes, its manifest says {expected.get('size')}")
-        if _file_digest(path) != expected.get("sha256"):
-            raise CheckpointDamagedError(f"{path} does not match its checksum")
-    identity = _identity(manifest["files"])
-    if manifest.get("identity") != identity:
-        raise CheckpointDamagedError(f"{os.path.join(step_dir, MANIFEST)} does not match its own digest")
-    return identity
+
+    params: Any
+    batch_stats: Any
+    config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
+    step: int = flax.struct.field(pytree_node=False, default=0)
+    ema_params: Any = None
+    weights: str = flax.struct.field(pytree_node=False, default="ema")
+    identity: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def from_train_state(cls, state, config) -> "DiffusionCheckpoint":
+        return cls(
+            params=state.params,
+            batch_stats=state.batch_stats,
+            config=ml_collections.FrozenConfigDict(config.to_dict()),
+            step=int(state.step),
+            ema_params=state.ema_params,
+        )
+
+    @property
+    def weights_used(self) -> str:
+        """``'ema'`` or ``'raw'``: which parameters :attr:`variables` (and so sampling) uses."""
+        return "ema" if self.weights == "ema" and self.ema_params is not None else "raw"
+
+    def with_weights(self, weights: str) -> "DiffusionCheckpoint":
+        """The same checkpoint sampling with ``'ema'`` (averaged) or ``'raw'`` (last step's) parameters."""
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}.")
+        if weights == "ema" and self.ema_params is None:
+            raise ValueError("this checkpoint holds no EMA weights (ema_params is None); use weights='raw'.")
+        return self.replace(weights=weights)
+
+    @property
+    def variables(self) -> dict:
+        params = self.ema_params if self.weights_used == "ema" else self.params
+        return {"params": params, "batch_stats": self.batch_stats}
+
+    @property
+    def schedule(self) -> DiffusionSchedule:
+        return schedule_from_config(self.config)
 
 
-def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """A manager keeping the last ``config.train.keep_checkpoints`` steps."""
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def tree_differences(saved, expected, limit: int = 6) -> list[str]:
+    """Where two pytrees of arrays (or their metadata) differ, as ``'path: saved ... , expected ...'`` lines."""
+    a, b = _shapes_by_path(saved), _shapes_by_path(expected)
+    # The network's parameters say most about what differs; BatchNorm statistics and Adam's moments repeat them.
+    order = lambda k: (not k.startswith("params"), k.startswith("opt_state"), k)  # noqa: E731
+    lines = [f"{k}: saved {a[k]}, this config's model {b[k]}"
+             for k in sorted(a.keys() & b.keys(), key=order) if a[k] != b[k]]
+    lines += [f"{k}: not in this config's model" for k in sorted(a.keys() - b.keys(), key=order)]
+    lines += [f"{k}: missing from the saved arrays" for k in sorted(b.keys() - a.keys(), key=order)]
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def check_variables_fit_config(checkpoint: DiffusionCheckpoint) -> None:
+    """Raise ValueError naming the arrays that do not fit the network ``checkpoint.config`` describes."""
+    frozen = ml_collections.FrozenConfigDict(checkpoint.config)
+    diffs = tree_differences(checkpoint.variables, expected_variables(frozen))
+    if diffs:
+        m = checkpoint.config.model
+        raise ValueError(
+            f"these params do not fit the network their config describes (model.base_channels={m.base_channels}, "
+            f"model.levels={m.levels}, data.image_size={checkpoint.config.data.image_size}): {'; '.join(diffs)}. "
+            "Load params and config together with ddpm_jax.load_checkpoint(workdir)."
+        )
+
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """A manager of ``WORKDIR/checkpoints`` keeping the last ``keep`` steps (``train.keep_checkpoints``)."""
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     # A save is written to a temporary directory and renamed when complete, and latest_step() only sees
     # complete ones, so a process killed mid-save leaves its last finished checkpoint as the latest; the
@@ -132,27 +149,10 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
     # The manifest of a save is written as soon as Orbax has finalized it (and again, if still missing,
     # by finish_manifests): a checksum taken earlier could describe a half-written directory.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, create=True, cleanup_tmp_directories=True,
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=lambda: finish_manifests(directory)),
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
-
-
-# Losses at save time, by (checkpoint directory, step), put into the manifest once the save is finalized.
-_PENDING_LOSSES: dict[tuple[str, int], float] = {}
-
-
-def finish_manifests(directory) -> None:
-    """Write the manifest of every finalized checkpoint in ``directory`` that has none yet."""
-    directory = str(directory)
-    if jax.process_index() != 0 or not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        step_dir = os.path.join(directory, name)
-        # Orbax finalizes by renaming '<step>.orbax-checkpoint-tmp-*' to '<step>': only plain step names count.
-        if name.isdigit() and os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, MANIFEST)):
-            loss = _PENDING_LOSSES.pop((directory, int(name)), None)
-            write_manifest(step_dir, None if loss is None else {"loss": loss})
 
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
@@ -181,7 +181,7 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     if step in manager.all_steps():
         return
     if loss is not None:
-        _PENDING_LOSSES[(str(manager.directory), step)] = float(loss)
+        manifest_lib.remember_loss(manager.directory, step, loss)
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -199,16 +199,29 @@ def on_local_device(abstract_tree):
 def restore_state(manager: ocp.CheckpointManager, step: int, template):
     """Restore the train state saved at ``step`` into the structure of ``template``.
 
-    Raises ValueError listing the arrays whose shapes or names differ when the
-    checkpoint was written by another model than ``template``'s.
+    Raises :class:`CheckpointMismatchError` listing the arrays whose shapes or names differ
+    when the checkpoint was written by another model than ``template``'s. A checkpoint older
+    than a field of the state still loads: a missing ``ema_params`` starts from its weights
+    (runs saved before the average existed), a missing field the template holds no arrays in
+    (``batch_stats`` of a network without BatchNorm, the classifiers' absent average) takes it.
     """
     abstract = on_local_device(jax.eval_shape(lambda s: s, template))
     saved = manager.item_metadata(step)[_STATE]  # names and shapes only: compared before any array is read
-    if saved is not None and _EMA not in saved and hasattr(abstract, _EMA):
-        return _restore_without_ema(manager, step, saved, abstract)
-    _check_fits(manager, step, saved, abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
-    return restored[_STATE]
+    fields = {name: getattr(abstract, name) for name, field in abstract.__dataclass_fields__.items()
+              if field.metadata.get("pytree_node", True)}  # the arrays, not the settings
+    fillable = {name for name, value in fields.items()
+                if saved is not None and name not in saved
+                and (name == _EMA and value is not None or not jax.tree.leaves(value))}
+    if not fillable:
+        _check_fits(manager, step, saved, abstract)
+        return manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    present = {name: value for name, value in fields.items() if name not in fillable}
+    _check_fits(manager, step, saved, present)
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(present)}))[_STATE]
+    state = abstract.replace(**restored)
+    if _EMA in fillable:
+        state = state.replace(ema_params=jax.tree.map(lambda p: p.copy(), state.params))
+    return state
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, saved, expected) -> None:
@@ -221,17 +234,6 @@ def _check_fits(manager: ocp.CheckpointManager, step: int, saved, expected) -> N
 
 
 _EMA = "ema_params"
-
-
-def _restore_without_ema(manager: ocp.CheckpointManager, step: int, saved, abstract):
-    """A checkpoint written before the train state had ``ema_params``: restored with its average
-    starting from its weights, so old runs still load and resume."""
-    fields = {name: getattr(abstract, name) for name, field in abstract.__dataclass_fields__.items()
-              if name != _EMA and field.metadata.get("pytree_node", True)}  # the arrays, not the settings
-    _check_fits(manager, step, saved, fields)
-    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(fields)}))[_STATE]
-    state = abstract.replace(**restored)
-    return state.replace(ema_params=jax.tree.map(lambda p: p.copy(), state.params))
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
@@ -254,24 +256,29 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return diffs
 
 
-# Fields that may change between a run and its resumption without making the
-# checkpoint incompatible: they steer the loop or how the same math is computed,
-# not the state's shapes or what it means.
+# Fields that may change between a run and its resumption without making the checkpoint
+# incompatible: they steer the loop or how the same math is computed, not the state's shapes
+# or what it means. One list for the diffusion model and the noise-aware classifier (a field
+# only one of them has is absent from the other's config).
 # The learning-rate fields are among them (every schedule gives Adam the same state), so a run that
 # diverged can continue from its last good checkpoint with a lower --lr.
-_RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.learning_rate", "train.lr_schedule", "train.warmup_steps", "train.on_nonfinite",
-                     "train.max_consecutive_skips", "train.divergence_", "train.ema_", "sampling.", "preset", "model.conv_impl",
-                     "model.compute_dtype")
+RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.learning_rate", "train.lr_schedule", "train.warmup_steps", "train.on_nonfinite",
+                    "train.max_consecutive_skips", "train.divergence_", "train.ema_", "train.eval_batch_size",
+                    "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
 
 
-def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict):
-    """The latest intact saved state, or None if there is none; refuses a checkpoint of another config.
-
-    A damaged checkpoint is moved aside (see :func:`restore_newest_intact`).
+def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict,
+                   check_saved=None):
+    """The latest intact saved state, or None if there is none; refuses a checkpoint of another
+    config or other data (:class:`ConfigRefusedError`). ``check_saved(step, saved_config)`` may
+    refuse one more. A damaged checkpoint is moved aside (see :func:`restore_newest_intact`).
     """
     def load(step):
-        _check_same_run(manager, step, restore_config(manager, step).to_dict(), config)
+        saved = restore_config(manager, step)
+        if check_saved is not None:
+            check_saved(step, saved)
+        _check_same_run(manager, step, saved.to_dict(), config)
         return restore_state(manager, step, template)
 
     return restore_newest_intact(manager, load)
@@ -288,74 +295,29 @@ def restore_newest_intact(manager: ocp.CheckpointManager, load):
     :class:`CheckpointMismatchError`, which pass through.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        loaded, reason = _load_unless_damaged(step_directory(manager, step), lambda _identity, step=step: load(step))
+        loaded, reason = manifest_lib.load_unless_damaged(step_directory(manager, step),
+                                                          lambda _identity, step=step: load(step))
         if reason is None:
             return loaded
-        moved = move_aside(manager, step)
+        moved = manifest_lib.move_aside(step_directory(manager, step))
         print(f"warning: the checkpoint at step {step} is damaged ({reason}); moved it to {moved} and "
               "looking for an older one", file=sys.stderr, flush=True)
         manager.reload()
     return None
 
 
-def _load_unless_damaged(step_dir: str, load):
-    """``(load(identity), None)``, or ``(None, reason)`` when the checkpoint in ``step_dir`` is damaged.
-
-    The one rule for damage: its files fail :func:`verify_checkpoint`, or it has no manifest (saved
-    before they existed) and loading it fails. A checkpoint whose files verify is never damaged: an
-    error loading it passes through, as do the refusals :class:`ConfigRefusedError` and
-    :class:`CheckpointMismatchError`.
-    """
-    verified = False
-    try:
-        verified = read_manifest(step_dir) is not None
-        identity = verify_checkpoint(step_dir)
-        return load(identity), None
-    except (CheckpointMismatchError, ConfigRefusedError):
-        raise
-    except CheckpointDamagedError as e:
-        return None, _reason(e)
-    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes Orbax or TensorStore raise
-        if verified:
-            raise  # every file is as it was saved: not damage
-        return None, _reason(e)
-
-
-class ConfigRefusedError(ValueError):
-    """A readable checkpoint of another config or other data: refused, not damaged."""
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text if isinstance(e, CheckpointDamagedError) else f"{type(e).__name__}: {text[:300]}"
-
-
-def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    """Move a damaged checkpoint out of the manager's sight, into ``WORKDIR/damaged_checkpoints/``; never delete it."""
-    source = step_directory(manager, step)
-    target_root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_SUBDIR)
-    os.makedirs(target_root, exist_ok=True)
-    target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 0
-    while os.path.exists(target + (f"-{suffix}" if suffix else "")):
-        suffix += 1
-    target += f"-{suffix}" if suffix else ""
-    shutil.move(source, target)
-    return target
-
-
 def _check_same_run(manager, step: int, saved: dict, config: ml_collections.ConfigDict) -> None:
     saved_data, current_data = saved.get("data", {}), config.to_dict().get("data", {})
     if saved_data.get("fingerprint") and saved_data.get("fingerprint") != current_data.get("fingerprint"):
         raise ConfigRefusedError(
-            f"{manager.directory} holds a run (step {step}) trained on other data (fingerprint "
+            f"{manager.directory} holds a run (step {step}) trained on other data (data.fingerprint "
             f"{saved_data['fingerprint']}, this data {current_data.get('fingerprint')}); resuming would train it on "
             "different images. Use another --workdir, or point at the same data to resume."
         )
     diffs = [
         d for d in config_differences(saved, config.to_dict())
         # Fields newer than the checkpoint take their defaults; the fingerprint was compared above.
-        if not d.startswith(_RESUMABLE_FIELDS) and ": '<missing>' ->" not in d and not d.startswith("data.fingerprint")
+        if not d.startswith(RESUMABLE_FIELDS) and ": '<missing>' ->" not in d and not d.startswith("data.fingerprint")
     ]
     if diffs:
         raise ConfigRefusedError(
@@ -366,16 +328,10 @@ def _check_same_run(manager, step: int, saved: dict, config: ml_collections.Conf
 
 def checkpoint_loss(manager: ocp.CheckpointManager, step: int | None) -> float | None:
     """The loss recorded in a checkpoint's manifest when it was saved (None if it has none)."""
-    if step is None:
-        return None
-    try:
-        manifest = read_manifest(step_directory(manager, step))
-    except CheckpointDamagedError:
-        return None
-    return None if manifest is None else manifest.get("loss")
+    return None if step is None else manifest_lib.checkpoint_loss(step_directory(manager, step))
 
 
-def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema"):
+def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema") -> DiffusionCheckpoint:
     """Load what :func:`ddpm_jax.sample` needs from a run directory.
 
     Args:
@@ -388,9 +344,8 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
         switch with ``checkpoint.with_weights(...)`` or ``sample(..., weights=...)``.
 
     Returns:
-      A :class:`ddpm_jax.DiffusionCheckpoint` (params, ema_params, batch_stats,
-      config, step, and ``identity``: the digest of its verified files), on this
-      process's first device.
+      A :class:`DiffusionCheckpoint` (params, ema_params, batch_stats, config, step, and
+      ``identity``: the digest of its verified files), on this process's first device.
     """
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     if not os.path.isdir(directory):
@@ -406,7 +361,7 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
         if not saved_steps:
             raise FileNotFoundError(f"no checkpoint in {directory} (a run killed before its first save?).")
         for candidate in [step] if step is not None else saved_steps:
-            loaded, reason = _load_unless_damaged(
+            loaded, reason = manifest_lib.load_unless_damaged(
                 step_directory(manager, candidate),
                 lambda identity, candidate=candidate: _load_verified(manager, candidate, weights, identity))
             if reason is None:
@@ -422,10 +377,8 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
         manager.close()
 
 
-def _load_verified(manager: ocp.CheckpointManager, step: int, weights: str, identity: str):
+def _load_verified(manager: ocp.CheckpointManager, step: int, weights: str, identity: str) -> DiffusionCheckpoint:
     """The checkpoint at ``step``, whose files :func:`verify_checkpoint` found intact (``identity``)."""
-    from ddpm_jax.train import create_train_state  # train imports this module: import at call time
-
     config = restore_config(manager, step)
     # The state's structure (optimizer state included) follows from the config alone.
     template = jax.eval_shape(lambda: create_train_state(config))
@@ -433,7 +386,7 @@ def _load_verified(manager: ocp.CheckpointManager, step: int, weights: str, iden
     return DiffusionCheckpoint(
         params=state.params,
         batch_stats=state.batch_stats,
-        config=configs_lib.config_from_dict(config.to_dict()),
+        config=config_from_dict(config.to_dict()),
         step=int(state.step),
         ema_params=state.ema_params,
         identity=identity,

@@ -35,6 +35,11 @@ import ml_collections
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
 
 PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "tiny")
+# What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
+# labels drawn from the training label frequencies, then guided ('label_prior'), or the null label ('null').
+UNCONDITIONAL_MODES = ("label_prior", "null")
+# Which statistics a BatchNorm network normalizes with while sampling (sampling.batchnorm).
+BATCHNORM_MODES = ("running", "batch")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -195,7 +200,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
 
 
 def get_classifier_config() -> ml_collections.ConfigDict:
-    """The MNIST classifier whose features FID is computed in (see :mod:`ddpm_jax.classifier`).
+    """The MNIST classifier whose features FID is computed in (see :mod:`ddpm_jax.feature_network`).
 
     Trained once per training set and cached; any change here trains (and
     caches) a new one, so FIDs are only comparable under the same config.
@@ -214,6 +219,12 @@ def get_classifier_config() -> ml_collections.ConfigDict:
     c.train.max_shift = 2  # augmentation: random translations of up to this many pixels
     c.train.seed = 0
     return c
+
+
+def model_input_shape(config: ml_collections.ConfigDict, batch_size: int) -> tuple[int, int, int, int]:
+    """NHWC shape of a batch the network of ``config`` takes (MNIST padded to ``data.image_size``)."""
+    size = config.data.image_size
+    return (batch_size, size, size, 1)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

@@ -505,6 +505,19 @@ def preprocess(images_u8: jnp.ndarray, image_size: int) -> jnp.ndarray:
     return x
 
 
+def pad_to_batch(array, batch: int) -> np.ndarray:
+    """``array`` (rows along axis 0, at most ``batch``) grown to ``batch`` rows by repeating its rows in turn.
+
+    One compiled shape then serves every batch, the last one too; the caller drops the extra
+    rows of the result. Repeating real rows (labels, images) keeps the padding in range for
+    whatever consumes it, and for batch-statistics BatchNorm alike in kind to the real rows.
+    """
+    array = np.asarray(array)
+    if len(array) > batch:
+        raise ValueError(f"pad_to_batch: {len(array)} rows do not fit a batch of {batch}.")
+    return array if len(array) == batch else np.resize(array, (batch,) + array.shape[1:])
+
+
 def crop(x, height: int = IMAGE_SHAPE[0], width: int = IMAGE_SHAPE[1]):
     """Centre-crop ``(..., H, W, C)`` back to ``height x width``: the inverse of :func:`preprocess`'s padding.
 

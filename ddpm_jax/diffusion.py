@@ -7,7 +7,7 @@ are NHWC float arrays, data in [-1, 1]. Nothing here knows about networks.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import chex
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ VarianceType = Literal["beta", "beta_tilde", "learned"]
 # Fixed reverse variances, and the learned interpolation between them (Nichol & Dhariwal 2021).
 VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde", "learned")
 FIXED_VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde")
+# The network as the samplers and the bounds see it: eps_fn(variables, x_t, t) -> eps_hat (x_t's shape;
+# 2C channels, eps and v, for a learned variance); t int (B,), 0-based.
+EpsModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def _check_batch(x: jnp.ndarray, t: jnp.ndarray) -> None:
@@ -96,17 +99,18 @@ def p_mean(
     raise ValueError(f"unknown mean_type {mean_type!r}; allowed: {', '.join(MEAN_TYPES)}.")
 
 
-def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType) -> jnp.ndarray:
-    """The fixed reverse variances sigma_t^2, shape ``(T,)``.
+def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType, log: bool = False) -> jnp.ndarray:
+    """The fixed reverse variances sigma_t^2 (``log``: log sigma_t^2), shape ``(T,)``.
 
     ``'beta'``: sigma_t^2 = beta_t (the upper bound on the reverse variance);
-    ``'beta_tilde'``: sigma_t^2 = beta-tilde_t, the posterior variance (the lower bound).
+    ``'beta_tilde'``: sigma_t^2 = beta-tilde_t, the posterior variance (the lower bound),
+    whose log is clipped at t = 0 (where beta-tilde is 0) as everywhere here.
     Ho et al. 2020, section 3.2, found both give similar samples.
     """
     if variance_type == "beta":
-        return schedule.betas
+        return jnp.log(schedule.betas) if log else schedule.betas
     if variance_type == "beta_tilde":
-        return schedule.posterior_variance
+        return schedule.posterior_log_variance_clipped if log else schedule.posterior_variance
     if variance_type == "learned":
         raise ValueError("a learned variance comes from the network: use learned_log_variance(schedule, t, v).")
     raise ValueError(f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}.")

@@ -23,13 +23,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from ddpm_jax import metrics, plotting
-from ddpm_jax.api import DiffusionCheckpoint, denoiser_fn, sample
-from ddpm_jax.classifier import FeatureNetwork, default_cache_dir
-from ddpm_jax.data import fingerprint, preprocess
+from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
+from ddpm_jax.denoiser import denoiser_fn
+from ddpm_jax.feature_network import FeatureNetwork, default_cache_dir
+from ddpm_jax.generate import sample
 from ddpm_jax.likelihood import bits_per_dim, vlb_terms
 from ddpm_jax.progress import progress_bar
+from ddpm_jax.validation import resolve_variance
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:
@@ -73,7 +77,7 @@ def draw_samples(
         else:
             batch_labels = None
             if labels is not None:  # the last batch is padded by repeating its labels, then cropped
-                batch_labels = np.resize(np.asarray(labels)[b * batch_size:(b + 1) * batch_size], batch_size)
+                batch_labels = pad_to_batch(np.asarray(labels)[b * batch_size:(b + 1) * batch_size], batch_size)
             images = plotting.to_uint8(sample(checkpoint, jax.random.fold_in(key, b), batch_size,
                                               batch_size=batch_size, labels=batch_labels, **sample_kwargs))
             if path is not None:
@@ -164,26 +168,17 @@ def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_histogram_plot(result: dict, path: str, floor: dict | None = None, title: str = "") -> None:
     """Bar chart of the digit histogram (the report's Figure 6), unreadable samples hatched.
 
     ``floor`` (the same metrics for real data) is drawn as outlined bars for comparison.
     """
-    plt = _pyplot()
     digits = np.arange(metrics.NUM_CLASSES)
     n = result["num_samples"]
     share = np.array([result["histogram"][str(d)] for d in digits]) / n * 100
     unreadable = np.array([result["unreadable_histogram"][str(d)] for d in digits]) / n * 100
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)  # no pyplot: nothing global (a notebook's backend) is touched
+    ax = fig.subplots()
     ax.bar(digits, share - unreadable, width=0.7, color="#4c72b0", label="samples (readable)")
     ax.bar(digits, unreadable, width=0.7, bottom=share - unreadable, color="#c4d3ea", hatch="///",
            edgecolor="#4c72b0", label=f"unreadable (top probability < {result.get('unreadable_threshold', metrics.UNREADABLE_THRESHOLD)})")
@@ -202,15 +197,14 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k: int = 64, ncol: int = 8) -> None:
     """Grid of the ``k`` least confident samples, each titled with its likeliest digit and probability."""
-    plt = _pyplot()
     order = least_confident(probs, k)
     nrow = -(-len(order) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 0.95, nrow * 1.1), dpi=120, squeeze=False)
+    fig = Figure(figsize=(ncol * 0.95, nrow * 1.1), dpi=120)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order):
@@ -219,7 +213,6 @@ def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k:
     fig.suptitle("least confident samples (likeliest digit: its probability)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -248,10 +241,7 @@ def negative_log_likelihood(
     the decoder term L_0 and the sum of the KL terms L_1..L_{T-1}.
     """
     config = checkpoint.config
-    learned = bool(config.model.get("learn_variance", False))
-    variance = variance or ("learned" if learned else config.sampling.variance)
-    if variance == "learned" and not learned:
-        raise ValueError("variance 'learned' needs a network trained with model.learn_variance.")
+    variance = resolve_variance(config, variance)
     size = config.data.image_size
     eps_fn = denoiser_fn(config.model, with_learned_variance=variance == "learned")
     schedule = checkpoint.schedule
@@ -271,9 +261,8 @@ def negative_log_likelihood(
         batches = progress_bar(batches, unit="batch", desc=f"L_vlb of {n} images")
     for b in batches:
         chunk = images_u8[b * batch_size : (b + 1) * batch_size]
-        real = len(chunk)
-        if real < batch_size:  # one compiled shape: pad the last batch, then drop the padding
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
+        real = len(chunk)  # one compiled shape: the last batch is padded, then the padding dropped
+        chunk = pad_to_batch(chunk, batch_size)
         terms, prior = jax.device_get(batch_terms(checkpoint.variables, jnp.asarray(chunk), jax.random.fold_in(key, b)))
         terms, prior = terms[:real], prior[:real]
         per_image.append(np.asarray(bits_per_dim(terms, prior, num_dims)))

@@ -19,14 +19,21 @@ jit-able function of arrays; the network enters as ``eps_fn``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
-from ddpm_jax.diffusion import learned_log_variance, p_mean, q_posterior_mean, q_sample, split_learned_variance
+from ddpm_jax.diffusion import (
+    EpsModelFn,
+    learned_log_variance,
+    p_mean,
+    p_variance,
+    q_posterior_mean,
+    q_sample,
+    split_learned_variance,
+)
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # Half a pixel bin of 8-bit data mapped to [-1, 1].
@@ -62,15 +69,6 @@ def prior_kl(schedule: DiffusionSchedule, x0: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(normal_kl(mean, logvar, 0.0, 0.0), axis=(1, 2, 3))
 
 
-def model_log_variance(schedule: DiffusionSchedule, variance: str) -> jnp.ndarray:
-    """log sigma_t^2 ``(T,)`` of the fixed reverse variances: ``'beta'`` or ``'beta_tilde'`` (clipped at t=0)."""
-    if variance == "beta":
-        return jnp.log(schedule.betas)
-    if variance == "beta_tilde":
-        return schedule.posterior_log_variance_clipped
-    raise ValueError(f"unknown variance {variance!r}; allowed: beta, beta_tilde.")
-
-
 def vlb_term(schedule: DiffusionSchedule, x0, x_t, t, eps, model_logvar, mean_type: str = "x0_clip"):
     """L_t for each image at its own timestep ``t`` ``(B,)``, in nats: ``(B,)``.
 
@@ -88,11 +86,8 @@ def vlb_term(schedule: DiffusionSchedule, x0, x_t, t, eps, model_logvar, mean_ty
     return jnp.where(t == 0, decoder_nll, kl)
 
 
-EpsFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
 def vlb_terms(
-    eps_fn: EpsFn,
+    eps_fn: EpsModelFn,
     schedule: DiffusionSchedule,
     variables,
     x0: jnp.ndarray,
@@ -110,7 +105,7 @@ def vlb_terms(
     """
     chex.assert_rank(x0, 4)
     learned = variance == "learned"
-    logvars = None if learned else model_log_variance(schedule, variance)
+    logvars = None if learned else p_variance(schedule, variance, log=True)
 
     def term(_, i):
         t = jnp.full((x0.shape[0],), i, jnp.int32)

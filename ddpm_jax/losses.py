@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import learned_log_variance, q_sample, split_learned_variance
+from ddpm_jax.likelihood import vlb_term
 from ddpm_jax.schedules import DiffusionSchedule
 
 # eps_fn(x_t, t) -> (eps_hat, aux): the network's noise prediction, plus whatever
 # the caller wants back (BatchNorm's updated statistics, say).
-EpsFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, object]]
+EpsWithAuxFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, object]]
 
 
 def noised_batch(schedule: DiffusionSchedule, x0: jnp.ndarray, key: jax.Array):
@@ -40,7 +41,7 @@ def min_snr_weights(schedule: DiffusionSchedule, t: jnp.ndarray, gamma: float) -
 
 
 def l_simple(
-    schedule: DiffusionSchedule, eps_fn: EpsFn, x0: jnp.ndarray, key: jax.Array, min_snr_gamma: float | None = None
+    schedule: DiffusionSchedule, eps_fn: EpsWithAuxFn, x0: jnp.ndarray, key: jax.Array, min_snr_gamma: float | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
     """L_simple (Ho et al. 2020, eq. 14; the report's eq. 16) for one batch.
 
@@ -69,7 +70,7 @@ def l_simple(
 
 
 def l_hybrid(
-    schedule: DiffusionSchedule, model_fn: EpsFn, x0: jnp.ndarray, key: jax.Array, vlb_weight: float = 0.001
+    schedule: DiffusionSchedule, model_fn: EpsWithAuxFn, x0: jnp.ndarray, key: jax.Array, vlb_weight: float = 0.001
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
     """L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1) for a learned-variance network.
 
@@ -81,8 +82,6 @@ def l_hybrid(
     NLL at t = 0), in bits per dimension, as improved-diffusion does; ``vlb_weight``
     is lambda (0.001 in the paper). Same return values as :func:`l_simple`.
     """
-    from ddpm_jax.likelihood import vlb_term  # likelihood imports diffusion; keep losses importable alone
-
     t, noise, x_t = noised_batch(schedule, x0, key)
     output, aux = model_fn(x_t, t)
     eps_hat, v = split_learned_variance(output.astype(jnp.float32))

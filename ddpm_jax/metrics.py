@@ -2,7 +2,7 @@
 
 Everything here takes numpy arrays (features, class probabilities, labels) and
 returns numbers or arrays, computed in float64; the features come from
-:class:`ddpm_jax.classifier.FeatureNetwork`, applied to images quantized to
+:class:`ddpm_jax.feature_network.FeatureNetwork`, applied to images quantized to
 uint8 as a saved PNG would be.
 
 - :func:`frechet_distance` / :func:`fid`: the Frechet distance between Gaussian

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.diffusion import (
     MEAN_TYPES,
+    EpsModelFn,
     MeanType,
     VarianceType,
     learned_log_variance,
@@ -39,8 +40,6 @@ from ddpm_jax.diffusion import (
 from ddpm_jax.guidance import classifier_guided_eps, classifier_guided_mean
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
-# eps_fn(variables, x_t, t) -> eps_hat with x_t's shape; t int (B,), 0-based.
-EpsModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # cond_fn(variables, x_t, t) -> s * grad_x log p(y | x_t, t), x_t's shape (classifier guidance).
 CondFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

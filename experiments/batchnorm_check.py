@@ -35,6 +35,7 @@ from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import q_sample
 from ddpm_jax.models import build_model
+from experiments import flags
 
 QUARTERS = 4
 
@@ -42,8 +43,7 @@ QUARTERS = 4
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.batchnorm_check", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
-    p.add_argument("--idx-dir", default=None, help="MNIST as IDX files in this folder")
+    flags.add_data_flags(p)
     p.add_argument("--num-images", type=int, default=2000, help="test images (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default: %(default)s)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")

@@ -27,7 +27,7 @@ from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import train as train_lib
 from experiments import evaluate, likelihood
-from experiments.mnist import apply_override
+from experiments.flags import apply_override
 
 # Training setups: (preset, steps or None for the preset's, --set overrides). The DDPM U-Net costs 3.4x the
 # report's per step on 2 CPU cores (284 against 965 images/s at batch 64), so it gets 880 steps: the same

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import platform
 import sys
 import time
@@ -26,20 +25,21 @@ import numpy as np
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation, metrics, plotting
-from ddpm_jax.api import BATCHNORM_MODES, UNCONDITIONAL_MODES
+from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
 from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.classifier import default_cache_dir, load_or_train_feature_network
+from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.validation import sampling_options
 from ddpm_jax.workdir import WorkdirLock
+from experiments import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint is evaluated)")
     p.add_argument("--step", type=int, default=None, help="evaluate this checkpoint step instead of the latest")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
-    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder instead of TFDS")
+    flags.add_data_flags(p)
     p.add_argument("--num-samples", type=int, default=10_000,
                    help="samples to draw and measure (default: %(default)s; FIDs are comparable only at equal counts)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per jitted sampler call (default: the run's config)")
@@ -62,9 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "images ('recalibrated', precise BN; see ddpm_jax/batchnorm_stats.py); default: the run's config")
     p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
                    help="a sample is unreadable if no digit gets at least this probability (default: %(default)s)")
-    p.add_argument("--cache-dir", default=None,
-                   help=f"where the classifier and reference features are cached (default: $DDPM_JAX_CACHE or {default_cache_dir()})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flags.add_cache_flag(p)
+    flags.add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -76,13 +75,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1.")
     if not 0.0 < args.threshold <= 1.0:
         raise ValueError(f"--threshold {args.threshold}: must lie in (0, 1].")
-    if args.method == "ddim" and (args.variance or args.mean):
-        raise ValueError("--variance and --mean choose the ancestral sampler's step; DDIM's is set by --eta.")
-    if args.method != "ddim" and args.eta:
-        raise ValueError(f"--eta {args.eta}: applies to --method ddim only.")
     if args.guidance_scale is not None and not (np.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise ValueError(f"--guidance-scale {args.guidance_scale}: must be a finite number >= 0 (0: no guidance).")
-    if not math.isfinite(args.eta) or args.eta < 0:
+    if not np.isfinite(args.eta) or args.eta < 0:  # said as a flag, before anything is loaded
         raise ValueError(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM, 1: ancestral).")
     if not 0 <= args.seed <= 2**32 - 1:
         raise ValueError(f"--seed {args.seed}: must be an integer in 0..{2**32 - 1}.")
@@ -94,9 +89,10 @@ def main(argv=None) -> int:
         _check(args)
         checkpoint = load_checkpoint(args.workdir, step=args.step, weights="ema")
         checkpoint = checkpoint.with_weights(args.weights) if args.weights == "raw" else checkpoint
-        num_timesteps = checkpoint.config.diffusion.num_timesteps
-        if args.steps is not None and not 1 <= args.steps <= num_timesteps:
-            raise ValueError(f"--steps {args.steps}: must lie in 1..{num_timesteps} (the T this run was trained with).")
+        # The sampler's options, checked and defaulted by the rule sample() uses (recalibrated BN is ours).
+        options = sampling_options(checkpoint.config, steps=args.steps, method=args.method, eta=args.eta,
+                                   variance=args.variance, mean=args.mean,
+                                   batchnorm=None if args.batchnorm == "recalibrated" else args.batchnorm)
         train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
         test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
@@ -106,13 +102,13 @@ def main(argv=None) -> int:
     try:
         # One evaluation per workdir at a time: two would write the same sample batches and eval.json.
         with WorkdirLock(str(workdir), ".eval.lock", what="evaluating"):
-            return _evaluate(args, checkpoint, train_images, train_labels, test_images, test_labels)
+            return _evaluate(args, checkpoint, options, train_images, train_labels, test_images, test_labels)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _evaluate(args, checkpoint, train_images, train_labels, test_images, test_labels) -> int:
+def _evaluate(args, checkpoint, options, train_images, train_labels, test_images, test_labels) -> int:
     progress = not args.no_progress
     config = checkpoint.config
     workdir = Path(args.workdir)
@@ -134,11 +130,9 @@ def _evaluate(args, checkpoint, train_images, train_labels, test_images, test_la
     test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
                                     precision_recall=False)
 
-    ddim = args.method == "ddim"
-    own_variance = "learned" if config.model.get("learn_variance", False) else config.sampling.variance
-    variance = None if ddim else args.variance or own_variance
-    mean = None if ddim else args.mean or config.sampling.mean
-    steps = args.steps or config.diffusion.num_timesteps
+    ddim = options.method == "ddim"
+    variance, mean = options.variance, options.mean
+    steps = options.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
     sampler_name = f"ddim-eta{args.eta:g}" if ddim else f"{variance}-{mean}"
     num_classes = int(config.model.get("num_classes", 0))
@@ -157,10 +151,6 @@ def _evaluate(args, checkpoint, train_images, train_labels, test_images, test_la
     if batchnorm != "running":
         sampler_name += f"-bn{batchnorm}"
     batchnorm_recalibrated = batchnorm == "recalibrated"
-    if batchnorm_recalibrated:
-        checkpoint = recalibrate_batch_stats(checkpoint, train_images, jax.random.PRNGKey(args.seed),
-                                             labels=train_labels if num_classes else None)
-        batchnorm = "running"  # with the recomputed statistics
     # The cache of drawn batches is keyed by the checkpoint's identity (the digest of its verified files) and
     # every option that changes a sample, so a workdir whose checkpoints were replaced never reuses old samples.
     options = {"checkpoint": checkpoint.identity, "step": checkpoint.step, "weights": checkpoint.weights_used,
@@ -177,6 +167,13 @@ def _evaluate(args, checkpoint, train_images, train_labels, test_images, test_la
     reused = sum(evaluation.chunk_path(chunk_dir, b).exists() for b in range(num_batches))
     if reused:
         print(f"reusing {reused} of {num_batches} sample batches already drawn in {chunk_dir}", flush=True)
+    if batchnorm_recalibrated:
+        # The key holds what the statistics are computed from, not the statistics: with every batch drawn
+        # already, the 100 recalibration passes would change nothing.
+        if reused < num_batches:
+            checkpoint = recalibrate_batch_stats(checkpoint, train_images, jax.random.PRNGKey(args.seed),
+                                                 labels=train_labels if num_classes else None)
+        batchnorm = "running"  # with the recomputed statistics
     start = time.perf_counter()
     samples = evaluation.draw_samples(
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,

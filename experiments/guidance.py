@@ -31,11 +31,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation, metrics, plotting
 from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.classifier import default_cache_dir, load_or_train_feature_network
+from ddpm_jax.feature_network import load_or_train_feature_network
+from experiments import flags
 
 # The report's Figure 6: its 100 samples counted by eye, digits 0..9, and the "?" (not a digit) count. As
 # printed they add up to 99.
@@ -46,8 +48,7 @@ REPORT_FIGURE_6_UNREADABLE = 2
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.guidance", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a class-conditional training run (--class-conditional)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
-    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder instead of TFDS")
+    flags.add_data_flags(p)
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0],
                    help="classifier-free guidance scales w to sweep (default: %(default)s)")
     p.add_argument("--classifier-run", default=None,
@@ -61,9 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=("ancestral", "ddim"), default="ancestral", help="sampler (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per jitted call (default: the run's config)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every variant (default: %(default)s)")
-    p.add_argument("--cache-dir", default=None,
-                   help=f"where the feature classifier is cached (default: $DDPM_JAX_CACHE or {default_cache_dir()})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flags.add_cache_flag(p)
+    flags.add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -127,8 +127,8 @@ def figure_6_table(result: dict) -> str:
 
 
 def save_fid_vs_accuracy(rows: list[dict], floor: dict, path: str) -> None:
-    plt = evaluation._pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    ax = fig.subplots()
     for kind, marker, color, label in (("classifier_free", "o", "#4c72b0", "classifier-free guidance, w"),
                                        ("classifier", "s", "#dd8452", "classifier guidance, s")):
         pts = [r for r in rows if r["kind"] == kind]
@@ -147,7 +147,6 @@ def save_fid_vs_accuracy(rows: list[dict], floor: dict, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

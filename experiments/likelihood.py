@@ -27,6 +27,7 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import VARIANCE_TYPES
+from experiments import flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,15 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m experiments.likelihood", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint)")
     p.add_argument("--step", type=int, default=None, help="this checkpoint step instead of the latest")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
-    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder")
+    flags.add_data_flags(p)
     p.add_argument("--num-images", type=int, default=None, help="the first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=250, help="images per jitted call (default: %(default)s)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--variance", choices=VARIANCE_TYPES, default=None,
                    help="the fixed reverse variance (default: the run's sampling.variance)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_progress_flag(p)
     return p.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
 """Train a DDPM on MNIST: ``python -m experiments.mnist --workdir runs/mnist``.
 
-Only parses flags and calls :func:`ddpm_jax.train.train_and_evaluate`; a run
-already in ``--workdir`` resumes from its latest checkpoint. Exit status: 0
+Parses flags, calls :func:`ddpm_jax.train.train_and_evaluate` (a run already in
+``--workdir`` resumes from its latest checkpoint), then draws the run's figures
+from its last checkpoint (:func:`ddpm_jax.figures.write_figures`). Exit status: 0
 done; 2 a bad flag, config value, dataset or workdir, a workdir in use by another
 process, or a damaged checkpoint that cannot be replaced (one ``error:`` line);
 3 a NaN/Inf loss or update, or a diverging loss (see ``train.on_nonfinite`` and
@@ -12,7 +13,6 @@ after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import sys
 
@@ -21,8 +21,14 @@ import jax
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import parallel
+from ddpm_jax import guard as guard_lib
 from ddpm_jax import train as train_lib
+from ddpm_jax import training_loop as training_loop_lib
+from ddpm_jax import validation as validation_lib
+from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.figures import write_figures
 from ddpm_jax.workdir import prepare_workdir
+from experiments.flags import apply_override
 
 
 EXIT_NONFINITE = 3  # 2: bad flags, config or data; 128 + N: stopped by signal N after saving
@@ -61,35 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def apply_override(config, assignment: str) -> None:
-    """Set ``a.b.c=value`` on ``config``; the value is parsed as a Python literal if it is one."""
-    if "=" not in assignment:
-        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set model.base_channels=32.")
-    field, raw = assignment.split("=", 1)
-    # Shown as typed, unless it holds a newline or other control character, which would break the one-line error.
-    shown_field, shown_raw = (t if t.isprintable() else repr(t) for t in (field, raw))
-    *parents, leaf = field.strip().split(".")
-    node = config
-    for name in parents:
-        if name not in node or not hasattr(node[name], "keys"):
-            raise ValueError(f"--set {shown_field}: unknown config section {name!r}; sections: {', '.join(k for k in node.keys() if hasattr(node[k], 'keys'))}.")
-        node = node[name]
-    if leaf not in node:
-        raise ValueError(f"--set {shown_field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    current = node[leaf]
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    # bool is an int to Python; a count, size or rate given True/False is still a mistake.
-    if current is not None and (not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool)):
-        kind = type(current).__name__
-        raise ValueError(f"--set {shown_field}={shown_raw}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {current!r}.")
-    node[leaf] = value
-
-
 def build_config(args: argparse.Namespace):
     config = configs_lib.get_config(args.preset or default_preset())
     if args.class_conditional:
@@ -119,7 +96,7 @@ def main(argv=None) -> int:
         if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
             raise ValueError(f"--epochs {args.epochs}: must be a finite number > 0 (it is converted to steps).")
         config = build_config(args)
-        train_lib.validate_config(config)
+        validation_lib.validate_config(config)
         prepare_workdir(args.workdir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -132,22 +109,26 @@ def main(argv=None) -> int:
     if args.epochs is not None:
         n = min(len(images), config.data.max_train_examples or len(images))
         config.train.num_steps = math.ceil(args.epochs * n / config.train.batch_size)
-        if config.train.num_steps > train_lib.MAX_STEPS:
+        if config.train.num_steps > validation_lib.MAX_STEPS:
             print(f"error: --epochs {args.epochs}: {config.train.num_steps:,} steps at batch {config.train.batch_size}; "
-                  f"at most {train_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
+                  f"at most {validation_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
             return 2
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
     try:
         train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
                                      progress=not args.no_progress)
+        if jax.process_index() == 0:  # one process draws the figures, from what was saved
+            checkpoint = load_checkpoint(args.workdir)
+            if checkpoint.step == config.train.num_steps:
+                write_figures(checkpoint, args.workdir, progress=not args.no_progress)
     except (ValueError, OSError) as e:  # OSError: the disk filled up, a folder vanished mid-run
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (train_lib.NonFiniteLossError, train_lib.TrainingDivergedError) as e:
+    except (guard_lib.NonFiniteLossError, guard_lib.TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except train_lib.TrainingInterrupted as e:
+    except training_loop_lib.TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by signal N"
     return 0

@@ -17,7 +17,9 @@ import time
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import noisy_classifier as nc
+from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.training_loop import TrainingInterrupted
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,14 +63,14 @@ def main(argv=None) -> int:
           f"{config.train.batch_size}) -> {out}", flush=True)
     start = time.perf_counter()
     try:
-        classifier = nc.train_noisy_classifier(
+        classifier = nct.train_noisy_classifier(
             run_config, train_images, train_labels, out, config=config, test_images=test_images,
             test_labels=test_labels, progress=not args.no_progress,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except nc.TrainingInterrupted as e:
+    except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by signal N"
     seconds = time.perf_counter() - start

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from matplotlib.figure import Figure
 
 from ddpm_jax.workdir import prepare_workdir
 
@@ -182,13 +182,9 @@ def report(args) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: Path, num_samples: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timed = [r for r in rows if r["train_seconds"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "fid", "FID (feature classifier)"),
                            (axes[1], "unreadable_rate", "unreadable rate (top probability < 0.9)")):
         for r in timed:
@@ -206,7 +202,6 @@ def _plot(rows: list[dict], path: Path, num_samples: int) -> None:
     fig.suptitle(f"sample quality against CPU training time ({num_samples:,} samples each unless marked)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -15,12 +15,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import parallel  # noqa: E402
-from ddpm_jax.api import DiffusionCheckpoint, _compiled_sampler
+from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.generate import _compiled_sampler
+from ddpm_jax.validation import sampling_options
 from ddpm_jax.guidance import GuidanceInputs  # noqa: E402
 from ddpm_jax.configs import get_config, schedule_from_config  # noqa: E402
 from ddpm_jax.models import build_model  # noqa: E402
 from ddpm_jax.sampling import make_ancestral_sampler  # noqa: E402
-from ddpm_jax.train import create_train_state, make_dataset_train_step  # noqa: E402
+from ddpm_jax.train import make_dataset_train_step
+from ddpm_jax.train_state import create_train_state
 
 
 def main():
@@ -56,7 +59,8 @@ def main():
     results["all_finite"] = all(np.all(np.isfinite(x)) for x in jax.tree.leaves(states["four"]))
 
     checkpoint = DiffusionCheckpoint.from_train_state(states["one"], config)
-    sampler = _compiled_sampler(json.dumps(checkpoint.config.to_dict(), sort_keys=True), 8, "beta", "x0_clip", 0)
+    sampler = _compiled_sampler(checkpoint.config, 8, sampling_options(checkpoint.config, variance="beta",
+                                                                          mean="x0_clip"), 0)
     key = jax.random.PRNGKey(5)
     sharded = sampler(GuidanceInputs(checkpoint.variables), key)
     results["sample_shards"] = [list(s.data.shape) for s in sharded.addressable_shards]

@@ -23,7 +23,7 @@ _WRITER = textwrap.dedent(
     import numpy as np
     from ddpm_jax import checkpoint as ckpt_lib
     from ddpm_jax.configs import get_config
-    from ddpm_jax.train import create_train_state
+    from ddpm_jax.train_state import create_train_state
 
     assert jax.device_count() == 2, jax.devices()
     config = get_config("tiny")
@@ -31,7 +31,7 @@ _WRITER = textwrap.dedent(
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = jax.device_put(state, replicated)
-    manager = ckpt_lib.make_manager(sys.argv[1], config)
+    manager = ckpt_lib.make_manager(sys.argv[1], config.train.keep_checkpoints)
     ckpt_lib.save(manager, state, config)
     manager.wait_until_finished()
     leaf = jax.tree.leaves(state.params)[0]

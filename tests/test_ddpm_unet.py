@@ -7,7 +7,8 @@ import pytest
 
 from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.models import DDPMUNet, build_model
-from ddpm_jax.train import count_params, create_train_state, make_dataset_train_step
+from ddpm_jax.train import make_dataset_train_step
+from ddpm_jax.train_state import count_params, create_train_state
 
 
 def _small(**fields):

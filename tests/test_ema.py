@@ -9,14 +9,9 @@ import pytest
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.configs import get_config
-from ddpm_jax.train import (
-    create_train_state,
-    ema_decay_at,
-    ema_update,
-    make_dataset_train_step,
-    schedule_from_config,
-    train_and_evaluate,
-)
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.train import make_dataset_train_step, train_and_evaluate
+from ddpm_jax.train_state import create_train_state, ema_decay_at, ema_update
 
 
 def test_ema_update_is_decay_times_average_plus_the_rest_times_weights():
@@ -49,7 +44,7 @@ def test_a_train_step_moves_the_average_by_one_minus_the_decay(images):
 
 def test_checkpoints_name_both_weight_sets_and_sampling_uses_the_average(tmp_path, images):
     config = get_config("tiny")
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     saved = set(ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers=ckpt_lib._item_handlers())
                 .item_metadata(4)["state"].keys())
     assert {"params", "ema_params"} <= saved
@@ -71,12 +66,12 @@ def test_a_checkpoint_from_before_the_average_loads_and_resumes_with_the_average
     state = create_train_state(config)
     old = {name: getattr(state, name) for name in ("step", "params", "batch_stats", "opt_state", "key")}
     config.data.fingerprint = ddpm_jax.data.fingerprint(images)
-    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    manager = ckpt_lib.make_manager(str(tmp_path), config.train.keep_checkpoints)
     manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
                                             config=ocp.args.JsonSave(config.to_dict())))
     manager.wait_until_finished()
     manager.close()
     loaded = ddpm_jax.load_checkpoint(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, loaded.ema_params, loaded.params)
-    state = train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    state = train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     assert int(state.step) == 6

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier, evaluation, metrics
-from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax import evaluation, feature_network, metrics
+from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import get_classifier_config, get_config
 from ddpm_jax.data import load_mnist_idx
-from ddpm_jax.train import create_train_state
+from ddpm_jax.train_state import create_train_state
 from experiments import evaluate, mnist
 
 # Real MNIST in IDX form, kept next to the checkout (../shared in CI).
@@ -47,7 +47,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def network(splits, short_config, cache_dir):
     (train_x, train_y), (test_x, test_y) = splits
-    return classifier.load_or_train_feature_network(
+    return feature_network.load_or_train_feature_network(
         train_x, train_y, test_x, test_y, cache_dir=cache_dir, config=short_config, log=lambda _: None
     )
 
@@ -65,8 +65,8 @@ def test_cached_classifier_is_reused_not_retrained(network, splits, short_config
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded")
 
-    monkeypatch.setattr(classifier, "train_classifier", no_training)
-    again = classifier.load_or_train_feature_network(
+    monkeypatch.setattr(feature_network, "train_classifier", no_training)
+    again = feature_network.load_or_train_feature_network(
         train_x, train_y, test_x, test_y, cache_dir=cache_dir, config=short_config, log=lambda _: None
     )
     assert again.test_accuracy == network.test_accuracy
@@ -82,13 +82,13 @@ def test_cache_entry_depends_on_the_training_data_and_the_config(network, splits
         calls.append(len(images))
         return network.params, {"steps": 1, "epochs": 1.0, "train_loss": 0.0, "train_accuracy": 0.0, "train_seconds": 0.0}
 
-    monkeypatch.setattr(classifier, "train_classifier", fake_training)
+    monkeypatch.setattr(feature_network, "train_classifier", fake_training)
     quiet = {"cache_dir": cache_dir, "log": lambda _: None}
-    subset = classifier.load_or_train_feature_network(train_x[:5000], train_y[:5000], test_x, test_y,
+    subset = feature_network.load_or_train_feature_network(train_x[:5000], train_y[:5000], test_x, test_y,
                                                       config=short_config, **quiet)
     other_config = get_classifier_config()
     other_config.train.num_epochs = SHORT_EPOCHS + 1
-    retuned = classifier.load_or_train_feature_network(train_x, train_y, test_x, test_y, config=other_config, **quiet)
+    retuned = feature_network.load_or_train_feature_network(train_x, train_y, test_x, test_y, config=other_config, **quiet)
     assert calls == [5000, 10_000]
     assert len({network.name, subset.name, retuned.name}) == 3
 
@@ -128,7 +128,7 @@ def test_feature_network_refuses_float_images(network):
 def test_cached_features_are_computed_once(network, splits, cache_dir, monkeypatch):
     (_, _), (test_x, _) = splits
     first = evaluation.cached_features(network, test_x[:500], cache_dir)
-    monkeypatch.setattr(classifier.FeatureNetwork, "__call__", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(feature_network.FeatureNetwork, "__call__", lambda *a, **k: pytest.fail("recomputed"))
     second = evaluation.cached_features(network, test_x[:500], cache_dir)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import get_config, sampling_timesteps, schedule_from_config
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import ddim_invert, make_ancestral_sampler, make_ddim_decoder, make_ddim_sampler
 from ddpm_jax.schedules import betas_for, respace_betas, space_timesteps
-from ddpm_jax.train import create_train_state
+from ddpm_jax.train_state import create_train_state
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import configs as configs_lib
 from ddpm_jax import train as train_lib
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import validation as validation_lib
 from ddpm_jax.configs import get_config
 from experiments import mnist
 
@@ -51,7 +54,7 @@ def accepted(monkeypatch):
         train_lib._training_labels(labels, len(images), int(config.model.get("num_classes", 0)))
         if config.data.max_train_examples:
             images = images[: config.data.max_train_examples]
-        train_lib.validate_config(config, num_examples=len(images))
+        validation_lib.validate_config(config, num_examples=len(images))
         raise _Accepted(config, images)
 
     monkeypatch.setattr(train_lib, "train_and_evaluate", check)
@@ -70,8 +73,8 @@ def _run(argv, capsys):
 
 
 def _traces(config, images):
-    schedule = train_lib.schedule_from_config(config)
-    state = jax.eval_shape(lambda: train_lib.create_train_state(config))
+    schedule = configs_lib.schedule_from_config(config)
+    state = jax.eval_shape(lambda: train_state_lib.create_train_state(config))
     labels = np.zeros(len(images), np.int32) if config.model.num_classes else None
     for fn in (train_lib.make_dataset_train_step(config, schedule), train_lib.make_dataset_probe(config, schedule)):
         jax.eval_shape(fn, state, images, labels)

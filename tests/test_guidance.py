@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from ddpm_jax import guidance
-from ddpm_jax.api import DiffusionCheckpoint, _prior_labels, guided_denoiser_fn, prior_labels, sample
+from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.denoiser import guided_denoiser_fn
+from ddpm_jax.generate import _prior_labels, prior_labels, sample
 from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.guidance import GuidanceInputs
 from ddpm_jax.models import build_model
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
-from ddpm_jax.train import create_train_state, make_dataset_train_step, train_step
+from ddpm_jax.train import make_dataset_train_step, train_step
+from ddpm_jax.train_state import create_train_state
 
 NUM_CLASSES = 10
 
@@ -280,13 +283,13 @@ def test_training_a_conditional_network_needs_valid_labels(tmp_path, images):
 
     config = _config()
     with pytest.raises(ValueError, match="needs the images' labels"):
-        train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False, make_figures=False)
+        train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9"):
         train_and_evaluate(config, str(tmp_path / "b"), images=images, labels=np.full(len(images), 10),
-                           progress=False, make_figures=False)
+                           progress=False)
     with pytest.raises(ValueError, match=r"shape \(40,\)"):
         train_and_evaluate(config, str(tmp_path / "c"), images=images, labels=np.zeros(3, int),
-                           progress=False, make_figures=False)
+                           progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +299,7 @@ def conditional_run(tmp_path_factory, idx_dir):
 
     workdir = tmp_path_factory.mktemp("conditional_run")
     images, labels = load_mnist("train", idx_dir=str(idx_dir))
-    train_and_evaluate(_config(), str(workdir), images=images, labels=labels, progress=False, make_figures=False)
+    train_and_evaluate(_config(), str(workdir), images=images, labels=labels, progress=False)
     return workdir
 
 
@@ -321,7 +324,7 @@ def _untrained_feature_network():
     """A feature network with random weights: the CLI's plumbing does not need a good one."""
     import ml_collections
 
-    from ddpm_jax.classifier import FeatureNetwork, build_classifier
+    from ddpm_jax.feature_network import FeatureNetwork, build_classifier
     from ddpm_jax.configs import get_classifier_config
 
     config = get_classifier_config()
@@ -357,7 +360,7 @@ def test_guidance_sweep_refuses_an_unconditional_run_and_bad_scales(tmp_path, id
     from experiments import guidance as sweep
 
     images, _ = load_mnist("train", idx_dir=str(idx_dir))
-    train_and_evaluate(get_config("tiny"), str(tmp_path / "plain"), images=images, progress=False, make_figures=False)
+    train_and_evaluate(get_config("tiny"), str(tmp_path / "plain"), images=images, progress=False)
     assert sweep.main(["--workdir", str(tmp_path / "plain"), "--idx-dir", str(idx_dir)]) == 2
     assert "unconditional run (model.num_classes=0)" in capsys.readouterr().err
     assert sweep.main(["--workdir", str(tmp_path / "plain"), "--scales", "-1"]) == 2
@@ -370,7 +373,9 @@ def _noisy_classifier(run_config):
 
     from ddpm_jax import noisy_classifier as nc
 
-    config = nc._full_config(run_config, nc.noisy_classifier_config(), np.zeros((1, 28, 28, 1), np.uint8),
+    from ddpm_jax import noisy_classifier_training as nct
+
+    config = nct._full_config(run_config, nc.noisy_classifier_config(), np.zeros((1, 28, 28, 1), np.uint8),
                              np.zeros((1,), np.int32))
     size = run_config.data.image_size
     params = nc.build_noisy_classifier(config.model).init(

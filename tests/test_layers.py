@@ -98,7 +98,8 @@ def test_xla_cpu_flag_is_added_once_and_never_over_the_users_choice():
 
 def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
     from ddpm_jax.configs import get_config, schedule_from_config
-    from ddpm_jax.train import create_train_state, make_dataset_train_step
+    from ddpm_jax.train import make_dataset_train_step
+    from ddpm_jax.train_state import create_train_state
 
     config = get_config("tiny")
     config.model.compute_dtype = "bfloat16"

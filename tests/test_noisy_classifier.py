@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 
 from ddpm_jax import noisy_classifier as nc
+
+from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.configs import get_config
 from ddpm_jax.data import fingerprint, load_mnist_idx
 from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.noisy_classifier import noisy_classifier_config
-from ddpm_jax.train import count_params, train_and_evaluate
+from ddpm_jax.train import train_and_evaluate
+from ddpm_jax.train_state import count_params
 from experiments import noisy_classifier as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +112,7 @@ def labelled(images):
 def trained(tmp_path_factory, labelled):
     images, labels = labelled
     workdir = tmp_path_factory.mktemp("nc") / "noisy_classifier"
-    classifier = nc.train_noisy_classifier(get_config("tiny"), images, labels, str(workdir), config=small_config(),
+    classifier = nct.train_noisy_classifier(get_config("tiny"), images, labels, str(workdir), config=small_config(),
                                            test_images=images[:12], test_labels=labels[:12], progress=False)
     return workdir, classifier
 
@@ -145,7 +148,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_there_and_ends_where_an_uninter
     resumed_dir = tmp_path / "noisy_classifier"
     shutil.copytree(workdir, resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "4")  # as if killed between steps 2 and 4
-    resumed = nc.train_noisy_classifier(get_config("tiny"), images, labels, str(resumed_dir), config=small_config(),
+    resumed = nct.train_noisy_classifier(get_config("tiny"), images, labels, str(resumed_dir), config=small_config(),
                                         progress=False)
     assert "resuming the noisy classifier from step 2" in capsys.readouterr().out
     assert resumed.step == 4
@@ -162,9 +165,9 @@ def test_resuming_with_another_network_or_other_data_is_refused(trained, labelle
     wider = small_config()
     wider.model.stage_channels = (16, 16)
     with pytest.raises(ValueError, match="model.stage_channels"):
-        nc.train_noisy_classifier(get_config("tiny"), images, labels, str(other), config=wider, progress=False)
+        nct.train_noisy_classifier(get_config("tiny"), images, labels, str(other), config=wider, progress=False)
     with pytest.raises(ValueError, match="data.fingerprint"):
-        nc.train_noisy_classifier(get_config("tiny"), images, (labels + 1) % 10, str(other), config=small_config(),
+        nct.train_noisy_classifier(get_config("tiny"), images, (labels + 1) % 10, str(other), config=small_config(),
                                   progress=False)
 
 
@@ -200,13 +203,14 @@ def test_loading_where_there_is_no_classifier_names_the_folder_and_the_command(t
 _REAL_MNIST_SCRIPT = """
 import json, sys
 from ddpm_jax import noisy_classifier as nc
+from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.configs import get_config
 from ddpm_jax.data import load_mnist_idx
 (train_x, train_y), (test_x, test_y) = load_mnist_idx(sys.argv[1], "train"), load_mnist_idx(sys.argv[1], "test")
 config = nc.noisy_classifier_config()
 config.model.stage_channels = (16, 32, 64)
 config.train.update(num_steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=20, log_every=100)
-classifier = nc.train_noisy_classifier(get_config("cpu"), train_x, train_y, sys.argv[2], config=config,
+classifier = nct.train_noisy_classifier(get_config("cpu"), train_x, train_y, sys.argv[2], config=config,
                                        test_images=test_x[:2000], test_labels=test_y[:2000], progress=False)
 print(json.dumps(nc.read_accuracy(sys.argv[2])))
 """
@@ -244,7 +248,7 @@ def tiny_run(tmp_path_factory, idx_dir):
     config.train.num_steps = 1
     config.data.max_train_examples = 32  # the classifier must see the same first 32 images
     workdir = tmp_path_factory.mktemp("tiny") / "run"
-    train_and_evaluate(config, str(workdir), images=train_x, make_figures=False, progress=False)
+    train_and_evaluate(config, str(workdir), images=train_x, progress=False)
     return workdir
 
 
@@ -285,7 +289,7 @@ def test_a_diffusion_runs_folder_is_not_taken_for_a_classifier(tiny_run, tmp_pat
         nc.load_noisy_classifier(str(tiny_run))
     images, labels = labelled
     with pytest.raises(ValueError, match=str(tiny_run / "noisy_classifier")):
-        nc.train_noisy_classifier(get_config("tiny"), images, labels, str(tiny_run), config=small_config(),
+        nct.train_noisy_classifier(get_config("tiny"), images, labels, str(tiny_run), config=small_config(),
                                   progress=False)
     # A refusal is not damage: the run's intact checkpoints stay where they are.
     assert sorted(os.listdir(tiny_run / "checkpoints")) == steps and not (tiny_run / "damaged_checkpoints").exists()

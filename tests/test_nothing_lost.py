@@ -17,16 +17,11 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.train import (
-    MetricLogger,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    TrainingDivergedError,
-    create_train_state,
-    schedule_from_config,
-    train_and_evaluate,
-    train_step,
-)
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.guard import NonFiniteGuard, NonFiniteLossError, TrainingDivergedError
+from ddpm_jax.train import summarize_steps, train_and_evaluate, train_step
+from ddpm_jax.train_state import create_train_state
+from ddpm_jax.training_loop import MetricLogger
 from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir
 from experiments import evaluate, mnist
 
@@ -72,7 +67,7 @@ def test_a_huge_learning_rate_never_leaves_a_checkpoint_with_exploded_weights(ti
     config = tiny_config(num_steps=8, checkpoint_every=1, keep_checkpoints=8, lr_schedule="constant",
                          warmup_steps=0, learning_rate=1e6)
     with pytest.raises((TrainingDivergedError, NonFiniteLossError)) as info:
-        train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     message = str(info.value)
     assert "lower --lr" in message
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
@@ -104,7 +99,7 @@ def test_metrics_truncation_keeps_every_record_up_to_the_checkpoint_and_moves_un
     lines = [json.dumps({"step": 1}), "", json.dumps({"step": 2}), "{cut short", json.dumps({"step": 3}),
              json.dumps({"step": 4}), json.dumps({"nostep": 1}), json.dumps({"step": 2.5})]
     path.write_text("\n".join(lines) + "\n")
-    MetricLogger(str(path)).truncate_after(3)
+    MetricLogger(str(path), summarize_steps).truncate_after(3)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 2.5]
     side = (tmp_path / "metrics.jsonl.unreadable").read_text().splitlines()
     assert side == ["{cut short", json.dumps({"nostep": 1})]

@@ -18,16 +18,13 @@ from ml_collections import FrozenConfigDict
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.api import DiffusionCheckpoint
+from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import get_config
-from ddpm_jax.train import (
-    NonFiniteLossError,
-    TrainingInterrupted,
-    create_train_state,
-    schedule_from_config,
-    train_and_evaluate,
-    train_step,
-)
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.guard import NonFiniteLossError
+from ddpm_jax.train import train_and_evaluate, train_step
+from ddpm_jax.train_state import create_train_state
+from ddpm_jax.training_loop import TrainingInterrupted
 from experiments import mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +122,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stoppin
     handler_before = signal.getsignal(sig)
     threading.Thread(target=send_once_training, daemon=True).start()
     with pytest.raises(TrainingInterrupted) as info:
-        train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     step = info.value.step
     assert 1 <= step < 100_000 and info.value.signum == sig
     assert str(step) in os.listdir(tmp_path / "checkpoints")
@@ -135,10 +132,10 @@ def test_sigterm_and_sigint_save_a_checkpoint_at_the_current_step_before_stoppin
 
 def test_a_half_written_checkpoint_is_never_the_latest_and_is_cleaned_up(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=2, checkpoint_every=2)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     # What a kill during the save of step 4 leaves: Orbax's temporary folder, partly written.
     shutil.copytree(tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1")
-    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    manager = ckpt_lib.make_manager(str(tmp_path), config.train.keep_checkpoints)
     assert manager.latest_step() == 2
     manager.close()
     deadline = time.monotonic() + 30  # Orbax deletes leftovers in the background
@@ -167,7 +164,7 @@ def _diverging(tiny_config, **train):
 
 def test_a_nonfinite_loss_stops_naming_the_step_and_saves_nothing_it_cannot_vouch_for(tiny_config, tmp_path, images):
     with pytest.raises(NonFiniteLossError) as info:
-        train_and_evaluate(_diverging(tiny_config), str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(_diverging(tiny_config), str(tmp_path), images=images, progress=False)
     # Step 2's weights are finite but give a NaN loss on the next batch: judged before saving, never saved.
     assert info.value.step == 3 and info.value.last_checkpoint == 1
     message = str(info.value)
@@ -181,7 +178,7 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_saves_nothing_it_cannot_vouc
 def test_skip_policy_skips_bad_batches_and_still_stops_a_diverged_run(tiny_config, tmp_path, images, capsys):
     config = _diverging(tiny_config, on_nonfinite="skip", max_consecutive_skips=3)
     with pytest.raises(NonFiniteLossError, match="4 bad steps in a row") as info:
-        train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     assert info.value.step == 6
     out = capsys.readouterr().out
     assert out.count("batch skipped, weights unchanged") == 3
@@ -231,19 +228,18 @@ def test_an_unknown_flag_is_refused_by_the_parser(capsys):
 
 def test_a_workdir_trained_on_other_data_is_refused_not_resumed(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=2)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     with pytest.raises(ValueError, match="trained on other data"):
-        train_and_evaluate(tiny_config(num_steps=4), str(tmp_path), images=255 - images, progress=False,
-                           make_figures=False)
+        train_and_evaluate(tiny_config(num_steps=4), str(tmp_path), images=255 - images, progress=False)
     assert ddpm_jax.load_checkpoint(str(tmp_path)).step == 2
 
 
 def test_restoring_into_another_model_names_the_arrays_that_differ(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=1)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     other = tiny_config(num_steps=1)
     other.model.base_channels = 8
-    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    manager = ckpt_lib.make_manager(str(tmp_path), config.train.keep_checkpoints)
     with pytest.raises(ValueError, match=r"does not fit the model this config builds: params/ConvTranspose_0/bias: "
                                          r"saved \(4,\), this config's model \(8,\)"):
         ckpt_lib.restore_state(manager, 1, create_train_state(other))
@@ -252,7 +248,7 @@ def test_restoring_into_another_model_names_the_arrays_that_differ(tiny_config, 
 
 def test_sampling_params_of_another_config_names_the_arrays_that_differ(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=1)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     loaded = ddpm_jax.load_checkpoint(str(tmp_path))
     other = get_config("tiny")
     other.model.levels = 2
@@ -265,7 +261,7 @@ def test_sampling_params_of_another_config_names_the_arrays_that_differ(tiny_con
 
 def test_same_seed_and_config_give_the_same_weights_and_samples(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=3)
-    runs = [train_and_evaluate(config, str(tmp_path / name), images=images, progress=False, make_figures=False)
+    runs = [train_and_evaluate(config, str(tmp_path / name), images=images, progress=False)
             for name in ("a", "b")]
     jax.tree.map(np.testing.assert_array_equal, runs[0].params, runs[1].params)
     first, second = (ddpm_jax.sample(ddpm_jax.load_checkpoint(str(tmp_path / n)), jax.random.PRNGKey(7), 4)

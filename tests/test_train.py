@@ -8,14 +8,11 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.train import (
-    batch_indices,
-    create_train_state,
-    make_dataset_train_step,
-    preprocess,
-    schedule_from_config,
-    train_and_evaluate,
-)
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.data import preprocess
+from ddpm_jax.train import make_dataset_train_step, train_and_evaluate
+from ddpm_jax.train_state import create_train_state
+from ddpm_jax.training_loop import batch_indices
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def test_preprocess_maps_pixels_to_minus_one_one_and_pads_with_background():
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
     np.testing.assert_array_equal(x[:, :2], -1.0)
     np.testing.assert_array_equal(x[:, :, -2:], -1.0)
-    np.testing.assert_array_equal(ddpm_jax.train.crop(x, 28, 28), preprocess(jnp.asarray(u8), 28))
+    np.testing.assert_array_equal(ddpm_jax.data.crop(x, 28, 28), preprocess(jnp.asarray(u8), 28))
 
 
 def test_each_epoch_visits_every_image_once_in_a_new_order():
@@ -89,7 +86,7 @@ def test_checkpoint_round_trips_the_train_state_exactly(tiny_config, tmp_path, i
     config = tiny_config()
     state = create_train_state(config)
     state, _ = make_dataset_train_step(config, schedule_from_config(config))(state, jnp.asarray(images))
-    manager = ckpt_lib.make_manager(str(tmp_path), config)
+    manager = ckpt_lib.make_manager(str(tmp_path), config.train.keep_checkpoints)
     ckpt_lib.save(manager, state, config)
     manager.wait_until_finished()
     restored = ckpt_lib.restore_latest(manager, create_train_state(config), config)
@@ -101,10 +98,10 @@ def test_checkpoint_round_trips_the_train_state_exactly(tiny_config, tmp_path, i
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=4, checkpoint_every=2)
-    straight = train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False, make_figures=False)
+    straight = train_and_evaluate(config, str(tmp_path / "a"), images=images, progress=False)
 
-    train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, make_figures=False, stop_at=2)
-    resumed = train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False, stop_at=2)
+    resumed = train_and_evaluate(config, str(tmp_path / "b"), images=images, progress=False)
 
     assert int(resumed.step) == int(straight.step) == 4
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
@@ -115,19 +112,19 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_config, tmp_pat
 
 def test_resuming_with_another_model_config_names_the_differing_fields(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=2)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     other = tiny_config(num_steps=2)
     other.model.base_channels = 8
     other.diffusion.num_timesteps = 20
     with pytest.raises(ValueError, match=r"model.base_channels: 4 -> 8.*|diffusion.num_timesteps: 10 -> 20"):
-        train_and_evaluate(other, str(tmp_path), images=images, progress=False, make_figures=False)
+        train_and_evaluate(other, str(tmp_path), images=images, progress=False)
 
 
 def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=2)
     config.data.image_size = 32  # padded like the seed preset; samples are cropped back
     config.model.levels = 2
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
 
     params = ddpm_jax.load_checkpoint(str(tmp_path))
     assert params.step == 2 and params.config.model.levels == 2
@@ -141,7 +138,7 @@ def test_load_checkpoint_then_sample_returns_mnist_shaped_images(tiny_config, tm
 
 def test_sample_refuses_anything_but_a_loaded_checkpoint_and_foreign_schedules(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=1)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     params = ddpm_jax.load_checkpoint(str(tmp_path))
     with pytest.raises(TypeError, match="load_checkpoint"):
         ddpm_jax.sample(params.params, jax.random.PRNGKey(0), 2)
@@ -159,5 +156,5 @@ def test_load_checkpoint_on_an_empty_directory_says_how_to_train(tmp_path):
 
 def test_checkpoints_keep_only_the_last_k(tiny_config, tmp_path, images):
     config = tiny_config(num_steps=5, checkpoint_every=1, keep_checkpoints=2)
-    train_and_evaluate(config, str(tmp_path), images=images, progress=False, make_figures=False)
+    train_and_evaluate(config, str(tmp_path), images=images, progress=False)
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4, 5]

@@ -29,15 +29,13 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax.training import train_state
 
 from ddpm_jax.checkpoint import on_local_device
 from ddpm_jax.configs import get_classifier_config
-from ddpm_jax.data import fingerprint
-from ddpm_jax.data import preprocess
+from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
 from ddpm_jax.models.classifier import MNISTClassifier
-from ddpm_jax.progress import progress_bar
-from ddpm_jax.train import batch_indices
+from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
+from ddpm_jax.training_loop import MetricLogger, batch_indices, run_training
 
 _PARAMS, _META = "params", "meta"
 _DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 0, 1, 2
@@ -57,8 +55,8 @@ def build_classifier(model_config) -> MNISTClassifier:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_apply(model_json: str) -> Callable:
-    model = build_classifier(ml_collections.ConfigDict(json.loads(model_json)))
+def _compiled_apply(model_config: ml_collections.FrozenConfigDict) -> Callable:
+    model = build_classifier(model_config)
 
     @jax.jit
     def apply(params, images_u8):
@@ -106,15 +104,12 @@ class FeatureNetwork:
                 f"the feature network takes uint8 images of shape (N, 28, 28, 1), got {images_u8.dtype} "
                 f"{images_u8.shape}; quantize [-1, 1] samples with ddpm_jax.plotting.to_uint8 first."
             )
-        apply = _compiled_apply(json.dumps(self.config.model.to_dict(), sort_keys=True))
+        apply = _compiled_apply(ml_collections.FrozenConfigDict(self.config.model))
         n = len(images_u8)
         batch = max(1, min(batch_size, n))
         probs, feats = [], []
         for start in range(0, n, batch):
-            chunk = images_u8[start : start + batch]
-            if len(chunk) < batch:
-                chunk = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
-            p, f = apply(self.params, chunk)
+            p, f = apply(self.params, pad_to_batch(images_u8[start : start + batch], batch))
             probs.append(np.asarray(p))
             feats.append(np.asarray(f))
         if not probs:
@@ -142,9 +137,9 @@ def random_shift(key: jax.Array, x: jnp.ndarray, max_shift: int) -> jnp.ndarray:
 
 
 def _make_train_step(model: MNISTClassifier, batch_size: int, max_shift: int):
-    def step(state: train_state.TrainState, key: jax.Array, images_u8: jnp.ndarray, labels: jnp.ndarray):
-        idx = batch_indices(jax.random.fold_in(key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
-        step_key = jax.random.fold_in(key, state.step)
+    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray):
+        idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
+        step_key = jax.random.fold_in(state.key, state.step)
         x = random_shift(
             jax.random.fold_in(step_key, _AUGMENT_STREAM), preprocess(images_u8[idx], images_u8.shape[1]), max_shift
         )
@@ -158,7 +153,7 @@ def _make_train_step(model: MNISTClassifier, batch_size: int, max_shift: int):
             return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": acc}
+        return state.apply_gradients(grads), {"loss": loss, "accuracy": acc}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -173,8 +168,9 @@ def train_classifier(
 ) -> tuple[Any, dict]:
     """Train the classifier on uint8 ``(N, 28, 28, 1)`` images with int labels ``(N,)``.
 
-    Adam with warm-up and cosine decay, decoupled weight decay, dropout on
-    the feature layer and random translations. Deterministic given the config's seed.
+    AdamW with warm-up and cosine decay, dropout on the feature layer and random
+    translations, through the shared loop (:func:`ddpm_jax.training_loop.run_training`;
+    no checkpoints: the trained network is cached whole). Deterministic given the config's seed.
 
     Returns:
       ``(params, history)``: history holds the steps taken, the final training
@@ -190,31 +186,28 @@ def train_classifier(
         raise ValueError(f"classifier batch_size {tc.batch_size} exceeds the {train_images.shape[0]} training images.")
     num_steps = max(1, round(num_epochs * per_epoch))
     model = build_classifier(config.model)
-    key = jax.random.PRNGKey(tc.seed)
-    init_key, run_key = jax.random.split(key)
-    params = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
-    warmup = min(tc.warmup_steps, max(num_steps - 1, 0))
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, num_steps) if num_steps > 1 else tc.learning_rate
-    state = train_state.TrainState.create(
-        apply_fn=model.apply, params=params, tx=optax.adamw(lr, weight_decay=tc.weight_decay)
-    )
-    step = _make_train_step(model, tc.batch_size, tc.max_shift)
-    images = jnp.asarray(train_images)
-    labels = jnp.asarray(train_labels, jnp.int32)
-    steps = range(num_steps)
-    if progress:
-        steps = progress_bar(steps, desc="training the MNIST feature classifier", unit="step")
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(tc.seed))
+    variables = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))
+    schedule = learning_rate_schedule(tc.learning_rate, warmup_within(tc.warmup_steps, num_steps), num_steps)
+    state = new_train_state({"params": variables["params"]}, make_optimizer(schedule, weight_decay=tc.weight_decay),
+                            run_key, ema=False)
+    recent = []  # the metrics of the last 50 steps, which the history reports
+
+    def keep_recent(done: int, metrics: dict) -> None:
+        if done > num_steps - 50:
+            recent.append(metrics)
+
     start = time.perf_counter()
-    recent = []
-    for i in steps:
-        state, metrics = step(state, run_key, images, labels)
-        if i >= num_steps - 50 or (progress and i % 50 == 0):
-            metrics = jax.device_get(metrics)
-            if i >= num_steps - 50:
-                recent.append(metrics)
-            if progress and i % 50 == 0:
-                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    state = run_training(
+        state, _make_train_step(model, tc.batch_size, tc.max_shift), (jnp.asarray(train_images),
+                                                                      jnp.asarray(train_labels, jnp.int32)),
+        end=num_steps, batch_size=tc.batch_size,
+        logger=MetricLogger(None, lambda fetched: {"loss": float(np.mean([m["loss"] for m in fetched]))}),
+        log_every=50, on_step=keep_recent, postfix=lambda record, rate: {"loss": f"{record['loss']:.3f}"},
+        progress=progress, desc="training the MNIST feature classifier",
+    )
     jax.block_until_ready(state.params)
+    recent = jax.device_get(recent)
     history = {
         "steps": num_steps,
         "epochs": num_steps / per_epoch,

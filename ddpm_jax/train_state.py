@@ -1,0 +1,182 @@
+"""The train state every network here is trained with: weights, their average, optimizer, step, key.
+
+One :class:`TrainState` serves the diffusion model and both classifiers (the noise-aware
+one that guides sampling, and the feature network of the metrics); what differs between
+them is the step function, not the state. The state is a pytree saved whole in every
+checkpoint; its settings (``apply_fn``, ``tx``, the EMA's decay, the diffusion objective's
+options) are static fields, rebuilt from the config on load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpm_jax.configs import model_input_shape
+from ddpm_jax.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: saved whole in every checkpoint.
+
+    ``key`` is the run's base key (raw uint32); per-step keys are
+    ``fold_in``-ed from it and ``step``, so a resumed run draws the same numbers.
+    ``ema_params`` is None for a network trained without an average (the classifiers),
+    ``batch_stats`` empty for one without BatchNorm.
+    """
+
+    step: jnp.ndarray  # int32 scalar: optimizer steps taken
+    params: Any
+    ema_params: Any  # exponential moving average of params (see ema_decay_at), or None
+    batch_stats: Any
+    opt_state: Any
+    key: jnp.ndarray
+    apply_fn: Any = flax.struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.9999)
+    ema_warmup: bool = flax.struct.field(pytree_node=False, default=True)
+    # lambda of L_hybrid for a learned-variance network; None: the network predicts eps only (L_simple).
+    hybrid_lambda: float | None = flax.struct.field(pytree_node=False, default=None)
+    # A class-conditional network's classes (0: unconditional) and its label-dropout rate.
+    num_classes: int = flax.struct.field(pytree_node=False, default=0)
+    p_uncond: float = flax.struct.field(pytree_node=False, default=0.0)
+    # gamma of the min-SNR weighting of L_simple (train.loss_weighting='min_snr'); None: unweighted.
+    min_snr_gamma: float | None = flax.struct.field(pytree_node=False, default=None)
+
+    def apply_gradients(self, grads, batch_stats=None) -> "TrainState":
+        """One optimizer step: new weights, their average (if kept), ``batch_stats`` (if given), step + 1."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        ema_params = self.ema_params
+        if ema_params is not None:
+            ema_params = ema_update(ema_params, params, ema_decay_at(self.step, self.ema_decay, self.ema_warmup))
+        return self.replace(
+            step=self.step + 1,
+            params=params,
+            ema_params=ema_params,
+            batch_stats=self.batch_stats if batch_stats is None else batch_stats,
+            opt_state=opt_state,
+        )
+
+
+def ema_decay_at(num_updates, max_decay: float, warmup: bool = True):
+    """The decay of the ``num_updates``-th EMA update (0-based): ``min(max_decay, (1 + n) / (10 + n))``
+    with the warm-up (TensorFlow's ``ExponentialMovingAverage(num_updates=n)``), else ``max_decay``.
+
+    The warm-up makes the average's horizon grow with the run (0.1 at the first update, 0.9 after
+    80, 0.99 after 890), so a run of a few thousand steps ends with usable averaged weights rather
+    than ones still 0.9999^3000 = 74% made of the random initialization.
+    """
+    if not warmup:
+        return jnp.asarray(max_decay, jnp.float32)
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema_params, params, decay):
+    """``decay * ema + (1 - decay) * params``, leaf by leaf."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, num_steps: int, kind: str = "cosine") -> optax.Schedule:
+    """step -> learning rate: linear warm-up from 0 to ``peak`` over ``warmup_steps``, then constant
+    (``kind='constant'``) or cosine decay to 0 at ``num_steps`` (``'cosine'``)."""
+    if isinstance(peak, bool) or not isinstance(peak, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(peak) or peak <= 0:
+        raise ValueError(f"train.learning_rate must be a finite number > 0, got {peak}.")
+    if kind == "constant":
+        if not warmup_steps:
+            return optax.constant_schedule(peak)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
+        )
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(num_steps, warmup_steps + 1))
+    raise ValueError(f"unknown train.lr_schedule {kind!r}; allowed: {', '.join(LR_SCHEDULES)}.")
+
+
+def warmup_within(warmup_steps: int, num_steps: int) -> int:
+    """The warm-up of a run that may be shorter than it: at most ``num_steps - 1``, so the rate still decays."""
+    return min(warmup_steps, max(num_steps - 1, 0))
+
+
+def make_optimizer(schedule: optax.Schedule, *, grad_clip_norm: float = 0.0,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam on ``schedule`` (AdamW, decoupled weight decay, if ``weight_decay``), after global-norm
+    clipping if ``grad_clip_norm > 0``."""
+    if weight_decay:  # the classifiers: AdamW alone, the optimizer-state layout their checkpoints hold
+        if grad_clip_norm > 0:
+            raise ValueError("make_optimizer: clipping with weight decay is not a combination any network here uses.")
+        return optax.adamw(schedule, weight_decay=weight_decay)
+    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+    return optax.chain(*clip, optax.adam(schedule))
+
+
+def diffusion_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The diffusion run's learning-rate schedule (``train.learning_rate``, ``warmup_steps``, ``lr_schedule``)."""
+    t = config.train
+    return learning_rate_schedule(t.learning_rate, t.warmup_steps, t.num_steps, t.lr_schedule)
+
+
+def diffusion_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam on :func:`diffusion_learning_rate`, after ``train.grad_clip_norm`` clipping if set."""
+    return make_optimizer(diffusion_learning_rate(config), grad_clip_norm=config.train.grad_clip_norm)
+
+
+def new_train_state(variables: dict, tx: optax.GradientTransformation, key: jax.Array, *, ema: bool,
+                    **settings) -> TrainState:
+    """Step 0 of a network initialized to ``variables``: optimizer state from ``tx``, the average (if
+    ``ema``) starting at the weights. ``settings``: the state's static fields."""
+    params = variables["params"]
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        key=key,
+        tx=tx,
+        **settings,
+    )
+
+
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None = None) -> TrainState:
+    """A fresh train state of the diffusion model a config describes: initialized network, optimizer, step 0."""
+    model = build_model(config.model)
+    key = jax.random.PRNGKey(config.seed) if key is None else key
+    init_key, run_key = jax.random.split(key)
+    variables = model.init(
+        init_key, jnp.zeros(model_input_shape(config, 1)), jnp.zeros((1,), jnp.int32), train=False
+    )
+    t, m = config.train, config.model
+    return new_train_state(
+        variables, diffusion_optimizer(config), run_key, ema=True,
+        apply_fn=model.apply,
+        ema_decay=float(t.get("ema_decay", 0.9999)),
+        ema_warmup=bool(t.get("ema_warmup", True)),
+        hybrid_lambda=float(t.get("hybrid_lambda", 0.001)) if m.get("learn_variance", False) else None,
+        num_classes=int(m.get("num_classes", 0)),
+        p_uncond=float(t.get("p_uncond", 0.1)),
+        min_snr_gamma=float(t.get("min_snr_gamma", 5.0)) if t.get("loss_weighting", "none") == "min_snr" else None,
+    )
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def state_is_finite(state: TrainState) -> jnp.ndarray:
+    """True (a bool scalar) if every float array of the state (weights, EMA, statistics, Adam moments) is finite."""
+    leaves = [x for x in jax.tree.leaves((state.params, state.ema_params, state.batch_stats, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)

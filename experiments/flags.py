@@ -1,0 +1,60 @@
+"""Flags shared by the command lines in ``experiments/``: ``--set FIELD=VALUE`` overrides, and the
+options of the evaluation-style tools that read a trained run.
+
+Entry points import from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+from ddpm_jax.feature_network import default_cache_dir
+
+
+def apply_override(config, assignment: str) -> None:
+    """Set ``a.b.c=value`` on ``config``; the value is parsed as a Python literal if it is one."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set model.base_channels=32.")
+    field, raw = assignment.split("=", 1)
+    # Shown as typed, unless it holds a newline or other control character, which would break the one-line error.
+    shown_field, shown_raw = (t if t.isprintable() else repr(t) for t in (field, raw))
+    *parents, leaf = field.strip().split(".")
+    node = config
+    for name in parents:
+        if name not in node or not hasattr(node[name], "keys"):
+            raise ValueError(f"--set {shown_field}: unknown config section {name!r}; sections: {', '.join(k for k in node.keys() if hasattr(node[k], 'keys'))}.")
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"--set {shown_field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is an int to Python; a count, size or rate given True/False is still a mistake.
+    if current is not None and (not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool)):
+        kind = type(current).__name__
+        raise ValueError(f"--set {shown_field}={shown_raw}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind} like {current!r}.")
+    node[leaf] = value
+
+
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--idx-dir``: where MNIST comes from, as for training."""
+    p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
+    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder instead of TFDS")
+
+
+def add_cache_flag(p: argparse.ArgumentParser) -> None:
+    """``--cache-dir``: where the feature classifier and reference features are cached."""
+    p.add_argument("--cache-dir", default=None,
+                   help="where the feature classifier and reference features are cached "
+                        f"(default: $DDPM_JAX_CACHE or {default_cache_dir()})")
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines only)")
