@@ -37,13 +37,12 @@ import numpy as np
 
 from ddpm_jax import parallel
 from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
 from ddpm_jax.generate import _compiled_sampler, sample
-from ddpm_jax.validation import sampling_options
-from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.guidance import GuidanceInputs
-from ddpm_jax.models import build_model
-from ddpm_jax.train import make_dataset_train_step
-from ddpm_jax.train_state import count_params, create_train_state
+from ddpm_jax.train import Batching, make_dataset_train_step
+from ddpm_jax.train_state import count_params
+from ddpm_jax.options import sampling_options
 
 
 def _config(args):
@@ -78,7 +77,7 @@ def measure_train(args) -> dict:
         np.random.default_rng(0).integers(0, 256, (max(2048, batch), 28, 28, 1), dtype=np.uint8), mesh
     )
     state = parallel.put_replicated(create_train_state(config), mesh)
-    step = make_dataset_train_step(config, schedule_from_config(config), mesh)
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config, mesh))
     flops = _flops(step.lower(state, images))
     t0 = time.perf_counter()
     state, metrics = step(state, images)

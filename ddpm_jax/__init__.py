@@ -17,18 +17,18 @@ xla_cpu.prefer_eigen_convolutions()  # before any device is used; see ddpm_jax/x
 
 from ddpm_jax import metrics  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
+from ddpm_jax.configs import PRESETS, create_train_state, get_config
+from ddpm_jax.diffusion import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.feature_network import FeatureNetwork, load_or_train_feature_network
 from ddpm_jax.figures import write_figures
 from ddpm_jax.generate import prior_labels, sample
-from ddpm_jax.configs import PRESETS, get_config
-from ddpm_jax.diffusion import p_mean, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.losses import l_simple
 from ddpm_jax.models import ReportUNet
 from ddpm_jax.noisy_classifier import load_noisy_classifier
 from ddpm_jax.sampling import make_ancestral_sampler
 from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
 from ddpm_jax.train import train_and_evaluate, train_step
-from ddpm_jax.train_state import TrainState, create_train_state
+from ddpm_jax.train_state import TrainState
 
 __all__ = [
     "DiffusionCheckpoint",
@@ -48,6 +48,7 @@ __all__ = [
     "make_ancestral_sampler",
     "metrics",
     "p_mean",
+    "p_mean_variance",
     "p_variance",
     "predict_x0_from_eps",
     "prior_labels",

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model
 from ddpm_jax.data import preprocess
 from ddpm_jax.diffusion import q_sample
-from ddpm_jax.models import build_model
 
 
 def recalibrate_batch_stats(

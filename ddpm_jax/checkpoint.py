@@ -26,19 +26,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpm_jax import manifest as manifest_lib
-from ddpm_jax.configs import config_from_dict, schedule_from_config
+from ddpm_jax.configs import config_from_dict, create_train_state, schedule_from_config
 from ddpm_jax.denoiser import expected_variables
 from ddpm_jax.manifest import (  # noqa: F401  (the errors are raised through this module too)
-    DAMAGED_SUBDIR,
-    MANIFEST,
     CheckpointDamagedError,
     CheckpointMismatchError,
     ConfigRefusedError,
     finish_manifests,
-    verify_checkpoint,
 )
 from ddpm_jax.schedules import DiffusionSchedule
-from ddpm_jax.train_state import create_train_state
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -171,9 +167,11 @@ def step_directory(manager: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(str(manager.directory), str(step))
 
 
-def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, loss: float | None = None) -> None:
-    """Save ``state`` and ``config`` at ``state.step`` (asynchronously; no-op if that step exists).
+def save(manager: ocp.CheckpointManager, state, config_record: dict, loss: float | None = None) -> None:
+    """Save ``state`` and the run's config at ``state.step`` (asynchronously; no-op if that step exists).
 
+    ``config_record``: the config as a plain dict (``config.to_dict()``, made once by the caller);
+    stored as JSON beside the state, and compared, never read field by field, when a run resumes.
     ``loss``: the state's loss when it was judged good (kept in the manifest, and named
     when a later step fails and this becomes the checkpoint to go back to).
     """
@@ -185,7 +183,7 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     manager.save(
         step,
         args=ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _CONFIG: ocp.args.JsonSave(config.to_dict())}
+            **{_STATE: ocp.args.StandardSave(state), _CONFIG: ocp.args.JsonSave(config_record)}
         ),
     )
 
@@ -268,17 +266,17 @@ RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_ever
                     "sampling.", "preset", "model.conv_impl", "model.compute_dtype")
 
 
-def restore_latest(manager: ocp.CheckpointManager, template, config: ml_collections.ConfigDict,
-                   check_saved=None):
+def restore_latest(manager: ocp.CheckpointManager, template, config_record: dict, check_saved=None):
     """The latest intact saved state, or None if there is none; refuses a checkpoint of another
-    config or other data (:class:`ConfigRefusedError`). ``check_saved(step, saved_config)`` may
+    config or other data (:class:`ConfigRefusedError`): ``config_record`` is this run's config
+    as a plain dict, as :func:`save` takes it. ``check_saved(step, saved_config)`` may
     refuse one more. A damaged checkpoint is moved aside (see :func:`restore_newest_intact`).
     """
     def load(step):
         saved = restore_config(manager, step)
         if check_saved is not None:
             check_saved(step, saved)
-        _check_same_run(manager, step, saved.to_dict(), config)
+        _check_same_run(manager, step, saved.to_dict(), config_record)
         return restore_state(manager, step, template)
 
     return restore_newest_intact(manager, load)
@@ -306,8 +304,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, load):
     return None
 
 
-def _check_same_run(manager, step: int, saved: dict, config: ml_collections.ConfigDict) -> None:
-    saved_data, current_data = saved.get("data", {}), config.to_dict().get("data", {})
+def _check_same_run(manager, step: int, saved: dict, current: dict) -> None:
+    saved_data, current_data = saved.get("data", {}), current.get("data", {})
     if saved_data.get("fingerprint") and saved_data.get("fingerprint") != current_data.get("fingerprint"):
         raise ConfigRefusedError(
             f"{manager.directory} holds a run (step {step}) trained on other data (data.fingerprint "
@@ -315,7 +313,7 @@ def _check_same_run(manager, step: int, saved: dict, config: ml_collections.Conf
             "different images. Use another --workdir, or point at the same data to resume."
         )
     diffs = [
-        d for d in config_differences(saved, config.to_dict())
+        d for d in config_differences(saved, current)
         # Fields newer than the checkpoint take their defaults; the fingerprint was compared above.
         if not d.startswith(RESUMABLE_FIELDS) and ": '<missing>' ->" not in d and not d.startswith("data.fingerprint")
     ]

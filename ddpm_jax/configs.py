@@ -1,4 +1,13 @@
-"""Experiment configs as data: one ``ml_collections.ConfigDict`` per preset.
+"""Experiment configs as data, and what a config builds.
+
+One ``ml_collections.ConfigDict`` per preset. Everything that knows the config's fields is
+here: the presets, the one check of every field (:func:`validate_config`) and the builders
+(:func:`schedule_from_config`, :func:`build_model`, :func:`diffusion_optimizer`,
+:func:`create_train_state`), which turn a config into objects once. Training reads the
+config only here and in its entry point (:func:`ddpm_jax.train.train_and_evaluate`); the
+step and sampler factories, the training loop and the checkpoints are handed objects (and
+the checkpoints a plain dict to store), not the config. A new field is added in one file:
+its default in a preset, its check, and where it is built.
 
 ``get_config(preset)`` returns a fresh, mutable config; command-line flags
 override fields of it (``--set model.base_channels=16``), and the config used
@@ -29,10 +38,19 @@ Presets:
 from __future__ import annotations
 
 import json
+import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, ReportUNet
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
+from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state
 
 PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "tiny")
 # What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
@@ -236,6 +254,192 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     return ml_collections.FrozenConfigDict(d)
 
 
+# Checks: every field judged before any compute, with one message naming the value and what is allowed.
+
+
+def require(ok: bool, field: str, value, allowed: str) -> None:
+    """Raise ``ValueError('field=value is not allowed: allowed.')`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{field}={value!r} is not allowed: {allowed}.")
+
+
+def is_int(v, lo: int | None = None, hi: int | None = None) -> bool:
+    return (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            and (lo is None or v >= lo) and (hi is None or v <= hi))
+
+
+def is_number(v, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+               hi_open: bool = False) -> bool:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    v = float(v)
+    return (np.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+
+
+MAX_SEED = 2**32 - 1
+MAX_TIMESTEPS = 100_000
+MAX_STEPS = 2**31 - 1  # the step counter is an int32
+LOSS_WEIGHTINGS = ("none", "min_snr")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_examples: int | None = None) -> None:
+    """Check every field of a config before any compute; raise ValueError naming the field, the value and
+    what is allowed. Ends by tracing the network abstractly (no arrays are made), so a combination of
+    model fields that cannot build a network, or whose weights and optimizer state would not fit in this
+    machine's memory, is refused here too, not after training has started."""
+    d, m, t, s = config.diffusion, config.model, config.train, config.sampling
+    require(is_int(config.seed, 0, MAX_SEED), "seed", config.seed, f"an integer in 0..{MAX_SEED}")
+    require(config.preset in PRESETS, "preset", config.preset, " or ".join(PRESETS))
+    require(config.get("dataset", "mnist") == "mnist", "dataset", config.get("dataset"), "'mnist'")
+    require(is_int(d.num_timesteps, 1, MAX_TIMESTEPS), "diffusion.num_timesteps", d.num_timesteps,
+             f"an integer T in 1..{MAX_TIMESTEPS:,} (the report: 100, Ho et al.: 1000)")
+    for field in ("beta_start", "beta_end", "cosine_s", "max_beta"):
+        require(is_number(d[field]), f"diffusion.{field}", d[field], "a finite number")
+    require(d.cosine_s >= 0, "diffusion.cosine_s", d.cosine_s, "an offset >= 0 (Nichol & Dhariwal: 0.008)")
+    try:
+        schedule_from_config(config)  # the schedule's name and betas, each checked there
+    except ValueError as e:  # named by the fields that made the betas, which the schedule module does not know
+        made_by = ("beta_start", "beta_end") if d.schedule == "linear" else ("cosine_s", "max_beta")
+        raise ValueError(f"{str(e).rstrip('.')} (diffusion.schedule={d.schedule!r}, "
+                         + ", ".join(f"diffusion.{f}={d[f]!r}" for f in made_by) + ").") from None
+
+    require(m.name in MODEL_NAMES, "model.name", m.name, " or ".join(MODEL_NAMES))
+    require(is_int(m.base_channels, 1, 4096), "model.base_channels", m.base_channels, "an integer in 1..4096")
+    require(is_int(m.levels, 1, 10), "model.levels", m.levels, "an integer in 1..10")
+    require(is_int(m.time_embed_dim, 2, 8192) and m.time_embed_dim % 2 == 0, "model.time_embed_dim",
+             m.time_embed_dim, "an even integer in 2..8192 (the report: 32)")
+    require(m.output_head in ("block", "conv"), "model.output_head", m.output_head, "'block' or 'conv'")
+    require(isinstance(m.learn_variance, bool), "model.learn_variance", m.learn_variance, "True or False")
+    num_classes = m.get("num_classes", 0)
+    require(is_int(num_classes, 0, 100_000), "model.num_classes", num_classes,
+             "0 (an unconditional network) or the number of classes (MNIST: 10)")
+    require(is_number(m.dropout, 0.0, 1.0, hi_open=True), "model.dropout", m.dropout, "a rate in [0, 1)")
+    if m.name == "ddpm_unet":
+        mult = tuple(m.channel_mult)
+        require(all(is_int(k, 1, 64) for k in mult), "model.channel_mult", mult, "integers in 1..64")
+        require(len(mult) == m.levels + 1, "model.channel_mult", mult,
+                 f"one multiplier per resolution, model.levels + 1 = {m.levels + 1} of them")
+        require(is_int(m.num_res_blocks, 1, 16), "model.num_res_blocks", m.num_res_blocks, "an integer in 1..16")
+        require(all(is_int(r, 1) for r in m.attention_resolutions), "model.attention_resolutions",
+                 m.attention_resolutions, "feature-map heights, integers >= 1 (e.g. (7,) or (16, 8))")
+        widths = sorted({m.base_channels * k for k in mult})
+        require(is_int(m.norm_groups, 1) and all(w % m.norm_groups == 0 for w in widths), "model.norm_groups",
+                 m.norm_groups, f"an integer >= 1 dividing every block's width {widths}")
+        require(is_int(m.num_heads, 1) and all(w % m.num_heads == 0 for w in widths), "model.num_heads",
+                 m.num_heads, f"an integer >= 1 dividing every block's width {widths}")
+
+    size, factor = config.data.image_size, 2 ** m.levels
+    require(is_int(size, 28, 1024), "data.image_size", size, "an integer in 28..1024")
+    if size % factor:
+        raise ValueError(
+            f"data.image_size={size} must be >= 28 and divisible by 2**model.levels={factor} "
+            f"(model.levels={m.levels}); e.g. 28 for levels <= 2, 32 for levels 3-5."
+        )
+    require(is_int(config.data.max_train_examples, 0), "data.max_train_examples", config.data.max_train_examples,
+             "0 (all images) or a positive count")
+    require(isinstance(config.data.fingerprint, str), "data.fingerprint", config.data.fingerprint,
+             "a string (written by training)")
+    frequencies = tuple(config.data.get("label_frequencies", ()))
+    require(not frequencies or (len(frequencies) == num_classes and all(is_number(f, 0.0) for f in frequencies)
+                                 and sum(frequencies) > 0), "data.label_frequencies", frequencies,
+             f"empty, or {num_classes} shares >= 0, one per class (written by training)")
+
+    require(is_int(t.batch_size, 1, 1_000_000), "train.batch_size", t.batch_size, "an integer >= 1")
+    if num_examples is not None:
+        require(t.batch_size <= num_examples, "train.batch_size", t.batch_size,
+                 f"at most the {num_examples} training images")
+    require(is_int(t.num_steps, 1, MAX_STEPS), "train.num_steps", t.num_steps, f"an integer in 1..{MAX_STEPS}")
+    require(is_number(t.learning_rate, 0.0, lo_open=True), "train.learning_rate", t.learning_rate,
+             "a finite number > 0 (the cpu preset: 2e-3)")
+    require(is_int(t.warmup_steps, 0, MAX_STEPS), "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    require(is_number(t.grad_clip_norm, 0.0), "train.grad_clip_norm", t.grad_clip_norm,
+             "a finite norm > 0, or 0 for no clipping")
+    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        require(is_int(t[field], 1), f"train.{field}", t[field], "an integer >= 1")
+    require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
+             " or ".join(NONFINITE_POLICIES))
+    require(is_int(t.max_consecutive_skips, 0), "train.max_consecutive_skips", t.max_consecutive_skips,
+             "an integer >= 0")
+    factor = t.get("divergence_factor", 0.0)
+    require(is_number(factor, 0.0) and (factor == 0 or factor > 1), "train.divergence_factor", factor,
+             "0 (no divergence check) or a finite factor > 1 (default 10)")
+    require(is_int(t.get("divergence_window", 200), 1), "train.divergence_window", t.get("divergence_window"),
+             "an integer >= 1 (steps in the running median)")
+    require(is_number(t.ema_decay, 0.0, 1.0, hi_open=True), "train.ema_decay", t.ema_decay,
+             "a decay in [0, 1) (Ho et al.: 0.9999)")
+    require(isinstance(t.ema_warmup, bool), "train.ema_warmup", t.ema_warmup, "True or False")
+    diffusion_optimizer(config)  # a known lr_schedule
+    require(s.variance in VARIANCE_TYPES, "sampling.variance", s.variance, " or ".join(VARIANCE_TYPES))
+    learned = bool(m.get("learn_variance", False))
+    require(learned or s.variance != "learned", "sampling.variance", s.variance,
+             "beta or beta_tilde ('learned' needs a network that learns it: --set model.learn_variance=True)")
+    require(is_number(t.hybrid_lambda, 0.0), "train.hybrid_lambda", t.hybrid_lambda,
+             "a finite weight >= 0 (Nichol & Dhariwal: 0.001)")
+    require(is_number(t.p_uncond, 0.0, 1.0, hi_open=True), "train.p_uncond", t.p_uncond,
+             "a probability in [0, 1) (Ho & Salimans: 0.1 or 0.2; 0 trains no unconditional prediction)")
+    for field in ("guidance_scale", "classifier_scale"):
+        require(is_number(s[field], 0.0), f"sampling.{field}", s[field], "a finite scale >= 0 (0: no guidance)")
+    require(s.mean in MEAN_TYPES, "sampling.mean", s.mean, " or ".join(MEAN_TYPES))
+    weighting = t.get("loss_weighting", "none")
+    require(weighting in LOSS_WEIGHTINGS, "train.loss_weighting", weighting, " or ".join(LOSS_WEIGHTINGS))
+    gamma = t.get("min_snr_gamma", 5.0)
+    require(is_number(gamma, 0.0, lo_open=True), "train.min_snr_gamma", gamma, "a finite gamma > 0 (Hang et al.: 5)")
+    require(learned is False or weighting == "none", "train.loss_weighting", weighting,
+             "'none' for a learned-variance network (L_hybrid has its own weighting)")
+    batchnorm = s.get("batchnorm", "running")
+    require(batchnorm in BATCHNORM_MODES, "sampling.batchnorm", batchnorm, " or ".join(BATCHNORM_MODES))
+    unconditional = s.get("unconditional", "null")
+    require(unconditional in UNCONDITIONAL_MODES, "sampling.unconditional", unconditional,
+             " or ".join(UNCONDITIONAL_MODES))
+    require(is_int(s.batch_size, 1, 100_000), "sampling.batch_size", s.batch_size, "an integer in 1..100000")
+    require(is_int(s.grid_size, 1, 100), "sampling.grid_size", s.grid_size, "an integer in 1..100")
+    require(is_int(s.strip_samples, 1, 100), "sampling.strip_samples", s.strip_samples, "an integer in 1..100")
+    require(is_int(s.strip_every, 1, d.num_timesteps), "sampling.strip_every", s.strip_every,
+             f"an integer in 1..diffusion.num_timesteps={d.num_timesteps}")
+    _check_network_builds(config)
+
+
+def _check_network_builds(config: ml_collections.ConfigDict) -> None:
+    """Trace the network's init abstractly; refuse what fails, or what could not fit in memory."""
+    try:
+        model = build_model(config.model)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(model_input_shape(config, 1)),
+                                                   jnp.zeros((1,), jnp.int32), train=False))
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a combination of model fields makes Flax or XLA raise
+        raise ValueError(f"the model.* fields do not build a network ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); see ddpm_jax/configs.py for each field.") from None
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    need = 16 * num_params  # float32 weights, their EMA and Adam's two moments
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise ValueError(f"this model has {num_params:,} parameters: its weights, EMA and Adam moments alone need "
+                         f"{need / 2**30:.1f} GiB, more than this machine's {available / 2**30:.1f} GiB available; "
+                         "use fewer model.base_channels or model.levels.")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a process could still get: Linux's MemAvailable (free plus reclaimable cache), else the
+    free pages the OS reports, else None where it says nothing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# Builders: a config turned into the objects the machinery below is handed, once.
+
+
 def schedule_from_config(config: ml_collections.ConfigDict, steps: int | None = None) -> DiffusionSchedule:
     """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes.
 
@@ -260,3 +464,78 @@ def schedule_from_config(config: ml_collections.ConfigDict, steps: int | None = 
 def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = None):
     """The training timesteps (0-based, ascending) a K-step sampler visits: all T when ``steps`` is None."""
     return space_timesteps(config.diffusion.num_timesteps, steps or config.diffusion.num_timesteps)
+
+
+def output_channels(model_config, image_channels: int = 1) -> int:
+    """The network's output channels: eps, and v too for a learned variance (``model.learn_variance``)."""
+    return image_channels * (2 if model_config.get("learn_variance", False) else 1)
+
+
+def build_model(model_config) -> nn.Module:
+    """The network a config's ``model`` section describes (``name`` plus its fields).
+
+    ``conv_impl`` and ``compute_dtype`` default to ``'auto'`` and ``'float32'``
+    for configs saved before they existed.
+    """
+    name = model_config.name
+    conv_impl = model_config.get("conv_impl", "auto")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl={conv_impl!r} is not one of: {', '.join(CONV_IMPLS)}.")
+    compute_dtype = model_config.get("compute_dtype", "float32")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}.")
+    # What every network takes alike: its output channels and how it computes.
+    common = {"out_channels": output_channels(model_config), "dtype": COMPUTE_DTYPES[compute_dtype],
+              "conv_impl": conv_impl, "num_classes": int(model_config.get("num_classes", 0))}
+    if name == "report_unet":
+        return ReportUNet(
+            base_channels=model_config.base_channels,
+            levels=model_config.levels,
+            time_embed_dim=model_config.time_embed_dim,
+            output_head=model_config.output_head,
+            **common,
+        )
+    if name == "ddpm_unet":
+        return DDPMUNet(
+            base_channels=model_config.base_channels,
+            channel_mult=tuple(model_config.channel_mult),
+            num_res_blocks=model_config.num_res_blocks,
+            attention_resolutions=tuple(model_config.attention_resolutions),
+            dropout=model_config.dropout,
+            num_heads=model_config.num_heads,
+            groups=model_config.norm_groups,
+            **common,
+        )
+    raise ValueError(f"model.name={name!r} is not one of: {', '.join(MODEL_NAMES)}.")
+
+
+def diffusion_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The diffusion run's learning-rate schedule (``train.learning_rate``, ``warmup_steps``, ``lr_schedule``)."""
+    t = config.train
+    return learning_rate_schedule(t.learning_rate, t.warmup_steps, t.num_steps, t.lr_schedule)
+
+
+def diffusion_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam on :func:`diffusion_learning_rate`, after ``train.grad_clip_norm`` clipping if set."""
+    return make_optimizer(diffusion_learning_rate(config), grad_clip_norm=config.train.grad_clip_norm)
+
+
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None = None) -> TrainState:
+    """A fresh train state of the diffusion model a config describes: initialized network, optimizer, step 0."""
+    model = build_model(config.model)
+    key = jax.random.PRNGKey(config.seed) if key is None else key
+    init_key, run_key = jax.random.split(key)
+    variables = model.init(
+        init_key, jnp.zeros(model_input_shape(config, 1)), jnp.zeros((1,), jnp.int32), train=False
+    )
+    t, m = config.train, config.model
+    return new_train_state(
+        variables, diffusion_optimizer(config), run_key, ema=True,
+        apply_fn=model.apply,
+        ema_decay=float(t.get("ema_decay", 0.9999)),
+        ema_warmup=bool(t.get("ema_warmup", True)),
+        hybrid_lambda=float(t.get("hybrid_lambda", 0.001)) if m.get("learn_variance", False) else None,
+        num_classes=int(m.get("num_classes", 0)),
+        p_uncond=float(t.get("p_uncond", 0.1)),
+        min_snr_gamma=float(t.get("min_snr_gamma", 5.0)) if t.get("loss_weighting", "none") == "min_snr" else None,
+    )

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax.configs import BATCHNORM_MODES, model_input_shape
+from ddpm_jax.configs import BATCHNORM_MODES, build_model, model_input_shape
 from ddpm_jax.diffusion import split_learned_variance
 from ddpm_jax.guidance import GuidanceInputs, classifier_free_fn, conditional_fn
-from ddpm_jax.models import build_model
 
 CONDITIONINGS = ("none", "labels", "classifier_free")
 

@@ -1,4 +1,4 @@
-"""The Gaussian diffusion process: forward noising and the reverse-step means.
+"""The Gaussian diffusion process: forward noising and the reverse step (:func:`p_mean_variance`).
 
 Pure functions of a :class:`~ddpm_jax.schedules.DiffusionSchedule`, arrays and
 0-based timesteps (see :mod:`ddpm_jax.schedules` for the convention). Images
@@ -7,7 +7,7 @@ are NHWC float arrays, data in [-1, 1]. Nothing here knows about networks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import chex
 import jax.numpy as jnp
@@ -137,3 +137,49 @@ def learned_log_variance(schedule: DiffusionSchedule, t: jnp.ndarray, v: jnp.nda
     log_beta = extract(jnp.log(schedule.betas), t, v.ndim)
     log_beta_tilde = extract(schedule.posterior_log_variance_clipped, t, v.ndim)
     return fraction * log_beta + (1.0 - fraction) * log_beta_tilde
+
+
+class ReverseStep(NamedTuple):
+    """p(x_{t-1} | x_t) = N(mean, exp(log_variance)) and the x_0 it predicts: each ``(B, H, W, C)``, except a
+    fixed variance's ``log_variance`` and ``std``, ``(B, 1, 1, 1)``."""
+
+    mean: jnp.ndarray
+    log_variance: jnp.ndarray
+    std: jnp.ndarray  # exp(log_variance / 2), as the sampler scales its noise
+    pred_x0: jnp.ndarray  # clipped to [-1, 1] for the 'x0_clip' mean, as the mean uses it
+
+
+def p_mean_variance(
+    schedule: DiffusionSchedule,
+    x_t: jnp.ndarray,
+    t: jnp.ndarray,
+    output: jnp.ndarray,
+    variance_type: VarianceType = "beta",
+    mean_type: MeanType = "x0_clip",
+) -> ReverseStep:
+    """The reverse step p(x_{t-1} | x_t) from the network's ``output`` at ``x_t``: mean, log-variance and x_0.
+
+    The one place a network's output becomes a Gaussian, for every variance type, as
+    improved-diffusion's ``p_mean_variance``: the ancestral sampler draws from it and the
+    bound (:func:`ddpm_jax.likelihood.vlb_terms`, ``l_hybrid``) scores it. ``output``: eps
+    ``(B, H, W, C)`` for a fixed variance (``'beta'``, ``'beta_tilde'``: :func:`p_variance`),
+    eps and v stacked ``(B, H, W, 2C)`` for ``'learned'`` (:func:`learned_log_variance`).
+    ``mean_type`` as :func:`p_mean`.
+    """
+    _check_batch(x_t, t)
+    if variance_type == "learned":
+        eps, v = split_learned_variance(output)
+        log_variance = learned_log_variance(schedule, t, v)
+        std = jnp.exp(0.5 * log_variance)
+    else:
+        eps = output
+        log_variance = extract(p_variance(schedule, variance_type, log=True), t, x_t.ndim)
+        std = extract(jnp.sqrt(p_variance(schedule, variance_type)), t, x_t.ndim)
+    chex.assert_equal_shape([eps, x_t])
+    if mean_type == "x0_clip":
+        pred_x0 = jnp.clip(predict_x0_from_eps(schedule, x_t, t, eps), -1.0, 1.0)
+        mean = q_posterior_mean(schedule, pred_x0, x_t, t)
+    else:
+        pred_x0 = predict_x0_from_eps(schedule, x_t, t, eps)
+        mean = p_mean(schedule, x_t, t, eps, mean_type)
+    return ReverseStep(mean=mean, log_variance=log_variance, std=std, pred_x0=pred_x0)

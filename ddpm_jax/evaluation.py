@@ -33,7 +33,7 @@ from ddpm_jax.feature_network import FeatureNetwork, default_cache_dir
 from ddpm_jax.generate import sample
 from ddpm_jax.likelihood import bits_per_dim, vlb_terms
 from ddpm_jax.progress import progress_bar
-from ddpm_jax.validation import resolve_variance
+from ddpm_jax.options import resolve_variance
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:

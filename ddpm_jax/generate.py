@@ -1,7 +1,7 @@
 """Drawing images from a trained run: ``sample(checkpoint, key, n)`` and ``prior_labels``.
 
 What a notebook calls after :func:`ddpm_jax.load_checkpoint`: the options are checked
-once (:func:`ddpm_jax.validation.sampling_options`), a jitted sampler is built once per
+once (:func:`ddpm_jax.options.sampling_options`), a jitted sampler is built once per
 (config, batch shape, options) and reused, and the labels and guidance of a
 class-conditional network, or a noise-aware classifier's, are resolved here.
 """
@@ -17,7 +17,13 @@ import numpy as np
 
 from ddpm_jax import parallel
 from ddpm_jax.checkpoint import DiffusionCheckpoint, check_variables_fit_config
-from ddpm_jax.configs import UNCONDITIONAL_MODES, model_input_shape, sampling_timesteps, schedule_from_config
+from ddpm_jax.configs import (
+    UNCONDITIONAL_MODES,
+    available_memory_bytes,
+    model_input_shape,
+    sampling_timesteps,
+    schedule_from_config,
+)
 from ddpm_jax.data import crop, pad_to_batch
 from ddpm_jax.denoiser import guided_denoiser_fn
 from ddpm_jax.guidance import GuidanceInputs, classifier_grad_fn
@@ -25,7 +31,7 @@ from ddpm_jax.noisy_classifier import check_classifier_matches, log_prob_fn
 from ddpm_jax.progress import progress_bar
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
 from ddpm_jax.schedules import DiffusionSchedule
-from ddpm_jax.validation import SamplingOptions, available_memory_bytes, check_count, sampling_options
+from ddpm_jax.options import SamplingOptions, check_count, sampling_options
 
 # How labels steer sampling: a class-conditional network's own conditioning with classifier-free
 # guidance (Ho & Salimans 2022), or a noise-aware classifier's gradient (Dhariwal & Nichol 2021).
@@ -177,9 +183,8 @@ def sample(
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
-    classifier_model = None if classifier_scale is None else ml_collections.FrozenConfigDict(classifier.config.model)
-    sampler = _compiled_sampler(ml_collections.FrozenConfigDict(config), batch, options, return_every, conditioning,
-                                classifier_model)
+    classifier_model = None if classifier_scale is None else _frozen(classifier.config.model)
+    sampler = _compiled_sampler(_frozen(config), batch, options, return_every, conditioning, classifier_model)
 
     num_batches = -(-n // batch)
     batches = progress_bar(range(num_batches), unit="batch", desc=f"sampling {n}", enabled=progress and num_batches > 1)
@@ -224,6 +229,11 @@ def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndar
     ``sampling.unconditional='null'``). For reading a grid, or counting what was asked for.
     """
     return _prior_labels(params.config, key, n, None, None)
+
+
+def _frozen(config) -> ml_collections.FrozenConfigDict:
+    """``config`` as the compiled samplers' cache key: a checkpoint's is frozen already (no copy then)."""
+    return config if isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(config)
 
 
 def _prior_labels(config, key: jax.Array, n: int, unconditional: str | None, classifier) -> np.ndarray | None:

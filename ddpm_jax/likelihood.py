@@ -25,15 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
-from ddpm_jax.diffusion import (
-    EpsModelFn,
-    learned_log_variance,
-    p_mean,
-    p_variance,
-    q_posterior_mean,
-    q_sample,
-    split_learned_variance,
-)
+from ddpm_jax.diffusion import EpsModelFn, ReverseStep, p_mean_variance, q_posterior_mean, q_sample
 from ddpm_jax.schedules import DiffusionSchedule, extract
 
 # Half a pixel bin of 8-bit data mapped to [-1, 1].
@@ -69,20 +61,19 @@ def prior_kl(schedule: DiffusionSchedule, x0: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(normal_kl(mean, logvar, 0.0, 0.0), axis=(1, 2, 3))
 
 
-def vlb_term(schedule: DiffusionSchedule, x0, x_t, t, eps, model_logvar, mean_type: str = "x0_clip"):
+def vlb_term(schedule: DiffusionSchedule, x0, x_t, t, reverse: ReverseStep):
     """L_t for each image at its own timestep ``t`` ``(B,)``, in nats: ``(B,)``.
 
-    ``t > 0``: KL of the true posterior q(x_{t-1} | x_t, x_0) from the model's
-    p(x_{t-1} | x_t) = N(mu(x_t, eps), exp(model_logvar)); ``t = 0``: the
-    decoder's negative log-likelihood of ``x0``. ``model_logvar``: ``(B, 1, 1, 1)``
-    or x's shape (a learned variance). ``x0``, ``x_t``, ``eps``: ``(B, H, W, C)``.
+    ``t > 0``: KL of the true posterior q(x_{t-1} | x_t, x_0) from the model's reverse step
+    p(x_{t-1} | x_t) = N(reverse.mean, exp(reverse.log_variance)) (:func:`ddpm_jax.diffusion.p_mean_variance`);
+    ``t = 0``: the decoder's negative log-likelihood of ``x0``. ``x0``, ``x_t``: ``(B, H, W, C)``.
     """
-    chex.assert_equal_shape([x0, x_t, eps])
-    model_mean = p_mean(schedule, x_t, t, eps, mean_type)
+    chex.assert_equal_shape([x0, x_t, reverse.mean])
     true_mean = q_posterior_mean(schedule, x0, x_t, t)
     true_logvar = extract(schedule.posterior_log_variance_clipped, t, x0.ndim)
-    kl = jnp.sum(normal_kl(true_mean, true_logvar, model_mean, model_logvar), axis=(1, 2, 3))
-    decoder_nll = -jnp.sum(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar), axis=(1, 2, 3))
+    kl = jnp.sum(normal_kl(true_mean, true_logvar, reverse.mean, reverse.log_variance), axis=(1, 2, 3))
+    decoder_nll = -jnp.sum(discretized_gaussian_log_likelihood(x0, reverse.mean, 0.5 * reverse.log_variance),
+                           axis=(1, 2, 3))
     return jnp.where(t == 0, decoder_nll, kl)
 
 
@@ -104,20 +95,13 @@ def vlb_terms(
     ``'beta_tilde'``, or ``'learned'`` for a network whose output stacks eps and v.
     """
     chex.assert_rank(x0, 4)
-    learned = variance == "learned"
-    logvars = None if learned else p_variance(schedule, variance, log=True)
 
     def term(_, i):
         t = jnp.full((x0.shape[0],), i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
         x_t = q_sample(schedule, x0, t, noise)
-        output = eps_fn(variables, x_t, t)
-        if learned:
-            eps, v = split_learned_variance(output)
-            logvar = learned_log_variance(schedule, t, v)
-        else:
-            eps, logvar = output, extract(logvars, t, x0.ndim)
-        return None, vlb_term(schedule, x0, x_t, t, eps, logvar, mean_type)
+        reverse = p_mean_variance(schedule, x_t, t, eps_fn(variables, x_t, t), variance, mean_type)
+        return None, vlb_term(schedule, x0, x_t, t, reverse)
 
     _, terms = jax.lax.scan(term, None, jnp.arange(schedule.num_timesteps))
     return terms.T, prior_kl(schedule, x0)

@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import learned_log_variance, q_sample, split_learned_variance
+from ddpm_jax.diffusion import p_mean_variance, q_sample, split_learned_variance
 from ddpm_jax.likelihood import vlb_term
 from ddpm_jax.schedules import DiffusionSchedule
 
@@ -87,9 +87,10 @@ def l_hybrid(
     eps_hat, v = split_learned_variance(output.astype(jnp.float32))
     chex.assert_equal_shape([eps_hat, noise])
     mse = jnp.mean(jnp.square(noise - eps_hat), axis=(1, 2, 3))
-    # The unclipped mean (as in training there): x_0 predictions are not clipped inside the loss.
-    term_nats = vlb_term(schedule, x0, x_t, t, jax.lax.stop_gradient(eps_hat),
-                         learned_log_variance(schedule, t, v), mean_type="eps")
+    # The mean seen through a stop-gradient (improved-diffusion's frozen_out), unclipped (as in training
+    # there: x_0 predictions are not clipped inside the loss).
+    frozen = jnp.concatenate([jax.lax.stop_gradient(eps_hat), v], axis=-1)
+    term_nats = vlb_term(schedule, x0, x_t, t, p_mean_variance(schedule, x_t, t, frozen, "learned", mean_type="eps"))
     vlb_bits_per_dim = schedule.num_timesteps * term_nats / (x0[0].size * jnp.log(2.0))
     per_image = mse + vlb_weight * vlb_bits_per_dim
     return jnp.mean(per_image), per_image, t, aux

@@ -152,6 +152,14 @@ class NoisyClassifierCheckpoint:
     config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
     step: int = flax.struct.field(pytree_node=False, default=0)
 
+    @classmethod
+    def from_train_state(cls, state, config: ml_collections.ConfigDict) -> "NoisyClassifierCheckpoint":
+        """The classifier a train state holds. The config is frozen through JSON, as a checkpoint stores it:
+        a trained and a loaded classifier's configs then compare (and hash) equal, so jitted functions
+        taking them as static arguments are not traced again."""
+        frozen = ml_collections.FrozenConfigDict(json.loads(json.dumps(config.to_dict())))
+        return cls(params=state.params, config=frozen, step=int(state.step))
+
     @property
     def image_size(self) -> int:
         return self.config.data.image_size
@@ -232,12 +240,6 @@ def create_train_state(config: ml_collections.ConfigDict) -> TrainState:
     return jax.jit(init)()
 
 
-def _freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
-    # Through JSON, as a checkpoint stores it: a trained and a loaded classifier's configs then compare (and
-    # hash) equal, so jitted functions taking them as static arguments are not traced again.
-    return ml_collections.FrozenConfigDict(json.loads(json.dumps(config.to_dict())))
-
-
 def check_is_classifier_checkpoint(manager: ocp.CheckpointManager, step: int, restored) -> None:
     """Refuse, in one line, a diffusion run's checkpoints where a noisy classifier's were expected."""
     if "stage_channels" not in restored.get("model", {}):
@@ -289,7 +291,7 @@ def load_noisy_classifier(workdir: str, step: int | None = None) -> NoisyClassif
         state = _restore_state(manager, step, config)
     finally:
         manager.close()
-    return NoisyClassifierCheckpoint(params=state.params, config=_freeze(config), step=int(state.step))
+    return NoisyClassifierCheckpoint.from_train_state(state, config)
 
 
 def read_accuracy(workdir: str) -> dict:

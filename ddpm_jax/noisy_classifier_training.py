@@ -24,11 +24,10 @@ import optax
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.configs import config_to_json, is_int, is_number, require, schedule_from_config
 from ddpm_jax.diffusion import q_sample
 from ddpm_jax.noisy_classifier import (
     NoisyClassifierCheckpoint,
-    _freeze,
     build_noisy_classifier,
     check_is_classifier_checkpoint,
     classifier_learning_rate,
@@ -45,7 +44,6 @@ from ddpm_jax.training_loop import (
     run_training,
     timestep_quarters,
 )
-from ddpm_jax.validation import is_int, is_number, require
 from ddpm_jax.workdir import WorkdirLock, prepare_workdir
 
 # Stream ids folded into the run's key, so data order, training noise and evaluation noise never share numbers.
@@ -238,7 +236,8 @@ def _train_locked(config, workdir: str, images_u8, labels, test_images, test_lab
     schedule = schedule_from_config(config)  # built once: the step takes it
     tc = config.train
     manager = ckpt_lib.make_manager(workdir, tc.keep_checkpoints)
-    state = ckpt_lib.restore_latest(manager, jax.eval_shape(lambda: create_train_state(config)), config,
+    record = config.to_dict()  # what every checkpoint stores beside the state, and resuming compares
+    state = ckpt_lib.restore_latest(manager, jax.eval_shape(lambda: create_train_state(config)), record,
                                     check_saved=functools.partial(check_is_classifier_checkpoint, manager))
     logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"), summarize_steps)
     logger.truncate_after(int(state.step) if state is not None else 0)  # lines past the checkpoint are redone
@@ -252,7 +251,7 @@ def _train_locked(config, workdir: str, images_u8, labels, test_images, test_lab
               f"T={schedule.num_timesteps} {config.diffusion.schedule} schedule at {config.data.image_size}x"
               f"{config.data.image_size}", flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        f.write(config_to_json(config))
 
     lr_at = classifier_learning_rate(config)
     state = run_training(
@@ -265,7 +264,7 @@ def _train_locked(config, workdir: str, images_u8, labels, test_images, test_lab
         log_every=tc.log_every,
         log_fields=lambda done: {"learning_rate": float(lr_at(done - 1))},
         manager=manager,
-        config=config,
+        config_record=record,
         checkpoint_every=tc.checkpoint_every,
         postfix=lambda record, rate: {"loss": f"{record['loss']:.3f}", "acc": f"{record['accuracy']:.2f}"},
         progress=progress,
@@ -274,7 +273,7 @@ def _train_locked(config, workdir: str, images_u8, labels, test_images, test_lab
         smoothing=0,
     )
 
-    classifier = NoisyClassifierCheckpoint(params=state.params, config=_freeze(config), step=int(state.step))
+    classifier = NoisyClassifierCheckpoint.from_train_state(state, config)
     if test_images is not None and test_labels is not None:
         result = evaluate_noisy_classifier(classifier, test_images, test_labels, seed=tc.seed,
                                            batch_size=tc.eval_batch_size)

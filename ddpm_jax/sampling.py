@@ -28,14 +28,12 @@ import jax.numpy as jnp
 
 from ddpm_jax.diffusion import (
     MEAN_TYPES,
+    VARIANCE_TYPES,
     EpsModelFn,
     MeanType,
     VarianceType,
-    learned_log_variance,
-    p_mean,
-    p_variance,
+    p_mean_variance,
     predict_x0_from_eps,
-    split_learned_variance,
 )
 from ddpm_jax.guidance import classifier_guided_eps, classifier_guided_mean
 from ddpm_jax.schedules import DiffusionSchedule, extract
@@ -103,8 +101,8 @@ def make_ancestral_sampler(
       k-th step, and the final (clipped) ``x_0`` last.
     """
     chex.assert_equal(len(shape), 4)
-    learned = variance == "learned"
-    sigmas = None if learned else jnp.sqrt(p_variance(schedule, variance))
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCE_TYPES)}.")
     if mean not in MEAN_TYPES:
         raise ValueError(f"unknown mean_type {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
     num_timesteps = schedule.num_timesteps
@@ -114,16 +112,11 @@ def make_ancestral_sampler(
     cond_fn = _on_training_timesteps(cond_fn, schedule, timesteps) if cond_fn is not None else None
 
     def step(variables, x, t, output, i):
-        if learned:  # per-pixel sigma from the network's second output
-            eps, v = split_learned_variance(output)
-            sigma = jnp.exp(0.5 * learned_log_variance(schedule, t, v))
-        else:
-            eps, sigma = output, sigmas[i]
-        chex.assert_equal_shape([eps, x])
-        mu = p_mean(schedule, x, t, eps, mean)
+        reverse = p_mean_variance(schedule, x, t, output, variance, mean)
+        mu = reverse.mean
         if cond_fn is not None:
-            mu = classifier_guided_mean(mu, jnp.square(sigma), cond_fn(variables, x, t))
-        return mu, sigma
+            mu = classifier_guided_mean(mu, jnp.square(reverse.std), cond_fn(variables, x, t))
+        return mu, reverse.std
 
     # Frame j of the chain is the state after j reverse steps, x_{T-j} in the paper's numbering.
     return _reverse_chain(eps_fn, shape, num_timesteps, step, return_every, sharding)

@@ -10,6 +10,7 @@ are built from the config once, here, and passed down.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -23,13 +24,19 @@ import optax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import parallel
-from ddpm_jax.configs import config_to_json, schedule_from_config
+from ddpm_jax.configs import (
+    config_to_json,
+    create_train_state,
+    diffusion_learning_rate,
+    schedule_from_config,
+    validate_config,
+)
 from ddpm_jax.data import preprocess
 from ddpm_jax.guard import NonFiniteGuard
 from ddpm_jax.guidance import drop_labels
 from ddpm_jax.losses import l_hybrid, l_simple
 from ddpm_jax.schedules import DiffusionSchedule
-from ddpm_jax.train_state import TrainState, count_params, create_train_state, diffusion_learning_rate, state_is_finite
+from ddpm_jax.train_state import TrainState, count_params, state_is_finite
 from ddpm_jax.training_loop import (
     NUM_QUARTERS,
     MetricLogger,
@@ -38,7 +45,6 @@ from ddpm_jax.training_loop import (
     run_training,
     steps_per_epoch,
 )
-from ddpm_jax.validation import validate_config
 from ddpm_jax.workdir import WorkdirLock, prepare_workdir
 
 # Stream ids folded into the run's key, so data order, training noise and
@@ -136,60 +142,65 @@ def train_step(
     ), metrics
 
 
-def make_dataset_train_step(
-    config: ml_collections.ConfigDict, schedule: DiffusionSchedule, mesh: jax.sharding.Mesh | None = None
-):
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How a step draws its batch from the training set kept on the devices: ``batch_size`` images
+    (divisible by the ``mesh``'s devices, checked here once), padded to ``image_size``."""
+
+    batch_size: int
+    image_size: int
+    mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        parallel.check_divisible(self.batch_size, self.mesh)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> "Batching":
+        """``train.batch_size`` at ``data.image_size`` over ``mesh`` (default: every device)."""
+        return cls(config.train.batch_size, config.data.image_size, parallel.make_mesh() if mesh is None else mesh)
+
+    def draw(self, state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None):
+        """The ``state.step``-th batch (float images in [-1, 1], and labels or None), split along the
+        mesh's data axis."""
+        indices = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step,
+                                self.batch_size)
+        split = parallel.batch_sharded(self.mesh)
+        batch = jax.lax.with_sharding_constraint(preprocess(images_u8[indices], self.image_size), split)
+        batch_labels = None if labels is None else jax.lax.with_sharding_constraint(labels[indices], split)
+        return batch, batch_labels
+
+
+def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching):
     """A jitted ``(state, images_u8[, labels]) -> (state, metrics)`` drawing its batch inside jit.
 
     ``images_u8`` is the whole training set as uint8 ``(N, h, w, 1)``, kept on
     the devices, and ``labels`` its int ``(N,)`` classes (class-conditional
-    networks only); the old state is donated. Data parallel over ``mesh`` (default:
-    every device, :func:`ddpm_jax.parallel.make_mesh`): state and images
+    networks only); the old state is donated. Data parallel over ``batching.mesh``
+    (:meth:`Batching.from_config`: every device): state and images
     replicated, the batch split along the mesh's ``data`` axis; XLA all-reduces
     the gradients and BatchNorm's statistics, so the step computes what one
     device would. On one device this is the plain single-device step.
     """
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    everywhere, draw = _dataset_batches(config, mesh)
+    everywhere = parallel.replicated(batching.mesh)
 
     def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
-        batch, batch_labels = draw(state, images_u8, labels)
+        batch, batch_labels = batching.draw(state, images_u8, labels)
         return train_step(state, batch, schedule, batch_labels)
 
     # One sharding for every argument (the labels may be None): state and data replicated.
     return jax.jit(step, in_shardings=everywhere, out_shardings=(everywhere, everywhere), donate_argnums=0)
 
 
-def make_dataset_probe(
-    config: ml_collections.ConfigDict, schedule: DiffusionSchedule, mesh: jax.sharding.Mesh | None = None
-):
+def make_dataset_probe(schedule: DiffusionSchedule, batching: Batching):
     """A jitted ``(state, images_u8[, labels]) -> {loss, state_finite}``: :func:`probe_loss` on the batch
     the next step of :func:`make_dataset_train_step` would draw. The state is not donated (it is then saved)."""
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    everywhere, draw = _dataset_batches(config, mesh)
+    everywhere = parallel.replicated(batching.mesh)
 
     def probe(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
-        batch, batch_labels = draw(state, images_u8, labels)
+        batch, batch_labels = batching.draw(state, images_u8, labels)
         return probe_loss(state, batch, schedule, batch_labels)
 
     return jax.jit(probe, in_shardings=everywhere, out_shardings=everywhere)
-
-
-def _dataset_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """``(replicated sharding, draw)``: ``draw(state, images_u8, labels)`` is the ``state.step``-th batch
-    (float images in [-1, 1], and labels or None), split along the mesh's data axis."""
-    batch_size, image_size = config.train.batch_size, config.data.image_size
-    parallel.check_divisible(batch_size, mesh)
-    everywhere, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-
-    def draw(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None):
-        indices = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step,
-                                batch_size)
-        batch = jax.lax.with_sharding_constraint(preprocess(images_u8[indices], image_size), split)
-        batch_labels = None if labels is None else jax.lax.with_sharding_constraint(labels[indices], split)
-        return batch, batch_labels
-
-    return everywhere, draw
 
 
 def summarize_steps(fetched: list[dict]) -> dict:
@@ -250,21 +261,22 @@ def train_and_evaluate(
     if labels is not None:  # sample() draws labels from these when given none (sampling.unconditional)
         counts = np.bincount(labels, minlength=num_classes)
         config.data.label_frequencies = tuple(round(float(c), 6) for c in counts / counts.sum())
-    mesh = parallel.make_mesh()
-    parallel.check_divisible(config.train.batch_size, mesh)
+    batching = Batching.from_config(config)  # the batch size checked against the devices before any work
     is_main = jax.process_index() == 0  # several processes: process 0 alone writes files (and holds the lock)
     # One process per workdir: a second one would clean up the first's checkpoint in flight.
     with WorkdirLock(workdir, what="training") if is_main else contextlib.nullcontext():
-        return _train_locked(config, workdir, images, labels, mesh, progress, stop_at)
+        return _train_locked(config, workdir, images, labels, batching, progress, stop_at)
 
 
-def _train_locked(config, workdir: str, images, labels, mesh, progress: bool, stop_at: int | None) -> TrainState:
+def _train_locked(config, workdir: str, images, labels, batching: Batching, progress: bool,
+                  stop_at: int | None) -> TrainState:
     """The run of :func:`train_and_evaluate`, while holding the workdir's lock: resume or start, then the loop."""
     schedule = schedule_from_config(config)  # built once: the step and its probe take it
-    t = config.train
+    t, mesh = config.train, batching.mesh
     manager = ckpt_lib.make_manager(workdir, t.keep_checkpoints)
     state = create_train_state(config)
-    restored = ckpt_lib.restore_latest(manager, state, config)
+    record = config.to_dict()  # what every checkpoint stores beside the state, and resuming compares
+    restored = ckpt_lib.restore_latest(manager, state, record)
     # Several processes: each runs this same loop over the global mesh; process 0 alone writes files and logs.
     is_main = jax.process_index() == 0
     logger = MetricLogger(os.path.join(workdir, "metrics.jsonl"), summarize_steps)
@@ -291,7 +303,7 @@ def _train_locked(config, workdir: str, images, labels, mesh, progress: bool, st
             None if labels is None else parallel.put_replicated(labels, mesh))
     return run_training(
         parallel.put_replicated(state, mesh),
-        make_dataset_train_step(config, schedule, mesh),
+        make_dataset_train_step(schedule, batching),
         data,
         end=t.num_steps if stop_at is None else min(stop_at, t.num_steps),
         batch_size=t.batch_size,
@@ -300,11 +312,11 @@ def _train_locked(config, workdir: str, images, labels, mesh, progress: bool, st
         # The rate the last step used.
         log_fields=lambda done: {"epoch": done / per_epoch, "learning_rate": float(lr_at(done - 1))},
         manager=manager,
-        config=config,
+        config_record=record,
         checkpoint_every=t.checkpoint_every,
         guard=NonFiniteGuard(t.on_nonfinite, t.max_consecutive_skips, manager,
                              t.get("divergence_factor", 0.0), t.get("divergence_window", 200)),
-        probe_fn=make_dataset_probe(config, schedule, mesh),
+        probe_fn=make_dataset_probe(schedule, batching),
         postfix=lambda record, rate: {"loss": f"{record['loss']:.4f}", "img_s": f"{rate:.0f}" if rate else "-"},
         progress=progress,
         desc="training",

@@ -4,7 +4,8 @@ One :class:`TrainState` serves the diffusion model and both classifiers (the noi
 one that guides sampling, and the feature network of the metrics); what differs between
 them is the step function, not the state. The state is a pytree saved whole in every
 checkpoint; its settings (``apply_fn``, ``tx``, the EMA's decay, the diffusion objective's
-options) are static fields, rebuilt from the config on load.
+options) are static fields, rebuilt from the config on load
+(:func:`ddpm_jax.configs.create_train_state` builds the diffusion model's). Nothing here reads a config.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax.configs import model_input_shape
-from ddpm_jax.models import build_model
 
 
 @flax.struct.dataclass
@@ -122,17 +120,6 @@ def make_optimizer(schedule: optax.Schedule, *, grad_clip_norm: float = 0.0,
     return optax.chain(*clip, optax.adam(schedule))
 
 
-def diffusion_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The diffusion run's learning-rate schedule (``train.learning_rate``, ``warmup_steps``, ``lr_schedule``)."""
-    t = config.train
-    return learning_rate_schedule(t.learning_rate, t.warmup_steps, t.num_steps, t.lr_schedule)
-
-
-def diffusion_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam on :func:`diffusion_learning_rate`, after ``train.grad_clip_norm`` clipping if set."""
-    return make_optimizer(diffusion_learning_rate(config), grad_clip_norm=config.train.grad_clip_norm)
-
-
 def new_train_state(variables: dict, tx: optax.GradientTransformation, key: jax.Array, *, ema: bool,
                     **settings) -> TrainState:
     """Step 0 of a network initialized to ``variables``: optimizer state from ``tx``, the average (if
@@ -147,27 +134,6 @@ def new_train_state(variables: dict, tx: optax.GradientTransformation, key: jax.
         key=key,
         tx=tx,
         **settings,
-    )
-
-
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None = None) -> TrainState:
-    """A fresh train state of the diffusion model a config describes: initialized network, optimizer, step 0."""
-    model = build_model(config.model)
-    key = jax.random.PRNGKey(config.seed) if key is None else key
-    init_key, run_key = jax.random.split(key)
-    variables = model.init(
-        init_key, jnp.zeros(model_input_shape(config, 1)), jnp.zeros((1,), jnp.int32), train=False
-    )
-    t, m = config.train, config.model
-    return new_train_state(
-        variables, diffusion_optimizer(config), run_key, ema=True,
-        apply_fn=model.apply,
-        ema_decay=float(t.get("ema_decay", 0.9999)),
-        ema_warmup=bool(t.get("ema_warmup", True)),
-        hybrid_lambda=float(t.get("hybrid_lambda", 0.001)) if m.get("learn_variance", False) else None,
-        num_classes=int(m.get("num_classes", 0)),
-        p_uncond=float(t.get("p_uncond", 0.1)),
-        min_snr_gamma=float(t.get("min_snr_gamma", 5.0)) if t.get("loss_weighting", "none") == "min_snr" else None,
     )
 
 

@@ -177,7 +177,7 @@ def run_training(
     log_every: int = 0,
     log_fields: Callable[[int], dict] = lambda done: {},
     manager=None,
-    config=None,
+    config_record: dict | None = None,
     checkpoint_every: int = 0,
     guard: NonFiniteGuard | None = None,
     probe_fn: Callable | None = None,
@@ -194,8 +194,9 @@ def run_training(
       logger: writes a line every ``log_every`` steps and at ``end``: its summary of the steps
         since the last line, then ``log_fields(done)``, ``images_per_s`` (from ``batch_size``) and
         ``first_step_seconds`` (the first step, compile included; on the first line only).
-      manager: with ``config``, saves the state every ``checkpoint_every`` steps, at ``end``
-        and on a stop signal (:class:`StopSignals`, then :class:`TrainingInterrupted`); closed
+      manager: with ``config_record`` (the config as a dict, as :func:`ddpm_jax.checkpoint.save`
+        takes it), saves the state every ``checkpoint_every`` steps, at ``end`` and on a stop
+        signal (:class:`StopSignals`, then :class:`TrainingInterrupted`); closed
         when the loop ends, its last save completed and given its manifest. None: no
         checkpoints and no signal handling.
       guard: judges every step's metrics (their ``finite`` and ``loss``) and, with ``probe_fn(state,
@@ -245,7 +246,7 @@ def run_training(
                         # Only a state known good is saved: every array finite, its loss on the next batch sane.
                         good, loss = guard.judge_checkpoint(done, probe_fn(state, *data))
                     if good:
-                        ckpt_lib.save(manager, state, config, loss=loss)
+                        ckpt_lib.save(manager, state, config_record, loss=loss)
                 if bar is not None:
                     bar.update(1)
                 if stop.signum is not None:

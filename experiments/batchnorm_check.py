@@ -33,8 +33,8 @@ import numpy as np
 from ddpm_jax import data as data_lib
 from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.configs import build_model
 from ddpm_jax.diffusion import q_sample
-from ddpm_jax.models import build_model
 from experiments import flags
 
 QUARTERS = 4

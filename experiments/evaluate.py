@@ -30,7 +30,7 @@ from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
-from ddpm_jax.validation import sampling_options
+from ddpm_jax.options import sampling_options
 from ddpm_jax.workdir import WorkdirLock
 from experiments import flags
 

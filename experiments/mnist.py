@@ -24,7 +24,6 @@ from ddpm_jax import parallel
 from ddpm_jax import guard as guard_lib
 from ddpm_jax import train as train_lib
 from ddpm_jax import training_loop as training_loop_lib
-from ddpm_jax import validation as validation_lib
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.figures import write_figures
 from ddpm_jax.workdir import prepare_workdir
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
         if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
             raise ValueError(f"--epochs {args.epochs}: must be a finite number > 0 (it is converted to steps).")
         config = build_config(args)
-        validation_lib.validate_config(config)
+        configs_lib.validate_config(config)
         prepare_workdir(args.workdir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,9 +108,9 @@ def main(argv=None) -> int:
     if args.epochs is not None:
         n = min(len(images), config.data.max_train_examples or len(images))
         config.train.num_steps = math.ceil(args.epochs * n / config.train.batch_size)
-        if config.train.num_steps > validation_lib.MAX_STEPS:
+        if config.train.num_steps > configs_lib.MAX_STEPS:
             print(f"error: --epochs {args.epochs}: {config.train.num_steps:,} steps at batch {config.train.batch_size}; "
-                  f"at most {validation_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
+                  f"at most {configs_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
             return 2
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)

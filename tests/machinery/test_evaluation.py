@@ -10,13 +10,12 @@ import pytest
 
 from ddpm_jax import evaluation, feature_network, metrics
 from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import get_classifier_config, get_config
+from ddpm_jax.configs import create_train_state, get_classifier_config, get_config
 from ddpm_jax.data import load_mnist_idx
-from ddpm_jax.train_state import create_train_state
 from experiments import evaluate, mnist
 
 # Real MNIST in IDX form, kept next to the checkout (../shared in CI).
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 SHORT_EPOCHS = 2  # about half a minute on 2 cores
 
 

@@ -1,4 +1,4 @@
-"""Run in a fresh process with 4 simulated CPU devices by tests/test_parallel.py; prints one JSON line.
+"""Run in a fresh process with 4 simulated CPU devices by tests/machinery/test_parallel.py; prints one JSON line.
 
 XLA's device count is fixed when JAX starts, so this cannot run inside the
 pytest process (which has one CPU device).
@@ -16,14 +16,12 @@ import numpy as np  # noqa: E402
 
 from ddpm_jax import parallel  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config  # noqa: E402
 from ddpm_jax.generate import _compiled_sampler
-from ddpm_jax.validation import sampling_options
 from ddpm_jax.guidance import GuidanceInputs  # noqa: E402
-from ddpm_jax.configs import get_config, schedule_from_config  # noqa: E402
-from ddpm_jax.models import build_model  # noqa: E402
 from ddpm_jax.sampling import make_ancestral_sampler  # noqa: E402
-from ddpm_jax.train import make_dataset_train_step
-from ddpm_jax.train_state import create_train_state
+from ddpm_jax.train import Batching, make_dataset_train_step
+from ddpm_jax.options import sampling_options
 
 
 def main():
@@ -34,7 +32,7 @@ def main():
     results = {"devices": jax.device_count()}
     states, losses = {}, {}
     for name, mesh in (("four", parallel.make_mesh()), ("one", parallel.make_mesh(jax.devices()[:1]))):
-        step = make_dataset_train_step(config, schedule, mesh)
+        step = make_dataset_train_step(schedule, Batching.from_config(config, mesh))
         state = parallel.put_replicated(create_train_state(config), mesh)
         data = parallel.put_replicated(images, mesh)
         if name == "four":

@@ -97,15 +97,14 @@ def test_xla_cpu_flag_is_added_once_and_never_over_the_users_choice():
 
 
 def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
-    from ddpm_jax.configs import get_config, schedule_from_config
-    from ddpm_jax.train import make_dataset_train_step
-    from ddpm_jax.train_state import create_train_state
+    from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
+    from ddpm_jax.train import Batching, make_dataset_train_step
 
     config = get_config("tiny")
     config.model.compute_dtype = "bfloat16"
     state = create_train_state(config)
     images = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
-    state, metrics = make_dataset_train_step(config, schedule_from_config(config))(state, images)
+    state, metrics = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))(state, images)
     assert np.isfinite(float(metrics["loss"]))
     for tree in (state.params, state.opt_state, state.batch_stats):
         assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))

@@ -32,7 +32,7 @@ _WRITER = textwrap.dedent(
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = jax.device_put(state, replicated)
     manager = ckpt_lib.make_manager(sys.argv[1], config.train.keep_checkpoints)
-    ckpt_lib.save(manager, state, config)
+    ckpt_lib.save(manager, state, config.to_dict())
     manager.wait_until_finished()
     leaf = jax.tree.leaves(state.params)[0]
     np.save(sys.argv[1] + "/first_leaf.npy", np.asarray(leaf))

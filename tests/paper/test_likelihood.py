@@ -15,7 +15,7 @@ from ddpm_jax.likelihood import (
     prior_kl,
     vlb_terms,
 )
-from ddpm_jax.models import build_model
+from ddpm_jax.configs import build_model
 
 
 def test_kl_of_identical_gaussians_is_zero_and_of_others_positive_and_exact():

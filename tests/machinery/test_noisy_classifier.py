@@ -26,9 +26,9 @@ from ddpm_jax.train import train_and_evaluate
 from ddpm_jax.train_state import count_params
 from experiments import noisy_classifier as cli
 
-ROOT = Path(__file__).resolve().parents[1]
-# Real MNIST in IDX form, kept next to the checkout (../shared in CI), as tests/test_evaluation.py finds it.
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+ROOT = Path(__file__).resolve().parents[2]
+# Real MNIST in IDX form, kept next to the checkout (../shared in CI), as tests/machinery/test_evaluation.py finds it.
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
 def small_config(**train):

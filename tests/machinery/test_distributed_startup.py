@@ -14,7 +14,7 @@ import pytest
 
 from ddpm_jax import parallel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", parallel.TIMEOUT_ENV)
 
 

@@ -8,10 +8,9 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import get_config
-from ddpm_jax.configs import schedule_from_config
-from ddpm_jax.train import make_dataset_train_step, train_and_evaluate
-from ddpm_jax.train_state import create_train_state, ema_decay_at, ema_update
+from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
+from ddpm_jax.train import Batching, make_dataset_train_step, train_and_evaluate
+from ddpm_jax.train_state import ema_decay_at, ema_update
 
 
 def test_ema_update_is_decay_times_average_plus_the_rest_times_weights():
@@ -36,7 +35,8 @@ def test_a_train_step_moves_the_average_by_one_minus_the_decay(images):
     state = create_train_state(config)
     np.testing.assert_array_equal(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
     before = jax.device_get(state.ema_params)  # the step donates the state's buffers
-    new = make_dataset_train_step(config, schedule_from_config(config))(state, jnp.asarray(images))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))
+    new = step(state, jnp.asarray(images))
     # First update: decay 0.1 with the warm-up.
     expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, before, jax.device_get(new[0].params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new[0].ema_params, expected)

@@ -11,13 +11,14 @@ import pytest
 
 from ddpm_jax import parallel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def four_device_run():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "_data_parallel_check.py")], cwd=ROOT, env=env,
+    check = ROOT / "tests" / "machinery" / "_data_parallel_check.py"
+    out = subprocess.run([sys.executable, str(check)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,15 +17,15 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import schedule_from_config
+from ddpm_jax import manifest as manifest_lib
+from ddpm_jax.configs import create_train_state, schedule_from_config
 from ddpm_jax.guard import NonFiniteGuard, NonFiniteLossError, TrainingDivergedError
 from ddpm_jax.train import summarize_steps, train_and_evaluate, train_step
-from ddpm_jax.train_state import create_train_state
 from ddpm_jax.training_loop import MetricLogger
 from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir
 from experiments import evaluate, mnist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_every_finalized_checkpoint_has_a_manifest_whose_digest_is_its_identity(
     for step in (2, 4):
         step_dir = trained / "checkpoints" / str(step)
         manifest = json.loads((step_dir / "manifest.json").read_text())
-        assert manifest["identity"] == ckpt_lib.verify_checkpoint(str(step_dir))
+        assert manifest["identity"] == manifest_lib.verify_checkpoint(str(step_dir))
         assert "state/_METADATA" in manifest["files"] or any(f.startswith("state/") for f in manifest["files"])
         assert np.isfinite(manifest["loss"])
     assert ddpm_jax.load_checkpoint(str(trained)).identity == json.loads(

@@ -19,15 +19,13 @@ from ml_collections import FrozenConfigDict
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import get_config
-from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
 from ddpm_jax.guard import NonFiniteLossError
 from ddpm_jax.train import train_and_evaluate, train_step
-from ddpm_jax.train_state import create_train_state
 from ddpm_jax.training_loop import TrainingInterrupted
 from experiments import mnist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The killed run: long enough (about 5 ms a step) that there is time to kill it between and during saves.
 RUN_FLAGS = ["--preset", "tiny", "--steps", "300", "--set", "train.checkpoint_every=50", "--set", "train.log_every=25",

@@ -1,11 +1,13 @@
-"""Follow the config through training: ``python tests/_config_reach.py WORKDIR IDX_DIR OUT``.
+"""Follow the config through training: ``python tests/machinery/_config_reach.py WORKDIR IDX_DIR OUT``.
 
 Runs ``python -m experiments.mnist --preset tiny`` in this process and watches every call
 into this checkout's files (``sys.setprofile``). A call *carries the config* when one of its
 arguments is the config or a section of it (an ``ml_collections.ConfigDict``, frozen or
 not). Writes JSON to ``OUT``: the files whose functions are called with the config, during
-training (``train_and_evaluate``) and during the whole command (figures included), and the
-calls carrying it that climb back up the layers of ``tests/test_layering.py`` (a lower
+training (``train_and_evaluate``) and during the whole command (figures included); the files
+that read a field of the config (any ``ConfigDict`` attribute or item read, traced to the
+first caller outside ml_collections), during training and during the whole command; and the
+calls carrying it that climb back up the layers of ``tests/machinery/test_layering.py`` (a lower
 module calling a higher one; each caller -> callee pair of functions once). Run from a
 checkout's root: it measures that checkout, so the same script counts any commit.
 """
@@ -28,6 +30,21 @@ LAYER_OF = {**LAYER_OF, "api": LAYER_OF["generate"], "classifier": LAYER_OF["fea
 _phase = {"name": "setup"}
 _files: dict[str, set] = {}
 _climbs: set = set()
+_reads: dict[str, set] = {}
+
+
+def _record_reads(name):
+    original = getattr(ml_collections.ConfigDict, name)
+
+    def reading(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None and "ml_collections" in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is not None and _module(frame.f_code.co_filename) is not None:
+            _reads.setdefault(_phase["name"], set()).add(os.path.relpath(frame.f_code.co_filename, ROOT))
+        return original(self, *args, **kwargs)
+
+    setattr(ml_collections.ConfigDict, name, reading)
 
 
 def _module(path: str) -> str | None:
@@ -72,6 +89,8 @@ def main() -> None:
             _phase["name"] = "after"
 
     train.train_and_evaluate = traced
+    for name in ("__getattr__", "__getitem__", "get"):
+        _record_reads(name)
     sys.setprofile(_profile)
     try:
         code = mnist.main(["--preset", "tiny", "--idx-dir", idx_dir, "--workdir", workdir, "--no-progress"])
@@ -80,7 +99,8 @@ def main() -> None:
     everything = set().union(*_files.values())
     with open(out, "w") as f:
         json.dump({"exit": code, "training": sorted(_files.get("training", ())), "command": sorted(everything),
-                   "climbs": sorted(_climbs)}, f, indent=1)
+                   "climbs": sorted(_climbs), "reads_in_training": sorted(_reads.get("training", ())),
+                   "reads_in_command": sorted(set().union(*_reads.values()))}, f, indent=1)
 
 
 if __name__ == "__main__":

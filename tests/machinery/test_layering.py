@@ -1,8 +1,8 @@
 """The package's layout stays one-way: read every module's imports (AST) and check them against the layers.
 
 Bottom to top: the diffusion math (jax.numpy only), the networks (flax only, nothing of
-diffusion), the foundations (configs, data, devices, files), the network joined to the math
-(denoiser, train state, validation), checkpoints, training, and the public surface (sampling,
+diffusion), the foundations (the train state; configs, their checks and what they build; the
+sampling options; data, devices, files), the network joined to the math (denoiser), checkpoints, training, and the public surface (sampling,
 evaluation, figures). A module imports only from its own layer or the ones below; nothing
 imports ``experiments`` or ``benchmarks``; no import sits inside a function to dodge a cycle.
 A new module must be given a layer here, which is the point: say where it belongs.
@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ddpm_jax"
 
 LAYERS = [
     ("math", {"schedules", "diffusion", "likelihood", "losses", "sampling", "guidance", "metrics"}),
     ("models", {"models", "models.layers", "models.unet", "models.ddpm_unet", "models.classifier",
                 "models.noisy_classifier"}),
-    ("foundations", {"configs", "data", "parallel", "plotting", "progress", "workdir", "xla_cpu"}),
-    ("network", {"denoiser", "train_state", "validation"}),
+    ("foundations", {"train_state", "configs", "options", "data", "parallel", "plotting", "progress", "workdir",
+                     "xla_cpu"}),
+    ("network", {"denoiser"}),
     ("checkpoints", {"manifest", "checkpoint", "noisy_classifier"}),
     ("training", {"guard", "training_loop", "train", "noisy_classifier_training", "feature_network"}),
     ("public", {"generate", "evaluation", "figures", "batchnorm_stats"}),
@@ -83,7 +84,7 @@ def _internal(name: str) -> str | None:
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in _graph() if m not in LAYER_OF)
-    assert not unplaced, f"give these modules a layer in tests/test_layering.py: {unplaced}"
+    assert not unplaced, f"give these modules a layer in tests/machinery/test_layering.py: {unplaced}"
 
 
 def test_no_module_imports_a_layer_above_its_own():

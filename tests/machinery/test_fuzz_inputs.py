@@ -3,7 +3,7 @@
 Each property is what the README promises a hostile user: an exit status in the documented set, never a
 traceback, an ``error:`` line naming the field or file, nothing in an existing workdir lost or changed, and
 never a checkpoint loaded with weights other than the ones it was saved with. IDX headers are fuzzed in
-tests/test_idx_headers.py. Example counts are bounded so the suite stays within CI's budget; hypothesis
+tests/machinery/test_idx_headers.py. Example counts are bounded so the suite stays within CI's budget; hypothesis
 keeps its database of failing examples under .hypothesis/ so a failure found once is tried first next time.
 """
 
@@ -21,8 +21,6 @@ import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import train as train_lib
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import validation as validation_lib
 from ddpm_jax.configs import get_config
 from experiments import mnist
 
@@ -54,7 +52,7 @@ def accepted(monkeypatch):
         train_lib._training_labels(labels, len(images), int(config.model.get("num_classes", 0)))
         if config.data.max_train_examples:
             images = images[: config.data.max_train_examples]
-        validation_lib.validate_config(config, num_examples=len(images))
+        configs_lib.validate_config(config, num_examples=len(images))
         raise _Accepted(config, images)
 
     monkeypatch.setattr(train_lib, "train_and_evaluate", check)
@@ -74,9 +72,10 @@ def _run(argv, capsys):
 
 def _traces(config, images):
     schedule = configs_lib.schedule_from_config(config)
-    state = jax.eval_shape(lambda: train_state_lib.create_train_state(config))
+    state = jax.eval_shape(lambda: configs_lib.create_train_state(config))
     labels = np.zeros(len(images), np.int32) if config.model.num_classes else None
-    for fn in (train_lib.make_dataset_train_step(config, schedule), train_lib.make_dataset_probe(config, schedule)):
+    for fn in (train_lib.make_dataset_train_step(schedule, train_lib.Batching.from_config(config)),
+               train_lib.make_dataset_probe(schedule, train_lib.Batching.from_config(config))):
         jax.eval_shape(fn, state, images, labels)
 
 

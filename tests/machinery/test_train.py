@@ -8,10 +8,9 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.configs import create_train_state, schedule_from_config
 from ddpm_jax.data import preprocess
-from ddpm_jax.train import make_dataset_train_step, train_and_evaluate
-from ddpm_jax.train_state import create_train_state
+from ddpm_jax.train import Batching, make_dataset_train_step, train_and_evaluate
 from ddpm_jax.training_loop import batch_indices
 
 
@@ -57,7 +56,7 @@ def test_a_few_training_steps_reduce_the_loss(tiny_config, images):
     config = tiny_config(batch_size=16, learning_rate=3e-3, lr_schedule="constant", warmup_steps=0)
     config.model.base_channels = 8
     state = create_train_state(config)
-    step = make_dataset_train_step(config, schedule_from_config(config))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))
     data = jnp.asarray(images[:16])  # one fixed batch: the loss must fall on it
     losses = []
     for _ in range(40):
@@ -72,7 +71,7 @@ def test_each_step_draws_its_own_noise_and_timesteps(tiny_config, images):
     # Every image identical, so the batch cannot differ: only the per-step key can change the loss.
     config = tiny_config()
     same = jnp.asarray(np.repeat(images[:1], 16, axis=0))
-    step = make_dataset_train_step(config, schedule_from_config(config))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))
     state = create_train_state(config)
     copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731  (the step donates its input)
     _, m0 = step(copy(state), same)
@@ -85,11 +84,12 @@ def test_each_step_draws_its_own_noise_and_timesteps(tiny_config, images):
 def test_checkpoint_round_trips_the_train_state_exactly(tiny_config, tmp_path, images):
     config = tiny_config()
     state = create_train_state(config)
-    state, _ = make_dataset_train_step(config, schedule_from_config(config))(state, jnp.asarray(images))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))
+    state, _ = step(state, jnp.asarray(images))
     manager = ckpt_lib.make_manager(str(tmp_path), config.train.keep_checkpoints)
-    ckpt_lib.save(manager, state, config)
+    ckpt_lib.save(manager, state, config.to_dict())
     manager.wait_until_finished()
-    restored = ckpt_lib.restore_latest(manager, create_train_state(config), config)
+    restored = ckpt_lib.restore_latest(manager, create_train_state(config), config.to_dict())
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(restored.step) == 1

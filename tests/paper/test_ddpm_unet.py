@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.configs import get_config, schedule_from_config
-from ddpm_jax.models import DDPMUNet, build_model
-from ddpm_jax.train import make_dataset_train_step
-from ddpm_jax.train_state import count_params, create_train_state
+from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
+from ddpm_jax.models import DDPMUNet
+from ddpm_jax.train import Batching, make_dataset_train_step
+from ddpm_jax.train_state import count_params
 
 
 def _small(**fields):
@@ -63,7 +63,7 @@ def test_the_ddpm_preset_trains_its_loss_down():
     centres = rng.uniform(8, 20, size=(64, 2))
     blobs = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 20.0)
     images = jnp.asarray((blobs[..., None] * 255).astype(np.uint8))
-    step = make_dataset_train_step(config, schedule_from_config(config))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config))
     losses = []
     for _ in range(30):
         state, metrics = step(state, images)

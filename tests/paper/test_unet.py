@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.configs import get_config
-from ddpm_jax.models import ReportUNet, build_model, sinusoidal_embedding
+from ddpm_jax.configs import build_model, get_config
+from ddpm_jax.models import ReportUNet, sinusoidal_embedding
 from ddpm_jax.train_state import count_params
 
 

@@ -24,7 +24,7 @@ from ddpm_jax.data import (
 )
 
 # Real MNIST in IDX form, kept next to the checkout (../shared in CI).
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 IDX_NAMES = [
     "train-images-idx3-ubyte",

@@ -1,9 +1,10 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.diffusion import p_mean, predict_x0_from_eps, q_posterior_mean, q_sample
+from ddpm_jax.diffusion import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
 from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
 
 
@@ -94,3 +95,32 @@ def test_x0_clip_mean_keeps_the_implied_x0_inside_the_data_range(schedule):
 def test_unknown_mean_type_is_refused_with_the_allowed_values(schedule):
     with pytest.raises(ValueError, match="x0_clip, eps"):
         p_mean(schedule, jnp.zeros((1, 1, 1, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, 1, 1)), "median")
+
+
+@pytest.mark.parametrize("variance_type", ["beta", "beta_tilde"])
+@pytest.mark.parametrize("mean_type", ["x0_clip", "eps"])
+def test_p_mean_variance_is_the_fixed_variance_gaussian_of_p_mean(schedule, variance_type, mean_type):
+    key_x, key_eps = jax.random.split(jax.random.PRNGKey(3))
+    x_t = jax.random.normal(key_x, (4, 6, 6, 1))
+    eps = jax.random.normal(key_eps, (4, 6, 6, 1))
+    t = jnp.array([0, 1, 10, schedule.num_timesteps - 1])
+    reverse = p_mean_variance(schedule, x_t, t, eps, variance_type, mean_type)
+    np.testing.assert_array_equal(reverse.mean, p_mean(schedule, x_t, t, eps, mean_type))
+    table = p_variance(schedule, variance_type)
+    chex.assert_shape([reverse.log_variance, reverse.std], (4, 1, 1, 1))
+    np.testing.assert_allclose(np.exp(reverse.log_variance[1:, 0, 0, 0]), table[t[1:]], rtol=1e-5)
+    np.testing.assert_allclose(np.square(reverse.std[:, 0, 0, 0]), table[t], rtol=1e-5)
+    x0 = predict_x0_from_eps(schedule, x_t, t, eps)
+    np.testing.assert_allclose(reverse.pred_x0, np.clip(x0, -1, 1) if mean_type == "x0_clip" else x0, rtol=1e-6)
+
+
+def test_p_mean_variance_learned_spans_beta_tilde_to_beta_and_keeps_the_mean_of_eps(schedule):
+    x_t = jax.random.normal(jax.random.PRNGKey(4), (3, 4, 4, 1))
+    eps = jax.random.normal(jax.random.PRNGKey(5), (3, 4, 4, 1))
+    t = jnp.array([1, 8, 15])
+    for v, variance_type in ((1.0, "beta"), (-1.0, "beta_tilde")):
+        learned = p_mean_variance(schedule, x_t, t, jnp.concatenate([eps, jnp.full_like(eps, v)], -1), "learned")
+        fixed = p_mean_variance(schedule, x_t, t, eps, variance_type)
+        np.testing.assert_array_equal(learned.mean, fixed.mean)
+        np.testing.assert_allclose(learned.log_variance, jnp.broadcast_to(fixed.log_variance, eps.shape), rtol=1e-6)
+        np.testing.assert_allclose(learned.std, jnp.broadcast_to(fixed.std, eps.shape), rtol=1e-5)

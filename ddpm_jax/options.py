@@ -1,0 +1,87 @@
+"""The sampling options of :func:`ddpm_jax.sample` and of the evaluation: each checked once, here, and
+defaulted from the run's config, with one message that names the value and what is allowed.
+
+(The config's own fields are checked by :func:`ddpm_jax.configs.validate_config`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ddpm_jax.configs import BATCHNORM_MODES, is_number
+from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+
+
+def check_count(name: str, value, least: int) -> int:
+    """``value`` as an int if it is an integer (numpy's too, never a bool) >= ``least``; else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
+    return int(value)
+
+
+SAMPLING_METHODS = ("ancestral", "ddim")
+
+
+def resolve_variance(config, variance: str | None) -> str:
+    """The reverse variance a run samples (or is scored) with: ``variance``, checked, or its default.
+
+    The default is the network's own Sigma for a learned-variance network (Nichol & Dhariwal
+    2021), else ``sampling.variance``. ``'learned'`` is refused for a network that predicts eps only.
+    """
+    learned_model = bool(config.model.get("learn_variance", False))
+    if variance == "learned" and not learned_model:
+        raise ValueError("variance='learned' needs a network trained to output it (model.learn_variance); "
+                         "this one predicts eps only: use 'beta' or 'beta_tilde'.")
+    variance = variance or ("learned" if learned_model else config.sampling.variance)
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCE_TYPES)}.")
+    return variance
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How a run is sampled, every field checked and defaulted from its config by :func:`sampling_options`.
+
+    ``steps``: None for all T (the network's own timesteps), else the K < T of a respaced
+    sampler. ``variance`` and ``mean``: the ancestral step's (None for DDIM); ``eta``: DDIM's.
+    """
+
+    method: str
+    steps: int | None
+    eta: float
+    variance: str | None
+    mean: str | None
+    batchnorm: str
+
+
+def sampling_options(config, *, steps=None, method: str = "ancestral", eta=0.0, variance: str | None = None,
+                     mean: str | None = None, batchnorm: str | None = None) -> SamplingOptions:
+    """Check the sampling options of a run with ``config``, and fill in its defaults (see :func:`ddpm_jax.sample`)."""
+    num_timesteps = config.diffusion.num_timesteps
+    if steps is not None and (isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer))
+                              or not 1 <= steps <= num_timesteps):
+        raise ValueError(f"steps must be an integer in 1..{num_timesteps} (the T this network was trained with), "
+                         f"got {steps!r}.")
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}.")
+    if method == "ddim":
+        if variance is not None or mean is not None:
+            raise ValueError("variance= and mean= choose ancestral sampling's step; DDIM's step is set by eta= "
+                             "(0: deterministic, 1: sigma^2 = beta-tilde).")
+        # Numbers from numpy are numbers; NaN and Inf are not valid etas (they give all-NaN images).
+        if not is_number(eta, 0.0):
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: ancestral), got {eta!r}.")
+    elif eta:
+        raise ValueError(f"eta={eta} applies to method='ddim' only.")
+    else:
+        variance = resolve_variance(config, variance)
+        mean = mean or config.sampling.mean
+        if mean not in MEAN_TYPES:
+            raise ValueError(f"unknown mean {mean!r}; allowed: {', '.join(MEAN_TYPES)}.")
+    batchnorm = batchnorm or config.sampling.get("batchnorm", "running")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batchnorm {batchnorm!r}; allowed: {', '.join(BATCHNORM_MODES)}.")
+    return SamplingOptions(method=method, steps=None if steps in (None, num_timesteps) else int(steps),
+                           eta=float(eta), variance=variance, mean=mean, batchnorm=batchnorm)
