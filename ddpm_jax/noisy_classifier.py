@@ -38,6 +38,7 @@ from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.checkpoint import config_differences
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.guidance import GuidanceInputs, classifier_grad_fn
+from ddpm_jax.manifest import verify_checkpoint
 from ddpm_jax.models.layers import CONV_IMPLS
 from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.schedules import DiffusionSchedule
@@ -283,7 +284,7 @@ def load_noisy_classifier(workdir: str, step: int | None = None) -> NoisyClassif
                 f"{list(manager.all_steps())}); train one with {command}."
             )
         try:
-            ckpt_lib.verify_checkpoint(ckpt_lib.step_directory(manager, step))
+            verify_checkpoint(ckpt_lib.step_directory(manager, step))
         except ckpt_lib.CheckpointDamagedError as e:
             raise ckpt_lib.CheckpointDamagedError(f"the noisy classifier's checkpoint at step {step} is damaged "
                                                   f"({e}); retrain it, or load another step.") from None

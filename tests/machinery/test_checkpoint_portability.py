@@ -22,8 +22,7 @@ _WRITER = textwrap.dedent(
     import jax
     import numpy as np
     from ddpm_jax import checkpoint as ckpt_lib
-    from ddpm_jax.configs import get_config
-    from ddpm_jax.train_state import create_train_state
+    from ddpm_jax.configs import create_train_state, get_config
 
     assert jax.device_count() == 2, jax.devices()
     config = get_config("tiny")

@@ -18,7 +18,7 @@ TINY_VARIANTS = (
 
 @pytest.fixture
 def tiny_sweep(monkeypatch, idx_dir):
-    from test_guidance import _untrained_feature_network
+    from test_guidance_runs import _untrained_feature_network
 
     monkeypatch.setattr(sweep, "VARIANTS", TINY_VARIANTS)
     calls = []
