@@ -305,6 +305,13 @@ def restore_newest_intact(manager: ocp.CheckpointManager, load):
 
 
 def _check_same_run(manager, step: int, saved: dict, current: dict) -> None:
+    saved_dataset, current_dataset = saved.get("dataset", "mnist"), current.get("dataset", "mnist")
+    if saved_dataset != current_dataset:
+        raise ConfigRefusedError(
+            f"{manager.directory} holds a run (step {step}) trained on dataset {saved_dataset!r}, not "
+            f"{current_dataset!r}; resuming would train it on other images. Use another --workdir, or "
+            f"--dataset {saved_dataset} to resume."
+        )
     saved_data, current_data = saved.get("data", {}), current.get("data", {})
     if saved_data.get("fingerprint") and saved_data.get("fingerprint") != current_data.get("fingerprint"):
         raise ConfigRefusedError(

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ddpm_jax.data import DATASETS
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, ReportUNet
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
@@ -64,6 +65,7 @@ def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "cpu"
     c.seed = 0
+    # What the run trains on (ddpm_jax.data.DATASETS): 'mnist' or 'fashion_mnist', both 28x28 grey, 10 classes.
     c.dataset = "mnist"
 
     c.data = ml_collections.ConfigDict()
@@ -292,7 +294,7 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     d, m, t, s = config.diffusion, config.model, config.train, config.sampling
     require(is_int(config.seed, 0, MAX_SEED), "seed", config.seed, f"an integer in 0..{MAX_SEED}")
     require(config.preset in PRESETS, "preset", config.preset, " or ".join(PRESETS))
-    require(config.get("dataset", "mnist") == "mnist", "dataset", config.get("dataset"), "'mnist'")
+    require(config.get("dataset", "mnist") in DATASETS, "dataset", config.get("dataset"), " or ".join(DATASETS))
     require(is_int(d.num_timesteps, 1, MAX_TIMESTEPS), "diffusion.num_timesteps", d.num_timesteps,
              f"an integer T in 1..{MAX_TIMESTEPS:,} (the report: 100, Ho et al.: 1000)")
     for field in ("beta_start", "beta_end", "cosine_s", "max_beta"):

@@ -168,10 +168,12 @@ def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def save_histogram_plot(result: dict, path: str, floor: dict | None = None, title: str = "") -> None:
-    """Bar chart of the digit histogram (the report's Figure 6), unreadable samples hatched.
+def save_histogram_plot(result: dict, path: str, floor: dict | None = None, title: str = "",
+                        class_names: tuple[str, ...] | None = None) -> None:
+    """Bar chart of the class histogram (the report's Figure 6: digits), unreadable samples hatched.
 
-    ``floor`` (the same metrics for real data) is drawn as outlined bars for comparison.
+    ``floor`` (the same metrics for real data) is drawn as outlined bars for comparison;
+    ``class_names`` label the bars (default: the digits 0..9).
     """
     digits = np.arange(metrics.NUM_CLASSES)
     n = result["num_samples"]
@@ -188,8 +190,12 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     ax.axhline(10, color="0.4", linestyle="--", linewidth=1, label="uniform (10%)")
     for d, s in zip(digits, share):
         ax.text(d, s + 0.4, f"{s:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(digits)
-    ax.set_xlabel("digit (the classifier's most likely label)")
+    if class_names is None:
+        ax.set_xticks(digits)
+        ax.set_xlabel("digit (the classifier's most likely label)")
+    else:
+        ax.set_xticks(digits, class_names, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("class (the classifier's most likely label)")
     ax.set_ylabel(f"% of {n:,} samples")
     ax.set_ylim(0, max(share.max(), 10) * 1.25)
     ax.set_title(title or f"KL to uniform {result['kl_to_uniform']:.4f} nats, unreadable {result['unreadable_rate']:.1%}",
@@ -199,8 +205,10 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     fig.savefig(path)
 
 
-def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k: int = 64, ncol: int = 8) -> None:
-    """Grid of the ``k`` least confident samples, each titled with its likeliest digit and probability."""
+def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k: int = 64, ncol: int = 8,
+                         class_names: tuple[str, ...] | None = None) -> None:
+    """Grid of the ``k`` least confident samples, each titled with its likeliest class (``class_names``;
+    default the digits) and its probability."""
     order = least_confident(probs, k)
     nrow = -(-len(order) // ncol)
     fig = Figure(figsize=(ncol * 0.95, nrow * 1.1), dpi=120)
@@ -209,8 +217,10 @@ def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k:
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order):
         ax.imshow(images_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{probs[i].argmax()}: {probs[i].max():.2f}", fontsize=7, pad=2)
-    fig.suptitle("least confident samples (likeliest digit: its probability)", fontsize=8)
+        name = probs[i].argmax() if class_names is None else class_names[probs[i].argmax()]
+        ax.set_title(f"{name}: {probs[i].max():.2f}", fontsize=7 if class_names is None else 5, pad=2)
+    kind = "digit" if class_names is None else "class"
+    fig.suptitle(f"least confident samples (likeliest {kind}: its probability)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -237,8 +237,8 @@ def train_and_evaluate(
       workdir: run directory; holds ``checkpoints/``, ``config.json`` and ``metrics.jsonl``
         (the figures are :func:`ddpm_jax.figures.write_figures`'). A run already there
         resumes from its latest intact checkpoint.
-      images: the training images as uint8 ``(N, 28, 28, 1)``; if None, MNIST's
-        train split is loaded from ``idx_dir`` (IDX files) or TFDS (``data_dir``).
+      images: the training images as uint8 ``(N, 28, 28, 1)``; if None, the train split of the
+        config's ``dataset`` is loaded from ``idx_dir`` (IDX files) or TFDS (``data_dir``).
       labels: their int ``(N,)`` classes, needed with ``images`` for a class-conditional
         network (``model.num_classes > 0``); loaded with the images when those are.
       stop_at: stop after this step (as if interrupted there), for tests of resumption.
@@ -248,7 +248,8 @@ def train_and_evaluate(
     """
     workdir = prepare_workdir(workdir)
     if images is None:
-        images, labels = data_lib.load_mnist("train", data_dir=data_dir, idx_dir=idx_dir)
+        images, labels = data_lib.load_dataset(config.get("dataset", "mnist"), "train", data_dir=data_dir,
+                                               idx_dir=idx_dir)
     num_classes = int(config.model.get("num_classes", 0))
     labels = _training_labels(labels, len(images), num_classes)
     if config.data.max_train_examples:

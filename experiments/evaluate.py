@@ -93,8 +93,11 @@ def main(argv=None) -> int:
         options = sampling_options(checkpoint.config, steps=args.steps, method=args.method, eta=args.eta,
                                    variance=args.variance, mean=args.mean,
                                    batchnorm=None if args.batchnorm == "recalibrated" else args.batchnorm)
-        train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
-        test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        # The data the run was trained on, as its config says: the classifier and the references are that data's.
+        dataset = checkpoint.config.get("dataset", "mnist")
+        train_images, train_labels = data_lib.load_dataset(dataset, "train", data_dir=args.data_dir,
+                                                           idx_dir=args.idx_dir)
+        test_images, test_labels = data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,9 +121,12 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
     network = load_or_train_feature_network(
         train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress
     )
-    if network.test_accuracy < 0.99:
-        print(f"warning: the feature classifier reaches only {network.test_accuracy:.2%} test accuracy (< 99%); "
-              "its FIDs and histograms are less trustworthy.", file=sys.stderr)
+    info = data_lib.dataset_info(config.get("dataset", "mnist"))
+    named = None if info.name == "mnist" else info.class_names  # MNIST's figures keep their digits
+    if network.test_accuracy < info.good_classifier_accuracy:
+        print(f"warning: the feature classifier reaches only {network.test_accuracy:.2%} test accuracy on {info.title} "
+              f"(< {info.good_classifier_accuracy:.0%}); its FIDs and histograms are less trustworthy.",
+              file=sys.stderr)
     test_probs, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
 
     # The floor: real training images (as many as samples, a fixed random subset) against the same reference.
@@ -213,7 +219,9 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
                      "seconds": sampling_seconds, "batches": num_batches, "reused_batches": reused,
                      "samples_per_s": None if reused else args.num_samples / sampling_seconds,
                      "chunk_dir": str(chunk_dir)},
-        "classifier": {"path": network.info.get("path"), "train_examples": network.info.get("train_examples"),
+        "dataset": info.name,
+        "class_names": list(info.class_names),
+        "classifier": {"path": network.info.get("path"), "test_accuracy": network.test_accuracy, "train_examples": network.info.get("train_examples"),
                        "feature_dim": network.feature_dim},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": jax.default_backend(),
@@ -225,21 +233,23 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
     plotting.save_grid(samples[:grid].astype(np.float32) / 127.5 - 1.0, str(workdir / "eval_samples.png"), nrow=10)
     evaluation.save_histogram_plot(
         {**result, "unreadable_threshold": args.threshold}, str(workdir / "eval_histogram.png"), floor=floor,
+        class_names=named,
         title=f"step {checkpoint.step:,}, {args.num_samples:,} samples: KL to uniform {result['kl_to_uniform']:.4f} "
               f"nats (real {floor['kl_to_uniform']:.4f}), unreadable {result['unreadable_rate']:.1%} "
               f"(real {floor['unreadable_rate']:.1%})",
     )
-    evaluation.save_least_confident(samples, probs, str(workdir / "eval_least_confident.png"))
+    evaluation.save_least_confident(samples, probs, str(workdir / "eval_least_confident.png"),
+                                    class_names=named)
 
-    hist = " ".join(f"{d}:{c}" for d, c in result["histogram"].items())
-    print(f"classifier test accuracy {network.test_accuracy:.2%}")
+    hist = " ".join(f"{info.class_names[int(d)]}:{c}" for d, c in result["histogram"].items())
+    print(f"classifier test accuracy {network.test_accuracy:.2%} ({info.title})")
     print(f"{'':>22} {'samples':>10} {'real (floor)':>13}")
     print(f"{'FID':>22} {result['fid']:10.3f} {floor['fid']:13.3f}")
     print(f"{'KL to uniform (nats)':>22} {result['kl_to_uniform']:10.4f} {floor['kl_to_uniform']:13.4f}")
     print(f"{'unreadable rate':>22} {result['unreadable_rate']:10.2%} {floor['unreadable_rate']:13.2%}")
     print(f"{'precision':>22} {result['precision']:10.3f} {floor['precision']:13.3f}")
     print(f"{'recall':>22} {result['recall']:10.3f} {floor['recall']:13.3f}")
-    print(f"digit histogram of {args.num_samples:,} samples: {hist}")
+    print(f"class histogram of {args.num_samples:,} samples: {hist}")
     drawn = f"{num_batches - reused} batches drawn in {sampling_seconds:.0f} s" + (f", {reused} reused" if reused else "")
     print(f"wrote {workdir}/eval.json, eval_samples.png, eval_histogram.png, eval_least_confident.png ({drawn})")
     return 0

@@ -44,9 +44,10 @@ def apply_override(config, assignment: str) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    """``--data-dir`` and ``--idx-dir``: where MNIST comes from, as for training."""
+    """``--data-dir`` and ``--idx-dir``: where the run's dataset (its config's ``dataset``) comes from, as for training."""
     p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
-    p.add_argument("--idx-dir", default=None, help="read MNIST from the standard IDX files in this folder instead of TFDS")
+    p.add_argument("--idx-dir", default=None,
+                   help="read the run's dataset from its standard IDX files in this folder instead of TFDS")
 
 
 def add_cache_flag(p: argparse.ArgumentParser) -> None:

@@ -41,8 +41,12 @@ def default_preset() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.mnist", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/mnist", help="run directory: checkpoints, metrics, figures (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (MNIST is downloaded and prepared there on first use)")
-    p.add_argument("--idx-dir", default=None, help="read MNIST from the four standard IDX files in this folder instead of TFDS")
+    p.add_argument("--dataset", default="mnist", choices=tuple(data_lib.DATASETS),
+                   help="what to train on (config dataset; default: %(default)s)")
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data directory (the dataset is downloaded and prepared there on first use)")
+    p.add_argument("--idx-dir", default=None,
+                   help="read the dataset from its four standard IDX files in this folder instead of TFDS")
     p.add_argument("--preset", default=None, choices=configs_lib.PRESETS,
                    help="config preset (default: 'seed' on a GPU, 'cpu' otherwise)")
     length = p.add_mutually_exclusive_group()
@@ -53,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="config seed")
     p.add_argument("--class-conditional", action="store_true",
                    help="train a class-conditional network (model.num_classes=10, labels dropped with probability "
-                        "train.p_uncond) for choosing digits and classifier-free guidance")
+                        "train.p_uncond) for choosing classes and classifier-free guidance")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set diffusion.schedule=linear "
                         "--set diffusion.num_timesteps=1000 --set model.base_channels=32 (repeatable)")
@@ -68,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     config = configs_lib.get_config(args.preset or default_preset())
+    config.dataset = args.dataset
     if args.class_conditional:
         config.model.num_classes = 10
     for assignment in args.overrides:
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        images, labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        images, labels = data_lib.load_dataset(config.dataset, "train", data_dir=args.data_dir, idx_dir=args.idx_dir)
     except (data_lib.DatasetNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

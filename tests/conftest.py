@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
+import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -90,3 +91,14 @@ def trained_tiny_run(tmp_path_factory, idx_dir):
     assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "4",
                        "--no-progress"]) == 0
     return workdir
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any attempt to resolve or connect fail loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import socket
 import sys
 import time
 import types
@@ -61,17 +60,6 @@ def small_split(tmp_path: Path, n_images: int = 5, n_labels: int = 5) -> Path:
               rng.integers(0, 256, (n_images, 28, 28)))
     write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, n_labels))
     return tmp_path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Make any attempt to resolve or connect fail loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was touched")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 # ---------------------------------------------------------------------------
