@@ -200,7 +200,9 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     ax.set_ylim(0, max(share.max(), 10) * 1.25)
     ax.set_title(title or f"KL to uniform {result['kl_to_uniform']:.4f} nats, unreadable {result['unreadable_rate']:.1%}",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    # Below the x label: further down when rotated class names sit between them.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if class_names is None else -0.36), ncol=2,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path)
 
