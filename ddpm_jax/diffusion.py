@@ -176,10 +176,8 @@ def p_mean_variance(
         log_variance = extract(p_variance(schedule, variance_type, log=True), t, x_t.ndim)
         std = extract(jnp.sqrt(p_variance(schedule, variance_type)), t, x_t.ndim)
     chex.assert_equal_shape([eps, x_t])
+    pred_x0 = predict_x0_from_eps(schedule, x_t, t, eps)
     if mean_type == "x0_clip":
-        pred_x0 = jnp.clip(predict_x0_from_eps(schedule, x_t, t, eps), -1.0, 1.0)
-        mean = q_posterior_mean(schedule, pred_x0, x_t, t)
-    else:
-        pred_x0 = predict_x0_from_eps(schedule, x_t, t, eps)
-        mean = p_mean(schedule, x_t, t, eps, mean_type)
-    return ReverseStep(mean=mean, log_variance=log_variance, std=std, pred_x0=pred_x0)
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    return ReverseStep(mean=p_mean(schedule, x_t, t, eps, mean_type), log_variance=log_variance, std=std,
+                       pred_x0=pred_x0)
