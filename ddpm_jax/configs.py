@@ -32,6 +32,11 @@ Presets:
   8 hours on the report's RTX 4070).
 * ``ddpm``: the ``quick`` preset with Ho et al.'s U-Net (residual blocks, GroupNorm,
   self-attention at 7x7, dropout 0.1) at 16 base channels in place of the report's.
+* ``cifar10``: Ho et al.'s CIFAR-10 setup: their U-Net with 128 base channels, multipliers
+  (1, 2, 2, 2), 2 residual blocks per level, self-attention at 16x16 and in the middle,
+  dropout 0.1, GroupNorm(32) (35,746,307 parameters); linear schedule T=1000; Adam 2e-4
+  with 5,000 warm-up steps, batch 128, 800,000 steps, clipping at 1, EMA 0.9999, random
+  flips. A GPU run (Ho et al. report FID 3.17).
 * ``tiny``: a few-second smoke test for tests and CI.
 """
 
@@ -47,13 +52,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax.data import DATASETS
+from ddpm_jax.data import DATASETS, IMAGE_FOLDER
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, ReportUNet
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
 from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state
 
-PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "tiny")
+PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "cifar10", "tiny")
 # What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
 # labels drawn from the training label frequencies, then guided ('label_prior'), or the null label ('null').
 UNCONDITIONAL_MODES = ("label_prior", "null")
@@ -65,13 +70,21 @@ def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "cpu"
     c.seed = 0
-    # What the run trains on (ddpm_jax.data.DATASETS): 'mnist' or 'fashion_mnist', both 28x28 grey, 10 classes.
+    # What the run trains on (ddpm_jax.data.DATASETS): 'mnist' or 'fashion_mnist' (28x28 grey, 10 classes),
+    # 'cifar10' (32x32 RGB, 10 classes), or 'image_folder' (a folder of your own images, --image-dir).
     c.dataset = "mnist"
 
     c.data = ml_collections.ConfigDict()
     # Height/width the network sees: MNIST's 28x28 is padded with background
     # (-1) up to this size, and samples are cropped back to 28x28.
     c.data.image_size = 28
+    # Written by training from the images, not set by hand: their channels (1 grey, 3 RGB) and their own
+    # height and width before the padding to image_size; samples are cropped back to native_size.
+    c.data.channels = 1
+    c.data.native_size = 28
+    # Mirror each training image left-right with probability 1/2 (Ho et al. on CIFAR-10; off for digits and
+    # letters, which a mirror turns into other shapes).
+    c.data.random_flip = False
     # Use only the first N training images (0: all). For smoke tests.
     c.data.max_train_examples = 0
     # Written by training, not set by hand: a content hash of the training images, so a
@@ -80,6 +93,8 @@ def _base() -> ml_collections.ConfigDict:
     # Written by training for a class-conditional run, not set by hand: the share of each class among the
     # training labels, from which sample() draws labels when none are given (sampling.unconditional).
     c.data.label_frequencies = ()
+    # Written for a run on a folder of images (dataset='image_folder'): its class subfolders, in label order.
+    c.data.class_names = ()
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # 'linear' | 'cosine'
@@ -200,6 +215,34 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         c.model.channel_mult = (1, 2, 2)
         c.model.num_res_blocks = 1
         c.model.attention_resolutions = (7,)
+    elif preset == "cifar10":
+        c.dataset = "cifar10"
+        c.data.image_size = 32
+        c.data.channels = 3
+        c.data.native_size = 32
+        c.data.random_flip = True
+        c.diffusion.schedule = "linear"
+        c.diffusion.num_timesteps = 1000
+        c.model.name = "ddpm_unet"
+        c.model.base_channels = 128
+        c.model.levels = 3
+        c.model.channel_mult = (1, 2, 2, 2)
+        c.model.num_res_blocks = 2
+        c.model.attention_resolutions = (16,)
+        c.model.dropout = 0.1
+        c.model.norm_groups = 32
+        c.model.output_head = "conv"
+        c.train.batch_size = 128
+        c.train.num_steps = 800_000
+        c.train.learning_rate = 2e-4
+        c.train.lr_schedule = "constant"  # Ho et al.: constant after the warm-up
+        c.train.warmup_steps = 5000
+        c.train.grad_clip_norm = 1.0
+        c.train.ema_decay = 0.9999
+        c.train.log_every = 100
+        c.train.checkpoint_every = 5000
+        c.sampling.variance = "beta"  # Ho et al.'s CIFAR-10 samples: sigma_t^2 = beta_t
+        c.sampling.grid_size = 8
     elif preset == "tiny":
         c.model.base_channels = 4
         c.model.levels = 1
@@ -219,8 +262,11 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     return c
 
 
-def get_classifier_config() -> ml_collections.ConfigDict:
-    """The MNIST classifier whose features FID is computed in (see :mod:`ddpm_jax.feature_network`).
+def get_classifier_config(image_shape: tuple[int, int, int] = (28, 28, 1),
+                          num_classes: int = 10) -> ml_collections.ConfigDict:
+    """The classifier whose features FID is computed in (see :mod:`ddpm_jax.feature_network`), for
+    images of ``image_shape`` ``(H, W, C)`` in ``num_classes`` classes: the MNIST CNN for grey images, a
+    small ResNet (``model.name='resnet'``) for RGB ones.
 
     Trained once per training set and cached; any change here trains (and
     caches) a new one, so FIDs are only comparable under the same config.
@@ -238,13 +284,26 @@ def get_classifier_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 1e-4
     c.train.max_shift = 2  # augmentation: random translations of up to this many pixels
     c.train.seed = 0
+    image_shape = tuple(int(d) for d in image_shape)
+    if image_shape == (28, 28, 1) and num_classes == 10:
+        return c  # MNIST's and Fashion-MNIST's, as before these fields existed: cached networks keep their names
+    c.model.input_shape = image_shape
+    c.model.num_classes = int(num_classes)
+    if image_shape[-1] == 3:
+        c.model.name = "resnet"
+        c.model.stage_channels = (32, 64, 128)
+        c.model.dropout_rate = 0.3
+        c.train.num_epochs = 30
+        c.train.max_shift = 4  # with the mirror: the usual CIFAR-10 augmentation (pad 4, crop, flip)
+        c.train.random_flip = True
     return c
 
 
 def model_input_shape(config: ml_collections.ConfigDict, batch_size: int) -> tuple[int, int, int, int]:
-    """NHWC shape of a batch the network of ``config`` takes (MNIST padded to ``data.image_size``)."""
+    """NHWC shape of a batch the network of ``config`` takes: ``data.channels`` at ``data.image_size``
+    (MNIST's 28x28 grey padded to it)."""
     size = config.data.image_size
-    return (batch_size, size, size, 1)
+    return (batch_size, size, size, int(config.data.get("channels", 1)))
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -294,7 +353,8 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     d, m, t, s = config.diffusion, config.model, config.train, config.sampling
     require(is_int(config.seed, 0, MAX_SEED), "seed", config.seed, f"an integer in 0..{MAX_SEED}")
     require(config.preset in PRESETS, "preset", config.preset, " or ".join(PRESETS))
-    require(config.get("dataset", "mnist") in DATASETS, "dataset", config.get("dataset"), " or ".join(DATASETS))
+    require(config.get("dataset", "mnist") in (*DATASETS, IMAGE_FOLDER), "dataset", config.get("dataset"),
+             " or ".join((*DATASETS, IMAGE_FOLDER)))
     require(is_int(d.num_timesteps, 1, MAX_TIMESTEPS), "diffusion.num_timesteps", d.num_timesteps,
              f"an integer T in 1..{MAX_TIMESTEPS:,} (the report: 100, Ho et al.: 1000)")
     for field in ("beta_start", "beta_end", "cosine_s", "max_beta"):
@@ -333,12 +393,22 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
                  m.num_heads, f"an integer >= 1 dividing every block's width {widths}")
 
     size, factor = config.data.image_size, 2 ** m.levels
-    require(is_int(size, 28, 1024), "data.image_size", size, "an integer in 28..1024")
+    require(is_int(size, 4, 1024), "data.image_size", size,
+             "an integer in 4..1024, at least the images' own size (MNIST 28, CIFAR-10 32)")
     if size % factor:
         raise ValueError(
-            f"data.image_size={size} must be >= 28 and divisible by 2**model.levels={factor} "
+            f"data.image_size={size} must be divisible by 2**model.levels={factor} "
             f"(model.levels={m.levels}); e.g. 28 for levels <= 2, 32 for levels 3-5."
         )
+    channels, native = config.data.get("channels", 1), config.data.get("native_size", 28)
+    require(channels in (1, 3) and is_int(channels), "data.channels", channels, "1 (grey) or 3 (RGB)")
+    require(is_int(native, 1, size), "data.native_size", native,
+             f"the images' own height and width, at most data.image_size={size}")
+    class_names = tuple(config.data.get("class_names", ()))
+    require(not class_names or (all(isinstance(n, str) for n in class_names) and len(class_names) == num_classes),
+             "data.class_names", class_names, f"empty, or {num_classes} names, one per class (written by training)")
+    require(isinstance(config.data.get("random_flip", False), bool), "data.random_flip",
+             config.data.get("random_flip"), "True or False")
     require(is_int(config.data.max_train_examples, 0), "data.max_train_examples", config.data.max_train_examples,
              "0 (all images) or a positive count")
     require(isinstance(config.data.fingerprint, str), "data.fingerprint", config.data.fingerprint,
@@ -468,9 +538,9 @@ def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = No
     return space_timesteps(config.diffusion.num_timesteps, steps or config.diffusion.num_timesteps)
 
 
-def output_channels(model_config, image_channels: int = 1) -> int:
-    """The network's output channels: eps, and v too for a learned variance (``model.learn_variance``)."""
-    return image_channels * (2 if model_config.get("learn_variance", False) else 1)
+def output_multiple(model_config) -> int:
+    """Output channels per image channel: eps, and v too for a learned variance (``model.learn_variance``)."""
+    return 2 if model_config.get("learn_variance", False) else 1
 
 
 def build_model(model_config) -> nn.Module:
@@ -487,7 +557,7 @@ def build_model(model_config) -> nn.Module:
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}.")
     # What every network takes alike: its output channels and how it computes.
-    common = {"out_channels": output_channels(model_config), "dtype": COMPUTE_DTYPES[compute_dtype],
+    common = {"output_multiple": output_multiple(model_config), "dtype": COMPUTE_DTYPES[compute_dtype],
               "conv_impl": conv_impl, "num_classes": int(model_config.get("num_classes", 0))}
     if name == "report_unet":
         return ReportUNet(

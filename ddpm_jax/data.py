@@ -1,14 +1,16 @@
-"""MNIST and Fashion-MNIST as host NumPy arrays, from IDX files or TensorFlow Datasets.
+"""The datasets as host NumPy arrays, from IDX files or TensorFlow Datasets.
 
-The datasets (:data:`DATASETS`, by their TFDS names) share one format: 28x28 grey
-images in 10 classes, and the same four IDX file names. MNIST is the default
-everywhere; ``dataset='fashion_mnist'`` loads Fashion-MNIST the same way.
+The datasets (:data:`DATASETS`, by their TFDS names): MNIST and Fashion-MNIST
+(28x28 grey, 10 classes, the same four IDX file names) and CIFAR-10 (32x32 RGB,
+10 classes, through TFDS only). MNIST is the default everywhere. A folder of
+the user's own images is read by :mod:`ddpm_jax.image_folder`.
 
 Every loader returns the same pair:
 
-* ``images``: ``uint8`` array of shape ``(N, 28, 28, 1)``, pixel values
-  0..255, NHWC layout with a single grey channel ``C = 1``;
-* ``labels``: ``int32`` array of shape ``(N,)``, digit classes 0..9.
+* ``images``: ``uint8`` array of shape ``(N, H, W, C)`` (the dataset's
+  :attr:`DatasetInfo.image_shape`: ``(N, 28, 28, 1)`` for MNIST, ``(N, 32, 32, 3)``
+  for CIFAR-10), pixel values 0..255, NHWC layout;
+* ``labels``: ``int32`` array of shape ``(N,)``, classes 0..9.
 
 The loaders do not rescale the pixels: the mapping to ``[-1, 1]`` that the
 diffusion model works in (:func:`preprocess`, and :func:`crop` back) runs later,
@@ -41,6 +43,7 @@ import zlib
 from pathlib import Path
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,6 +55,7 @@ __all__ = [
     "SPLITS",
     "crop",
     "preprocess",
+    "random_flip",
     "dataset_info",
     "load_dataset",
     "load_mnist",
@@ -68,14 +72,20 @@ NUM_CLASSES = 10
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """A dataset the loaders read: its TFDS ``name``, the ``title`` messages use, its ``class_names``, and
-    the test accuracy below which the evaluation's feature classifier is said to be weak."""
+    """A dataset the loaders read: its TFDS ``name``, the ``title`` messages use, its ``class_names``,
+    the test accuracy below which the evaluation's feature classifier is said to be weak, the shape
+    ``(H, W, C)`` of one image, and whether it comes as the four MNIST-format IDX files (``--idx-dir``)."""
 
     name: str
     title: str
     class_names: tuple[str, ...]
     good_classifier_accuracy: float
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    has_idx_files: bool = True
 
+
+# The name a run trained on a folder of images (ddpm_jax.image_folder) has as its config's dataset.
+IMAGE_FOLDER = "image_folder"
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", "MNIST", tuple(str(d) for d in range(10)), 0.99),
@@ -84,13 +94,18 @@ DATASETS: dict[str, DatasetInfo] = {
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         # Small CNNs reach 90-93% on it (Xiao et al.'s benchmark); its shirts, pullovers and coats overlap.
         0.90),
+    # Krizhevsky 2009; TFDS's label names. Small ResNets trained briefly reach 85-90%.
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10", (
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        0.80, image_shape=(32, 32, 3), has_idx_files=False),
 }
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name``; ValueError naming the datasets there are."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}.")
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)} (or --image-dir DIR, a folder "
+                         "of your own images).")
     return DATASETS[name]
 
 # Base names of the official distribution files, per split: (images, labels).
@@ -395,12 +410,12 @@ def _import_tensorflow_without_gpus():
     return tf
 
 
-def _read_data_source(source, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def _read_data_source(source, image_shape: tuple[int, int, int], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     # __getitems__ fetches a whole chunk of records from the array_record
     # files in one call; per-example indexing is about 2.5x slower on MNIST.
     # The PNG decode itself stays per example (Pillow) either way.
     n = len(source)
-    images = np.empty((n, *IMAGE_SHAPE, 1), dtype=np.uint8)
+    images = np.empty((n, *image_shape), dtype=np.uint8)
     labels = np.empty((n,), dtype=np.int32)
     batched = True
     for start in range(0, n, chunk):
@@ -455,7 +470,7 @@ def load_mnist_tfds(
     Returns
     -------
     images : numpy.ndarray
-        ``uint8``, shape ``(N, 28, 28, 1)``, values 0..255.
+        ``uint8``, shape ``(N, *DatasetInfo.image_shape)`` (MNIST ``(N, 28, 28, 1)``), values 0..255.
     labels : numpy.ndarray
         ``int32``, shape ``(N,)``, values 0..9.
 
@@ -468,7 +483,8 @@ def load_mnist_tfds(
         ``tensorflow-datasets`` is unusable. The message names both remedies
         (``--data-dir`` and ``--idx-dir``); the original exception is chained.
     """
-    title = dataset_info(dataset).title
+    info = dataset_info(dataset)
+    title = info.title
     _check_split(split, title)
     where = (
         os.fspath(data_dir)
@@ -510,11 +526,11 @@ def load_mnist_tfds(
         raise not_found(f"{type(e).__name__}: {e}") from e
 
     if source is not None:
-        return _read_data_source(source)
+        return _read_data_source(source, info.image_shape)
 
     _import_tensorflow_without_gpus()
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    images = np.asarray(arrays["image"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE, 1)
+    images = np.asarray(arrays["image"], dtype=np.uint8).reshape(-1, *info.image_shape)
     labels = np.asarray(arrays["label"]).astype(np.int32)
     return images, labels
 
@@ -542,6 +558,14 @@ def preprocess(images_u8: jnp.ndarray, image_size: int) -> jnp.ndarray:
             constant_values=-1.0,
         )
     return x
+
+
+def random_flip(key: jax.Array, x: jnp.ndarray) -> jnp.ndarray:
+    """Each image of ``x`` ``(B, H, W, C)`` mirrored left-right with probability 1/2 (Ho et al.'s CIFAR-10
+    augmentation; ``data.random_flip``, off for digits, which a mirror makes into other shapes)."""
+    chex.assert_rank(x, 4)
+    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
 def pad_to_batch(array, batch: int) -> np.ndarray:
@@ -586,18 +610,18 @@ def load_dataset(
     split : {'train', 'test'}
         Which split to load.
     dataset : str
-        ``'mnist'`` or ``'fashion_mnist'`` (:data:`DATASETS`).
+        ``'mnist'``, ``'fashion_mnist'`` or ``'cifar10'`` (:data:`DATASETS`).
     data_dir : str or os.PathLike, optional
         TFDS data directory (used when ``idx_dir`` is not given).
     idx_dir : str or os.PathLike, optional
-        Folder with the standard MNIST IDX files; takes precedence over TFDS.
+        Folder with the standard MNIST-format IDX files (MNIST, Fashion-MNIST); takes precedence over TFDS.
     download : bool
         TFDS only: whether MNIST may be downloaded and prepared.
 
     Returns
     -------
     images : numpy.ndarray
-        ``uint8``, shape ``(N, 28, 28, 1)``, values 0..255.
+        ``uint8``, shape ``(N, *DatasetInfo.image_shape)`` (MNIST ``(N, 28, 28, 1)``), values 0..255.
     labels : numpy.ndarray
         ``int32``, shape ``(N,)``, values 0..9.
 
@@ -608,8 +632,12 @@ def load_dataset(
     DatasetNotFoundError, IDXFormatError
         See :func:`load_mnist_idx` and :func:`load_mnist_tfds`.
     """
-    _check_split(split, dataset_info(dataset).title)
+    info = dataset_info(dataset)
+    _check_split(split, info.title)
     if idx_dir is not None:
+        if not info.has_idx_files:
+            raise DatasetNotFoundError(f"{info.title} does not come as IDX files, so --idx-dir cannot read it; "
+                                       f"load it through TensorFlow Datasets (--data-dir DIR) instead.")
         return load_mnist_idx(idx_dir, split, dataset)
     return load_mnist_tfds(split, data_dir=data_dir, download=download, dataset=dataset)
 

@@ -52,7 +52,7 @@ def draw_samples(
     labels: np.ndarray | None = None,
     **sample_kwargs,
 ) -> np.ndarray:
-    """``n`` samples as uint8 ``(n, 28, 28, 1)``, quantized as a saved PNG would be.
+    """``n`` samples as uint8 ``(n, H, W, C)`` (MNIST ``(n, 28, 28, 1)``), quantized as a saved PNG would be.
 
     Batch ``b`` is ``sample(checkpoint, fold_in(key, b), batch_size)``, so the
     result depends only on ``(key, batch_size)``, not on how often the call
@@ -139,22 +139,28 @@ def measure(
     ``unreadable_rate``, ``unreadable_histogram`` (the unreadable samples by
     their most likely digit), ``unreadable_rate_at`` (the rate at other
     thresholds, to see how much the choice matters), ``precision``,
-    ``recall``, ``num_samples``.
+    ``recall`` (None with 3 or fewer images on a side: too few for their 3 nearest neighbours),
+    ``num_samples``.
     """
     labels = probs.argmax(axis=-1)
+    num_classes = probs.shape[-1]
     unreadable = metrics.unreadable_mask(probs, threshold)
-    counts = metrics.digit_histogram(labels)
+    counts = metrics.digit_histogram(labels, num_classes)
     result = {
         "num_samples": len(features),
         "fid": metrics.fid(features, reference_features),
         "histogram": {str(d): int(c) for d, c in enumerate(counts)},
         "kl_to_uniform": metrics.kl_to_uniform(counts),
         "unreadable_rate": float(unreadable.mean()),
-        "unreadable_histogram": {str(d): int(c) for d, c in enumerate(metrics.digit_histogram(labels[unreadable]))},
+        "unreadable_histogram": {str(d): int(c) for d, c in
+                                 enumerate(metrics.digit_histogram(labels[unreadable], num_classes))},
         "unreadable_rate_at": {str(t): float(metrics.unreadable_mask(probs, t).mean()) for t in (0.5, 0.7, 0.9, 0.99)},
     }
     if precision_recall:
-        result["precision"], result["recall"] = metrics.precision_recall(reference_features, features)
+        # k = 3 nearest neighbours need more than 3 points a side (a small folder's held-out split may have fewer).
+        enough = min(len(reference_features), len(features)) > 3
+        result["precision"], result["recall"] = (metrics.precision_recall(reference_features, features) if enough
+                                                 else (None, None))
     return result
 
 
@@ -175,7 +181,7 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     ``floor`` (the same metrics for real data) is drawn as outlined bars for comparison;
     ``class_names`` label the bars (default: the digits 0..9).
     """
-    digits = np.arange(metrics.NUM_CLASSES)
+    digits = np.arange(len(result["histogram"]))
     n = result["num_samples"]
     share = np.array([result["histogram"][str(d)] for d in digits]) / n * 100
     unreadable = np.array([result["unreadable_histogram"][str(d)] for d in digits]) / n * 100
@@ -187,7 +193,8 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     if floor is not None:
         real = np.array([floor["histogram"][str(d)] for d in digits]) / floor["num_samples"] * 100
         ax.bar(digits, real, width=0.86, fill=False, edgecolor="#dd8452", linewidth=1.5, label="real training images")
-    ax.axhline(10, color="0.4", linestyle="--", linewidth=1, label="uniform (10%)")
+    uniform = 100 / len(digits)
+    ax.axhline(uniform, color="0.4", linestyle="--", linewidth=1, label=f"uniform ({uniform:.3g}%)")
     for d, s in zip(digits, share):
         ax.text(d, s + 0.4, f"{s:.1f}", ha="center", va="bottom", fontsize=7)
     if class_names is None:
@@ -197,7 +204,7 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
         ax.set_xticks(digits, class_names, rotation=30, ha="right", fontsize=7)
         ax.set_xlabel("class (the classifier's most likely label)")
     ax.set_ylabel(f"% of {n:,} samples")
-    ax.set_ylim(0, max(share.max(), 10) * 1.25)
+    ax.set_ylim(0, max(share.max(), uniform) * 1.25)
     ax.set_title(title or f"KL to uniform {result['kl_to_uniform']:.4f} nats, unreadable {result['unreadable_rate']:.1%}",
                  fontsize=9)
     # Below the x label: further down when rotated class names sit between them.
@@ -218,7 +225,10 @@ def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order):
-        ax.imshow(images_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        if images_u8.shape[-1] == 1:
+            ax.imshow(images_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(images_u8[i])
         name = probs[i].argmax() if class_names is None else class_names[probs[i].argmax()]
         ax.set_title(f"{name}: {probs[i].max():.2f}", fontsize=7 if class_names is None else 5, pad=2)
     kind = "digit" if class_names is None else "class"
@@ -245,8 +255,8 @@ def negative_log_likelihood(
 ) -> dict:
     """L_vlb of real images under the checkpoint's model, in bits per dimension (Ho et al. Table 2).
 
-    ``images_u8``: uint8 ``(N, 28, 28, 1)``, padded to the model's input size as
-    in training; the dimension count D is that size squared. Batch ``b`` draws
+    ``images_u8``: uint8 ``(N, h, w, C)``, padded to the model's input size as
+    in training; the dimension count D is that size squared times C. Batch ``b`` draws
     its noise from ``fold_in(key, b)``. ``variance``: the fixed reverse variance
     (default: the run's ``sampling.variance``). Returns the mean bits/dim, its
     standard error over images, and the mean of each part: the prior term L_T,

@@ -32,13 +32,13 @@ import orbax.checkpoint as ocp
 
 from ddpm_jax.checkpoint import on_local_device
 from ddpm_jax.configs import get_classifier_config
-from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
-from ddpm_jax.models.classifier import MNISTClassifier
+from ddpm_jax.data import fingerprint, pad_to_batch, preprocess, random_flip
+from ddpm_jax.models.classifier import MNISTClassifier, ResNetClassifier
 from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
 from ddpm_jax.training_loop import MetricLogger, batch_indices, run_training
 
 _PARAMS, _META = "params", "meta"
-_DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 0, 1, 2
+_DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM = 0, 1, 2, 3
 
 
 def default_cache_dir() -> Path:
@@ -46,12 +46,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DDPM_JAX_CACHE") or Path.home() / ".cache" / "ddpm_jax")
 
 
-def build_classifier(model_config) -> MNISTClassifier:
-    return MNISTClassifier(
+def build_classifier(model_config) -> MNISTClassifier | ResNetClassifier:
+    """The network a classifier config's ``model`` section describes: ``name`` 'resnet', else the MNIST CNN."""
+    network = ResNetClassifier if model_config.get("name", "cnn") == "resnet" else MNISTClassifier
+    return network(
         stage_channels=tuple(model_config.stage_channels),
         feature_dim=model_config.feature_dim,
+        num_classes=int(model_config.get("num_classes", 10)),
         dropout_rate=model_config.dropout_rate,
     )
+
+
+def input_shape(model_config) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the images a classifier config's network takes (MNIST's when unsaid)."""
+    return tuple(int(d) for d in model_config.get("input_shape", (28, 28, 1)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,7 +76,7 @@ def _compiled_apply(model_config: ml_collections.FrozenConfigDict) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureNetwork:
-    """A trained MNIST classifier: class probabilities and FID features of uint8 images.
+    """A trained classifier: class probabilities and FID features of uint8 images.
 
     Attributes:
       params: the classifier's parameters.
@@ -87,22 +95,28 @@ class FeatureNetwork:
         return self.config.model.feature_dim
 
     @property
+    def num_classes(self) -> int:
+        return int(self.config.model.get("num_classes", 10))
+
+    @property
     def name(self) -> str:
         """The cache entry's name: identifies the feature space a FID was computed in."""
         return self.info.get("name", "uncached")
 
     def __call__(self, images_u8: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities ``(N, 10)`` and features ``(N, feature_dim)`` of uint8 ``(N, 28, 28, 1)`` images.
+        """Class probabilities ``(N, num_classes)`` and features ``(N, feature_dim)`` of uint8 images
+        ``(N, H, W, C)`` of the shape it was trained on (MNIST: ``(N, 28, 28, 1)``).
 
         The images are what a saved PNG holds (0..255); quantize generated
         [-1, 1] images with :func:`ddpm_jax.plotting.to_uint8` first. The last
         batch is padded so one compiled shape serves every N.
         """
         images_u8 = np.asarray(images_u8)
-        if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[1:] != (28, 28, 1):
+        shape = input_shape(self.config.model)
+        if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[1:] != shape:
             raise ValueError(
-                f"the feature network takes uint8 images of shape (N, 28, 28, 1), got {images_u8.dtype} "
-                f"{images_u8.shape}; quantize [-1, 1] samples with ddpm_jax.plotting.to_uint8 first."
+                f"the feature network takes uint8 images of shape (N, {', '.join(map(str, shape))}), got "
+                f"{images_u8.dtype} {images_u8.shape}; quantize [-1, 1] samples with ddpm_jax.plotting.to_uint8 first."
             )
         apply = _compiled_apply(ml_collections.FrozenConfigDict(self.config.model))
         n = len(images_u8)
@@ -113,7 +127,7 @@ class FeatureNetwork:
             probs.append(np.asarray(p))
             feats.append(np.asarray(f))
         if not probs:
-            return np.zeros((0, 10), np.float32), np.zeros((0, self.feature_dim), np.float32)
+            return np.zeros((0, self.num_classes), np.float32), np.zeros((0, self.feature_dim), np.float32)
         return np.concatenate(probs)[:n], np.concatenate(feats)[:n]
 
     def accuracy(self, images_u8: np.ndarray, labels: np.ndarray) -> float:
@@ -136,13 +150,15 @@ def random_shift(key: jax.Array, x: jnp.ndarray, max_shift: int) -> jnp.ndarray:
     return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
 
 
-def _make_train_step(model: MNISTClassifier, batch_size: int, max_shift: int):
+def _make_train_step(model, batch_size: int, max_shift: int, flip: bool = False):
     def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray):
         idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
         step_key = jax.random.fold_in(state.key, state.step)
         x = random_shift(
             jax.random.fold_in(step_key, _AUGMENT_STREAM), preprocess(images_u8[idx], images_u8.shape[1]), max_shift
         )
+        if flip:
+            x = random_flip(jax.random.fold_in(step_key, _FLIP_STREAM), x)
         y = labels[idx]
 
         def loss_fn(params):
@@ -166,7 +182,7 @@ def train_classifier(
     num_epochs: float | None = None,
     progress: bool = False,
 ) -> tuple[Any, dict]:
-    """Train the classifier on uint8 ``(N, 28, 28, 1)`` images with int labels ``(N,)``.
+    """Train the classifier on uint8 ``(N, H, W, C)`` images (its config's input shape) with int labels ``(N,)``.
 
     AdamW with warm-up and cosine decay, dropout on the feature layer and random
     translations, through the shared loop (:func:`ddpm_jax.training_loop.run_training`;
@@ -176,18 +192,22 @@ def train_classifier(
       ``(params, history)``: history holds the steps taken, the final training
       loss and accuracy (mean of the last 50 steps) and the wall time.
     """
-    config = config or get_classifier_config()
+    config = config or get_classifier_config(train_images.shape[1:])
     chex.assert_rank(train_images, 4)
+    if tuple(train_images.shape[1:]) != input_shape(config.model):
+        raise ValueError(f"the classifier config takes images of shape {input_shape(config.model)}, got "
+                         f"{tuple(train_images.shape[1:])}; use get_classifier_config(image_shape=...).")
     chex.assert_shape(train_labels, (train_images.shape[0],))
     tc = config.train
     num_epochs = tc.num_epochs if num_epochs is None else num_epochs
-    per_epoch = train_images.shape[0] // tc.batch_size
-    if per_epoch < 1:
-        raise ValueError(f"classifier batch_size {tc.batch_size} exceeds the {train_images.shape[0]} training images.")
+    if not len(train_images):
+        raise ValueError("the classifier needs training images; got none.")
+    batch_size = min(tc.batch_size, len(train_images))  # a small folder of images: all of them each step
+    per_epoch = len(train_images) // batch_size
     num_steps = max(1, round(num_epochs * per_epoch))
     model = build_classifier(config.model)
     init_key, run_key = jax.random.split(jax.random.PRNGKey(tc.seed))
-    variables = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))
+    variables = model.init(init_key, jnp.zeros((1, *input_shape(config.model)), jnp.float32))
     schedule = learning_rate_schedule(tc.learning_rate, warmup_within(tc.warmup_steps, num_steps), num_steps)
     state = new_train_state({"params": variables["params"]}, make_optimizer(schedule, weight_decay=tc.weight_decay),
                             run_key, ema=False)
@@ -199,12 +219,12 @@ def train_classifier(
 
     start = time.perf_counter()
     state = run_training(
-        state, _make_train_step(model, tc.batch_size, tc.max_shift), (jnp.asarray(train_images),
-                                                                      jnp.asarray(train_labels, jnp.int32)),
-        end=num_steps, batch_size=tc.batch_size,
+        state, _make_train_step(model, batch_size, tc.max_shift, bool(tc.get("random_flip", False))),
+        (jnp.asarray(train_images), jnp.asarray(train_labels, jnp.int32)),
+        end=num_steps, batch_size=batch_size,
         logger=MetricLogger(None, lambda fetched: {"loss": float(np.mean([m["loss"] for m in fetched]))}),
         log_every=50, on_step=keep_recent, postfix=lambda record, rate: {"loss": f"{record['loss']:.3f}"},
-        progress=progress, desc="training the MNIST feature classifier",
+        progress=progress, desc="training the feature classifier",
     )
     jax.block_until_ready(state.params)
     recent = jax.device_get(recent)
@@ -237,7 +257,7 @@ def _restore(directory: Path, config: ml_collections.ConfigDict) -> tuple[Any, d
             return None
         model = build_classifier(config.model)
         abstract = on_local_device(
-            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
+            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape(config.model))))["params"])
         )
         restored = manager.restore(
             step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()})
@@ -255,22 +275,24 @@ def load_or_train_feature_network(
     config: ml_collections.ConfigDict | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    num_classes: int = 10,
 ) -> FeatureNetwork:
     """The feature network for this training set: from the cache, or trained now and cached.
 
     Args:
-      train_images, train_labels: the MNIST training split (uint8 ``(N, 28, 28, 1)``, int ``(N,)``),
+      train_images, train_labels: the training split (uint8 ``(N, H, W, C)``, int ``(N,)``),
         the same data the diffusion model trains on.
       test_images, test_labels: the split its accuracy is measured on (the full test split).
       cache_dir: where trained networks live (default :func:`default_cache_dir`).
-      config: the classifier config (default :func:`ddpm_jax.configs.get_classifier_config`).
+      config: the classifier config (default :func:`ddpm_jax.configs.get_classifier_config` for the
+        images' shape and ``num_classes``).
       progress: progress bar while training.
       log: where one-line messages go.
 
     Returns:
       A :class:`FeatureNetwork` with its test accuracy on ``test_images``.
     """
-    config = config or get_classifier_config()
+    config = config or get_classifier_config(train_images.shape[1:], num_classes)
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     train_fp = fingerprint(train_images, train_labels)
     test_fp = fingerprint(test_images, test_labels)

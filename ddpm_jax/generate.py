@@ -141,10 +141,11 @@ def sample(
       progress: show a progress bar over batches.
 
     Returns:
-      float32 ``(n, 28, 28, 1)`` images in [-1, 1] (NHWC; map to pixels with
-      ``(x + 1) * 127.5``); with ``labels``, image ``i`` was asked to be digit ``labels[i]``.
-      With ``return_every=k``: ``(images, frames)``, frames
-      ``(F, n, 28, 28, 1)`` from pure noise x_T to x_0 (see
+      float32 ``(n, H, W, C)`` images in [-1, 1], NHWC at the training images' own size and
+      channels (``data.native_size``, ``data.channels``: ``(n, 28, 28, 1)`` for MNIST, ``(n, 32, 32, 3)``
+      for CIFAR-10; map to pixels with ``(x + 1) * 127.5``); with ``labels``, image ``i`` was asked
+      to be class ``labels[i]``. With ``return_every=k``: ``(images, frames)``, frames
+      ``(F, n, H, W, C)`` from pure noise x_T to x_0 (see
       :func:`ddpm_jax.sampling.make_ancestral_sampler`).
     """
     if not isinstance(params, DiffusionCheckpoint):
@@ -179,7 +180,9 @@ def sample(
         raise ValueError("unconditional= says what to draw when no labels are given; drop it, or drop labels=.")
     conditioning, scale, classifier_scale = _resolve_guidance(config, n, labels, guidance, guidance_scale, classifier)
     labels = None if labels is None else np.broadcast_to(np.asarray(labels, dtype=np.int32), (n,))
-    _check_fits_in_memory(n, config.data.image_size, return_every, options.steps or config.diffusion.num_timesteps)
+    _check_fits_in_memory(n, config.data.image_size, int(config.data.get("channels", 1)), return_every,
+                          options.steps or config.diffusion.num_timesteps)
+    native = int(config.data.get("native_size", 28))  # the padding to data.image_size is cropped away
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
     batch = -(-batch // shards) * shards  # a multiple of the device count, so every device gets an equal share
@@ -201,18 +204,18 @@ def sample(
         out = sampler(inputs, jax.random.fold_in(key, b))
         if return_every:
             out, chain = out
-            frames.append(crop(chain))
-        images.append(crop(out))
+            frames.append(crop(chain, native, native))
+        images.append(crop(out, native, native))
     images = jnp.concatenate(images)[:n]
     if return_every:
         return images, jnp.concatenate(frames, axis=1)[:, :n]
     return images
 
 
-def _check_fits_in_memory(n: int, size: int, return_every: int, steps: int) -> None:
+def _check_fits_in_memory(n: int, size: int, channels: int, return_every: int, steps: int) -> None:
     """Refuse up front a request whose results alone could not fit in memory (they are gathered whole)."""
     frames = (steps // return_every + 1) if return_every else 0
-    need = 4 * size * size * n * (1 + frames)  # float32 images, plus the chain's frames
+    need = 4 * size * size * channels * n * (1 + frames)  # float32 images, plus the chain's frames
     available = available_memory_bytes()
     if available is not None and need > available:
         raise ValueError(

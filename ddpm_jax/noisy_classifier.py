@@ -232,7 +232,8 @@ def create_train_state(config: ml_collections.ConfigDict) -> TrainState:
         init_key, run_key = jax.random.split(jax.random.PRNGKey(config.train.seed))
         size = config.data.image_size
         variables = build_noisy_classifier(config.model).init(
-            init_key, jnp.zeros((1, size, size, 1), jnp.float32), jnp.zeros((1,), jnp.int32)
+            init_key, jnp.zeros((1, size, size, int(config.data.get("channels", 1))), jnp.float32),
+            jnp.zeros((1,), jnp.int32)
         )
         tx = make_optimizer(classifier_learning_rate(config), weight_decay=config.train.weight_decay)
         return new_train_state({"params": variables["params"]}, tx, run_key, ema=False)

@@ -53,7 +53,7 @@ _DATA_STREAM, _NOISE_STREAM, _EVAL_STREAM = 0, 1, 2
 def make_train_step(config: ml_collections.ConfigDict, schedule: DiffusionSchedule):
     """A jitted ``(state, images_u8, labels) -> (state, metrics)`` drawing its batch inside jit.
 
-    ``images_u8``: the whole training set, uint8 ``(N, h, w, 1)`` on the device;
+    ``images_u8``: the whole training set, uint8 ``(N, h, w, C)`` on the device;
     ``labels``: int32 ``(N,)``. Each step takes the ``step``-th batch of an epoch-wise
     shuffle (:func:`ddpm_jax.training_loop.batch_indices`), maps it to [-1, 1] at
     ``data.image_size``, noises each image to its own ``t ~ Uniform{0..T-1}`` and takes
@@ -108,7 +108,7 @@ def evaluate_noisy_classifier(
     ``t ~ Uniform{0..T-1}`` when 4 divides T. Deterministic given ``seed``.
 
     Args:
-      images_u8: uint8 ``(N, h, w, 1)``; labels: int ``(N,)``.
+      images_u8: uint8 ``(N, h, w, C)``; labels: int ``(N,)``.
 
     Returns:
       ``{'accuracy', 'accuracy_by_quarter' (4 floats, None for an empty quarter),
@@ -172,7 +172,8 @@ def _full_config(run_config, config: ml_collections.ConfigDict, images_u8, label
     full = ml_collections.ConfigDict({"model": config.model.to_dict(), "train": config.train.to_dict()})
     full.diffusion = ml_collections.ConfigDict(run_config.diffusion.to_dict())
     full.data = ml_collections.ConfigDict(
-        {"image_size": int(run_config.data.image_size), "fingerprint": data_lib.fingerprint(images_u8, labels)}
+        {"image_size": int(run_config.data.image_size), "channels": int(run_config.data.get("channels", 1)),
+         "fingerprint": data_lib.fingerprint(images_u8, labels)}
     )
     return full
 
@@ -222,7 +223,7 @@ def train_noisy_classifier(
     """
     images_u8, labels = np.asarray(images_u8), np.asarray(labels, np.int32)
     if images_u8.dtype != np.uint8 or images_u8.ndim != 4:
-        raise ValueError(f"training images must be uint8 (N, h, w, 1), got {images_u8.dtype} {images_u8.shape}.")
+        raise ValueError(f"training images must be uint8 (N, h, w, C), got {images_u8.dtype} {images_u8.shape}.")
     chex.assert_shape(labels, (images_u8.shape[0],))
     config = _full_config(run_config, config or noisy_classifier_config(), images_u8, labels)
     _validate(config, len(labels))

@@ -1,4 +1,4 @@
-"""PNG figures of images in [-1, 1]: the sample grid and the reverse-process strip."""
+"""PNG figures of images in [-1, 1]: the sample grid and the reverse-process strip, grey or RGB."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def tile(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile ``(N, H, W, 1)`` uint8 images into one ``(rows*(H+pad)+pad, ...)`` grayscale array."""
-    n, h, w = images.shape[:3]
+    """Tile ``(N, H, W, C)`` uint8 images into one array: ``(rows*(H+pad)+pad, ...)`` grey for C = 1,
+    with a last axis of 3 for RGB (C = 3)."""
+    n, h, w, channels = images.shape
+    if channels not in (1, 3):
+        raise ValueError(f"images must be grey (C=1) or RGB (C=3) to tile; got {channels} channels.")
     ncol = -(-n // nrow)
-    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=np.uint8)
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, channels), pad_value, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i, ..., 0]
-    return canvas
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i]
+    return canvas[..., 0] if channels == 1 else canvas
 
 
 def save_grid(images: np.ndarray, path: str, nrow: int = 10, scale: int = 3) -> None:
-    """Save ``(N, H, W, 1)`` images in [-1, 1] as a grid PNG (the report's Figure 4), ``nrow`` per row."""
+    """Save ``(N, H, W, C)`` images in [-1, 1] (grey or RGB) as a grid PNG (the report's Figure 4), ``nrow`` per row."""
     canvas = tile(to_uint8(images), nrow)
     Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
@@ -31,7 +34,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int = 10, scale: int = 3) -> 
 def save_reverse_process(frames: np.ndarray, path: str, num_timesteps: int, every: int, scale: int = 3) -> None:
     """Save a reverse-process figure (the report's Figure 5): one row per sample, x_T left to x_0 right.
 
-    ``frames``: ``(F, B, H, W, 1)`` in [-1, 1], as ``sample(..., return_every=every)``
+    ``frames``: ``(F, B, H, W, C)`` in [-1, 1] (grey or RGB), as ``sample(..., return_every=every)``
     returns them: the state after 0, every, 2*every, ... and all ``num_timesteps``
     reverse steps. Each column is labelled with the paper's index of that state.
     """
@@ -47,7 +50,7 @@ def save_reverse_process(frames: np.ndarray, path: str, num_timesteps: int, ever
     for col, steps in enumerate(steps_taken):
         x = (2 + col * (w + 2)) * scale
         draw.text((x, 2), f"x_{num_timesteps - steps}", fill=0, font=font)
-    figure = Image.new("L", (image.width, image.height + header.height), 255)
+    figure = Image.new(image.mode, (image.width, image.height + header.height), "white")
     figure.paste(header, (0, 0))
     figure.paste(image, (0, header.height))
     figure.save(path)

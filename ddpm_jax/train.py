@@ -31,7 +31,7 @@ from ddpm_jax.configs import (
     schedule_from_config,
     validate_config,
 )
-from ddpm_jax.data import preprocess
+from ddpm_jax.data import preprocess, random_flip
 from ddpm_jax.guard import NonFiniteGuard
 from ddpm_jax.guidance import drop_labels
 from ddpm_jax.losses import l_hybrid, l_simple
@@ -49,7 +49,7 @@ from ddpm_jax.workdir import WorkdirLock, prepare_workdir
 
 # Stream ids folded into the run's key, so data order, training noise and
 # sampling never share random numbers.
-_DATA_STREAM, _STEP_STREAM, _DROPOUT_STREAM, _LABEL_STREAM = 0, 1, 2, 3
+_DATA_STREAM, _STEP_STREAM, _DROPOUT_STREAM, _LABEL_STREAM, _FLIP_STREAM = 0, 1, 2, 3, 4
 
 
 def _loss(state: TrainState, batch, schedule, model_kwargs, key, dropout_key, params):
@@ -145,19 +145,22 @@ def train_step(
 @dataclasses.dataclass(frozen=True)
 class Batching:
     """How a step draws its batch from the training set kept on the devices: ``batch_size`` images
-    (divisible by the ``mesh``'s devices, checked here once), padded to ``image_size``."""
+    (divisible by the ``mesh``'s devices, checked here once), padded to ``image_size``, each mirrored
+    left-right with probability 1/2 if ``random_flip``."""
 
     batch_size: int
     image_size: int
     mesh: jax.sharding.Mesh
+    random_flip: bool = False
 
     def __post_init__(self):
         parallel.check_divisible(self.batch_size, self.mesh)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> "Batching":
-        """``train.batch_size`` at ``data.image_size`` over ``mesh`` (default: every device)."""
-        return cls(config.train.batch_size, config.data.image_size, parallel.make_mesh() if mesh is None else mesh)
+        """``train.batch_size`` at ``data.image_size`` over ``mesh`` (default: every device), ``data.random_flip``."""
+        return cls(config.train.batch_size, config.data.image_size, parallel.make_mesh() if mesh is None else mesh,
+                   bool(config.data.get("random_flip", False)))
 
     def draw(self, state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None):
         """The ``state.step``-th batch (float images in [-1, 1], and labels or None), split along the
@@ -165,7 +168,10 @@ class Batching:
         indices = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step,
                                 self.batch_size)
         split = parallel.batch_sharded(self.mesh)
-        batch = jax.lax.with_sharding_constraint(preprocess(images_u8[indices], self.image_size), split)
+        batch = preprocess(images_u8[indices], self.image_size)
+        if self.random_flip:
+            batch = random_flip(jax.random.fold_in(jax.random.fold_in(state.key, _FLIP_STREAM), state.step), batch)
+        batch = jax.lax.with_sharding_constraint(batch, split)
         batch_labels = None if labels is None else jax.lax.with_sharding_constraint(labels[indices], split)
         return batch, batch_labels
 
@@ -173,7 +179,7 @@ class Batching:
 def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching):
     """A jitted ``(state, images_u8[, labels]) -> (state, metrics)`` drawing its batch inside jit.
 
-    ``images_u8`` is the whole training set as uint8 ``(N, h, w, 1)``, kept on
+    ``images_u8`` is the whole training set as uint8 ``(N, h, w, C)``, kept on
     the devices, and ``labels`` its int ``(N,)`` classes (class-conditional
     networks only); the old state is donated. Data parallel over ``batching.mesh``
     (:meth:`Batching.from_config`: every device): state and images
@@ -237,8 +243,10 @@ def train_and_evaluate(
       workdir: run directory; holds ``checkpoints/``, ``config.json`` and ``metrics.jsonl``
         (the figures are :func:`ddpm_jax.figures.write_figures`'). A run already there
         resumes from its latest intact checkpoint.
-      images: the training images as uint8 ``(N, 28, 28, 1)``; if None, the train split of the
-        config's ``dataset`` is loaded from ``idx_dir`` (IDX files) or TFDS (``data_dir``).
+      images: the training images as uint8 ``(N, h, h, C)`` (MNIST ``(N, 28, 28, 1)``; square, C = 1 or 3,
+        at most ``data.image_size`` on a side); if None, the train split of the config's ``dataset`` is
+        loaded from ``idx_dir`` (IDX files) or TFDS (``data_dir``). Their channels and size are written
+        into the run's config (``data.channels``, ``data.native_size``).
       labels: their int ``(N,)`` classes, needed with ``images`` for a class-conditional
         network (``model.num_classes > 0``); loaded with the images when those are.
       stop_at: stop after this step (as if interrupted there), for tests of resumption.
@@ -255,8 +263,9 @@ def train_and_evaluate(
     if config.data.max_train_examples:
         images = images[: config.data.max_train_examples]
         labels = None if labels is None else labels[: config.data.max_train_examples]
-    validate_config(config, num_examples=len(images))
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config is left as it was
+    config.data.channels, config.data.native_size = image_format(images)
+    validate_config(config, num_examples=len(images))
     # A conditional run is also refused on relabelled data; an unconditional one keeps its old fingerprint.
     config.data.fingerprint = data_lib.fingerprint(images, *(() if labels is None else (labels,)))
     if labels is not None:  # sample() draws labels from these when given none (sampling.unconditional)
@@ -323,6 +332,15 @@ def _train_locked(config, workdir: str, images, labels, batching: Batching, prog
         desc="training",
         is_main=is_main,
     )
+
+
+def image_format(images) -> tuple[int, int]:
+    """``(channels, size)`` of training images uint8 ``(N, size, size, C)``, C = 1 or 3; ValueError otherwise."""
+    shape = np.shape(images)
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] not in (1, 3):
+        raise ValueError(f"training images must be square, grey or RGB: uint8 (N, size, size, 1 or 3); got shape "
+                         f"{shape}.")
+    return int(shape[3]), int(shape[1])
 
 
 def _training_labels(labels, num_images: int, num_classes: int) -> np.ndarray | None:

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.workdir, weights=args.weights)
-        images, _ = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
-        train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        images, _ = flags.load_run_split(checkpoint.config, "test", args)
+        train_images, train_labels = flags.load_run_split(checkpoint.config, "train", args)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

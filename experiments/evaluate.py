@@ -1,12 +1,19 @@
 """Measure a trained run's samples: ``python -m experiments.evaluate --workdir runs/mnist``.
 
 Loads the run's latest checkpoint, draws ``--num-samples`` samples, and
-measures them in the features of an MNIST classifier (trained once on the
-training split and cached): FID against the test split, the digit histogram
-and its KL divergence from uniform, the unreadable rate, precision and recall.
-The same metrics for real training images against the test split are the
-floor a perfect model would reach. Writes ``WORKDIR/eval.json`` and
+measures them in the features of a classifier of the run's dataset (trained
+once on the training split and cached: a small CNN for grey images, a small
+ResNet for RGB ones): FID against the test split, the class histogram and its
+KL divergence from uniform, the unreadable rate, precision and recall. The
+same metrics for real training images against the test split are the floor a
+perfect model would reach. Writes ``WORKDIR/eval.json`` and
 ``WORKDIR/eval_{samples,histogram,least_confident}.png``.
+
+A run on a folder of images (``--image-dir``) is measured against that folder,
+given again: with class subfolders, a fixed 10% of its images are held out as
+the test split (the classifier's accuracy and the FID reference), and the rest
+is the training split. Without class subfolders there is no classifier to
+train, so nothing here can be measured; the error says what can.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import data as data_lib
+from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax import evaluation, metrics, plotting
 from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
 from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
@@ -40,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint is evaluated)")
     p.add_argument("--step", type=int, default=None, help="evaluate this checkpoint step instead of the latest")
     flags.add_data_flags(p)
+    p.add_argument("--image-dir", default=None,
+                   help="a run trained on a folder of images: the same folder (its class subfolders give the labels)")
     p.add_argument("--num-samples", type=int, default=10_000,
                    help="samples to draw and measure (default: %(default)s; FIDs are comparable only at equal counts)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per jitted sampler call (default: the run's config)")
@@ -94,10 +104,7 @@ def main(argv=None) -> int:
                                    variance=args.variance, mean=args.mean,
                                    batchnorm=None if args.batchnorm == "recalibrated" else args.batchnorm)
         # The data the run was trained on, as its config says: the classifier and the references are that data's.
-        dataset = checkpoint.config.get("dataset", "mnist")
-        train_images, train_labels = data_lib.load_dataset(dataset, "train", data_dir=args.data_dir,
-                                                           idx_dir=args.idx_dir)
-        test_images, test_labels = data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        info, (train_images, train_labels), (test_images, test_labels) = evaluation_data(checkpoint.config, args)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -105,13 +112,50 @@ def main(argv=None) -> int:
     try:
         # One evaluation per workdir at a time: two would write the same sample batches and eval.json.
         with WorkdirLock(str(workdir), ".eval.lock", what="evaluating"):
-            return _evaluate(args, checkpoint, options, train_images, train_labels, test_images, test_labels)
+            return _evaluate(args, checkpoint, options, info, train_images, train_labels, test_images, test_labels)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _evaluate(args, checkpoint, options, train_images, train_labels, test_images, test_labels) -> int:
+HELD_OUT = 0.1  # of an image folder: the share held out as its test split
+
+
+def evaluation_data(config, args: argparse.Namespace):
+    """``(info, (train_images, train_labels), (test_images, test_labels))`` of the data a run was trained on:
+    its dataset's two splits, or its image folder (``--image-dir``) split into 90% and a held-out 10%."""
+    dataset = config.get("dataset", "mnist")
+    if dataset != data_lib.IMAGE_FOLDER:
+        if args.image_dir is not None:
+            raise ValueError(f"this run was trained on {data_lib.dataset_info(dataset).title}, not on a folder of "
+                             "images; drop --image-dir.")
+        return (data_lib.dataset_info(dataset),
+                data_lib.load_dataset(dataset, "train", data_dir=args.data_dir, idx_dir=args.idx_dir),
+                data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir))
+    if args.image_dir is None:
+        raise ValueError("this run was trained on a folder of images: pass the same folder with --image-dir DIR.")
+    folder = image_folder_lib.load_image_folder(args.image_dir, int(config.data.get("native_size", 28)),
+                                                progress=not args.no_progress)
+    if folder.labels is None:
+        raise ValueError(
+            f"{args.image_dir} has no class subfolders, so no classifier can be trained to measure samples in: FID, "
+            "the class histogram, the unreadable rate and precision/recall need one. What can be measured: the "
+            f"model's bits/dim on these images (python -m experiments.likelihood --workdir {args.workdir} "
+            f"--image-dir {args.image_dir}), and the figures its training wrote (samples.png, reverse_process.png).")
+    made_from = data_lib.fingerprint(folder.images, folder.labels)
+    if config.data.get("fingerprint") and made_from != config.data.fingerprint:
+        raise ValueError(f"{args.image_dir} is not the folder this run was trained on (its images' fingerprint "
+                         f"{made_from}, the run's {config.data.fingerprint}); pass the same folder.")
+    held_out = np.zeros(len(folder.images), bool)
+    held_out[np.random.default_rng(0).permutation(len(folder.images))[:max(2, round(HELD_OUT * len(held_out)))]] = True
+    info = data_lib.DatasetInfo(data_lib.IMAGE_FOLDER, str(args.image_dir), folder.class_names,
+                                good_classifier_accuracy=0.0, image_shape=folder.images.shape[1:],
+                                has_idx_files=False)
+    return (info, (folder.images[~held_out], folder.labels[~held_out]),
+            (folder.images[held_out], folder.labels[held_out]))
+
+
+def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_images, test_labels) -> int:
     progress = not args.no_progress
     config = checkpoint.config
     workdir = Path(args.workdir)
@@ -119,9 +163,9 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
           f"sampling with the {'EMA' if checkpoint.weights_used == 'ema' else 'raw'} weights", flush=True)
 
     network = load_or_train_feature_network(
-        train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress
+        train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress,
+        num_classes=len(info.class_names),
     )
-    info = data_lib.dataset_info(config.get("dataset", "mnist"))
     named = None if info.name == "mnist" else info.class_names  # MNIST's figures keep their digits
     if network.test_accuracy < info.good_classifier_accuracy:
         print(f"warning: the feature classifier reaches only {network.test_accuracy:.2%} test accuracy on {info.title} "
@@ -208,7 +252,8 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
         "floor": {"what": f"{floor_n:,} real training images (fixed random subset) against the test split", **floor},
         "test_split": {"what": "the reference set itself: its classifier histogram and unreadable rate",
                        **{k: test_floor[k] for k in ("num_samples", "histogram", "kl_to_uniform", "unreadable_rate")}},
-        "reference": {"split": "test", "num_examples": len(test_images)},
+        "reference": {"split": "test" if info.name != data_lib.IMAGE_FOLDER else f"held out ({HELD_OUT:.0%})",
+                      "num_examples": len(test_images)},
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset,
                        "identity": checkpoint.identity},
         "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
@@ -247,8 +292,9 @@ def _evaluate(args, checkpoint, options, train_images, train_labels, test_images
     print(f"{'FID':>22} {result['fid']:10.3f} {floor['fid']:13.3f}")
     print(f"{'KL to uniform (nats)':>22} {result['kl_to_uniform']:10.4f} {floor['kl_to_uniform']:13.4f}")
     print(f"{'unreadable rate':>22} {result['unreadable_rate']:10.2%} {floor['unreadable_rate']:13.2%}")
-    print(f"{'precision':>22} {result['precision']:10.3f} {floor['precision']:13.3f}")
-    print(f"{'recall':>22} {result['recall']:10.3f} {floor['recall']:13.3f}")
+    for name in ("precision", "recall"):  # None where a set is too small for 3 nearest neighbours
+        print(f"{name:>22} " + " ".join(f"{'n/a' if r[name] is None else format(r[name], '.3f'):>{w}}"
+                                         for r, w in ((result, 10), (floor, 13))))
     print(f"class histogram of {args.num_samples:,} samples: {hist}")
     drawn = f"{num_batches - reused} batches drawn in {sampling_seconds:.0f} s" + (f", {reused} reused" if reused else "")
     print(f"wrote {workdir}/eval.json, eval_samples.png, eval_histogram.png, eval_least_confident.png ({drawn})")

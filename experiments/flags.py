@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 
+from ddpm_jax import data as data_lib
 from ddpm_jax.feature_network import default_cache_dir
 
 
@@ -48,6 +49,16 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
     p.add_argument("--idx-dir", default=None,
                    help="read the run's dataset from its standard IDX files in this folder instead of TFDS")
+
+
+def load_run_split(config, split: str, args: argparse.Namespace):
+    """``(images, labels)`` of ``split`` of the dataset a run was trained on (its config's ``dataset``), from
+    ``--idx-dir`` or TFDS (``--data-dir``); a run on a folder of images is refused with where to measure it."""
+    dataset = config.get("dataset", "mnist")
+    if dataset == data_lib.IMAGE_FOLDER:
+        raise ValueError("this run was trained on a folder of images, which has no fixed test split; measure it with "
+                         "python -m experiments.evaluate --workdir RUN --image-dir DIR.")
+    return data_lib.load_dataset(dataset, split, data_dir=args.data_dir, idx_dir=args.idx_dir)
 
 
 def add_cache_flag(p: argparse.ArgumentParser) -> None:

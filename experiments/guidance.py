@@ -166,8 +166,8 @@ def main(argv=None) -> int:
             classifier_run = load_checkpoint(args.classifier_run)
             classifier = load_noisy_classifier(str(Path(args.classifier_run) / "noisy_classifier"))
             check_classifier_matches(classifier, classifier_run.config)
-        train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
-        test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        train_images, train_labels = flags.load_run_split(config, "train", args)
+        test_images, test_labels = flags.load_run_split(config, "test", args)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

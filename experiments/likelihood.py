@@ -4,7 +4,9 @@ Computes the variational bound L_vlb (Ho et al. 2020, eq. 5, with the
 discretized decoder of sec. 3.3) of every test image under a trained run's
 model (:func:`ddpm_jax.evaluation.negative_log_likelihood`), prints it with its
 parts and writes ``RUN/likelihood.json``. T network calls per image: the 10,000
-test images take T x 10,000 forward passes.
+test images take T x 10,000 forward passes. The test split is the run's dataset's
+(its config says which); a run on a folder of images is measured on that folder,
+given again with ``--image-dir`` (all its images: they are its training data).
 
 Exit status: 0 done; 2 a bad flag, a missing or damaged run, a run that cannot
 do what is asked (``--variance learned`` on a fixed-variance network), or data
@@ -24,6 +26,7 @@ from pathlib import Path
 import jax
 
 from ddpm_jax import data as data_lib
+from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import VARIANCE_TYPES
@@ -42,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint)")
     p.add_argument("--step", type=int, default=None, help="this checkpoint step instead of the latest")
     flags.add_data_flags(p)
+    p.add_argument("--image-dir", default=None, help="a run trained on a folder of images: the same folder")
     p.add_argument("--num-images", type=int, default=None, help="the first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=250, help="images per jitted call (default: %(default)s)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -85,6 +89,19 @@ def check_writable(workdir: str) -> None:
                          "give a run directory this user can write to.") from None
 
 
+def _images(config, args: argparse.Namespace):
+    """The images to measure: the run's dataset's test split, or its image folder (``--image-dir``)."""
+    dataset = config.get("dataset", "mnist")
+    if dataset == data_lib.IMAGE_FOLDER:
+        if args.image_dir is None:
+            raise ValueError("this run was trained on a folder of images: pass the same folder with --image-dir DIR.")
+        return image_folder_lib.load_image_folder(args.image_dir, int(config.data.get("native_size", 28))).images
+    if args.image_dir is not None:
+        raise ValueError(f"this run was trained on {data_lib.dataset_info(dataset).title}, not on a folder of "
+                         "images; drop --image-dir.")
+    return data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir)[0]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -92,7 +109,7 @@ def main(argv=None) -> int:
         checkpoint = load_checkpoint(args.workdir, step=args.step, weights=args.weights)
         check_variance(args.variance, checkpoint, args.workdir)
         check_writable(args.workdir)
-        images, _ = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        images = _images(checkpoint.config, args)
     except (ValueError, OSError) as e:  # IDXFormatError is a ValueError; DatasetNotFoundError an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Train a DDPM on MNIST: ``python -m experiments.mnist --workdir runs/mnist``.
 
-Parses flags, calls :func:`ddpm_jax.train.train_and_evaluate` (a run already in
+Or on Fashion-MNIST or CIFAR-10 (``--dataset``), or on a folder of your own images
+(``--image-dir DIR``, see :mod:`ddpm_jax.image_folder`). Parses flags, loads the data
+(before anything is written), calls :func:`ddpm_jax.train.train_and_evaluate` (a run already in
 ``--workdir`` resumes from its latest checkpoint), then draws the run's figures
 from its last checkpoint (:func:`ddpm_jax.figures.write_figures`). Exit status: 0
-done; 2 a bad flag, config value, dataset or workdir, a workdir in use by another
+done; 2 a bad flag, config value, dataset, image folder or workdir, a workdir in use by another
 process, or a damaged checkpoint that cannot be replaced (one ``error:`` line);
 3 a NaN/Inf loss or update, or a diverging loss (see ``train.on_nonfinite`` and
 ``train.divergence_factor``; nothing after the last good state is saved); 130/143 stopped by SIGINT/SIGTERM
@@ -20,6 +22,7 @@ import jax
 
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax import parallel
 from ddpm_jax import guard as guard_lib
 from ddpm_jax import train as train_lib
@@ -41,8 +44,14 @@ def default_preset() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.mnist", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/mnist", help="run directory: checkpoints, metrics, figures (default: %(default)s)")
-    p.add_argument("--dataset", default="mnist", choices=tuple(data_lib.DATASETS),
-                   help="what to train on (config dataset; default: %(default)s)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", default=None,
+                        help=f"what to train on: {', '.join(data_lib.DATASETS)} (config dataset; default: the "
+                             "preset's, mnist for all but --preset cifar10)")
+    source.add_argument("--image-dir", default=None,
+                        help="train on your own images: a folder of PNG/JPEG files, searched recursively, "
+                             "center-cropped and resized to data.image_size; with one subfolder per class, the "
+                             "subfolder names are the labels")
     p.add_argument("--data-dir", default=None,
                    help="TFDS data directory (the dataset is downloaded and prepared there on first use)")
     p.add_argument("--idx-dir", default=None,
@@ -56,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (config train.learning_rate)")
     p.add_argument("--seed", type=int, default=None, help="config seed")
     p.add_argument("--class-conditional", action="store_true",
-                   help="train a class-conditional network (model.num_classes=10, labels dropped with probability "
-                        "train.p_uncond) for choosing classes and classifier-free guidance")
+                   help="train a class-conditional network (model.num_classes = the dataset's classes, labels "
+                        "dropped with probability train.p_uncond) for choosing classes and classifier-free guidance")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set diffusion.schedule=linear "
                         "--set diffusion.num_timesteps=1000 --set model.base_channels=32 (repeatable)")
@@ -72,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     config = configs_lib.get_config(args.preset or default_preset())
-    config.dataset = args.dataset
+    if args.image_dir is not None:
+        config.dataset = data_lib.IMAGE_FOLDER
+    elif args.dataset is not None:
+        config.dataset = args.dataset
     if args.class_conditional:
         config.model.num_classes = 10
     for assignment in args.overrides:
@@ -85,7 +97,50 @@ def build_config(args: argparse.Namespace):
         config.train.learning_rate = args.lr
     if args.seed is not None:
         config.seed = args.seed
+    # What the data's name already says of its images (training writes them again from the images themselves).
+    if config.dataset == data_lib.IMAGE_FOLDER:
+        config.data.native_size = config.data.image_size  # the folder's images are resized to it
+    elif config.dataset in data_lib.DATASETS:
+        size, _, channels = data_lib.dataset_info(config.dataset).image_shape
+        config.data.channels, config.data.native_size = channels, size
+        if size > config.data.image_size:
+            print(f"data.image_size {config.data.image_size} -> {size}: {config.dataset}'s images are {size}x{size}",
+                  flush=True)
+            config.data.image_size = size
     return config
+
+
+def load_training_data(config, args: argparse.Namespace):
+    """``(images, labels)`` of the run's training data: the folder of ``--image-dir`` (its class names
+    written into ``config.data.class_names``) or the config's dataset from ``--idx-dir`` or TFDS."""
+    if config.dataset == data_lib.IMAGE_FOLDER:
+        folder = image_folder_lib.load_image_folder(args.image_dir, config.data.image_size,
+                                                    progress=not args.no_progress)
+        config.data.class_names = folder.class_names
+        kind = (f"{folder.num_classes} classes ({', '.join(folder.class_names)})" if folder.labels is not None
+                else "no class subfolders: unlabelled")
+        channels = "grey" if folder.images.shape[-1] == 1 else "RGB"
+        print(f"{args.image_dir}: {len(folder.images):,} {channels} images at {config.data.image_size}x"
+              f"{config.data.image_size}, {kind}", flush=True)
+        return folder.images, folder.labels
+    return data_lib.load_dataset(config.dataset, "train", data_dir=args.data_dir, idx_dir=args.idx_dir)
+
+
+def fit_config_to_data(config, labels, class_conditional: bool) -> None:
+    """What the labels decide: a conditional network gets one label per class of the data; an unlabelled
+    folder trains an unconditional one."""
+    num_classes = int(config.model.num_classes)
+    if labels is None:
+        if class_conditional:
+            raise ValueError("--class-conditional needs labels: put the images in one subfolder per class "
+                             "(the subfolder names are the labels).")
+        if num_classes:
+            print(f"preset {config.preset} is class-conditional, but the images have no labels: training an "
+                  "unconditional network (model.num_classes=0)", flush=True)
+            config.model.num_classes = 0
+    elif num_classes:
+        config.model.num_classes = (len(config.data.class_names) if config.dataset == data_lib.IMAGE_FOLDER
+                                    else len(data_lib.dataset_info(config.dataset).class_names))
 
 
 def main(argv=None) -> int:
@@ -100,14 +155,17 @@ def main(argv=None) -> int:
         if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
             raise ValueError(f"--epochs {args.epochs}: must be a finite number > 0 (it is converted to steps).")
         config = build_config(args)
+        if args.image_dir is not None and args.idx_dir is not None:
+            raise ValueError("--image-dir and --idx-dir both name the training data; give one.")
+        if config.dataset != data_lib.IMAGE_FOLDER:
+            data_lib.dataset_info(config.dataset)  # an unknown name, before anything is loaded
+        configs_lib.validate_config(config)
+        # The data is read (and refused) before anything is written.
+        images, labels = load_training_data(config, args)
+        fit_config_to_data(config, labels, args.class_conditional)
         configs_lib.validate_config(config)
         prepare_workdir(args.workdir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        images, labels = data_lib.load_dataset(config.dataset, "train", data_dir=args.data_dir, idx_dir=args.idx_dir)
-    except (data_lib.DatasetNotFoundError, data_lib.IDXFormatError) as e:
+    except (ValueError, data_lib.DatasetNotFoundError) as e:  # IDXFormatError and ImageFolderError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.epochs is not None:

@@ -20,6 +20,7 @@ from ddpm_jax import noisy_classifier as nc
 from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.training_loop import TrainingInterrupted
+from experiments import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
             if value is not None and not 1 <= value <= 2**31 - 1:
                 raise ValueError(f"{field}={value} is not allowed: an integer in 1..{2**31 - 1}.")
         run_config = load_checkpoint(args.workdir).config
-        train_images, train_labels = data_lib.load_mnist("train", data_dir=args.data_dir, idx_dir=args.idx_dir)
-        test_images, test_labels = data_lib.load_mnist("test", data_dir=args.data_dir, idx_dir=args.idx_dir)
+        train_images, train_labels = flags.load_run_split(run_config, "train", args)
+        test_images, test_labels = flags.load_run_split(run_config, "test", args)
     except (ValueError, FileNotFoundError, data_lib.IDXFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,7 +80,9 @@ class DDPMUNet(nn.Module):
       num_res_blocks: residual blocks per resolution in the encoder (one more in the decoder).
       attention_resolutions: feature-map sizes (height) at which blocks are followed by self-attention.
       dropout: rate inside every residual block (training only; needs a ``'dropout'`` rng).
-      out_channels: output channels; ``None`` means the input's (2x for a learned variance).
+      out_channels: output channels; ``None`` means ``output_multiple`` times the input's.
+      output_multiple: output channels per input channel when ``out_channels`` is None (2 for a
+        network that also predicts a learned variance beside eps).
       num_classes: 0 (unconditional) or the number of classes of the labels ``y`` it takes
         (:class:`ddpm_jax.models.unet.LabelEmbedding`; ``y=None`` is the null label).
     """
@@ -93,6 +95,7 @@ class DDPMUNet(nn.Module):
     num_heads: int = 1
     groups: int = 8
     out_channels: int | None = None
+    output_multiple: int = 1
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
     num_classes: int = 0
@@ -140,7 +143,7 @@ class DDPMUNet(nn.Module):
                 h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, 2, ww, 2, c)).reshape(b, 2 * hh, 2 * ww, c)
                 h = Conv3x3(c, impl=self.conv_impl, dtype=self.dtype)(h)
                 size *= 2
-        out_channels = self.out_channels or channels
+        out_channels = self.out_channels or channels * self.output_multiple
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(h))
         out = Conv3x3(out_channels, impl=self.conv_impl, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
         chex.assert_shape(out, (batch, height, width, out_channels))

@@ -16,7 +16,8 @@ The reading that gives exactly the report's 12,552,848 parameters:
   block as the bottleneck;
 * decoder steps of ConvTranspose(C -> C/2, kernel 2, stride 2), concatenation
   with the skip (back to C channels) and block(C -> C/2), down to 32 channels;
-* a final block 32 -> 1 whose last LeakyReLU is left out, so eps can be negative.
+* a final block 32 -> 1 whose last LeakyReLU is left out, so eps can be negative
+  (32 -> 3 for RGB images: the output has the input's channels).
 
 The network knows nothing about diffusion: it maps ``(x, t)`` to an array of
 ``x``'s shape, with ``t`` fed only through the embedding. A class-conditional
@@ -120,7 +121,8 @@ class ReportUNet(nn.Module):
       levels: number of 2x2 max-poolings (= skip connections); height and width
         must be divisible by ``2**levels``.
       time_embed_dim: width of the sinusoidal embedding fed to every block.
-      out_channels: channels of the output; ``None`` means the input's.
+      out_channels: channels of the output; ``None`` means ``output_multiple`` times the input's
+        (1 or 3 for grey or RGB images; 2x for a network that also predicts a learned variance).
       output_head: ``'block'`` is the report's final block (32 -> 1 through a
         one-channel conv-BN-LeakyReLU, no last activation); ``'conv'`` replaces
         it by one zero-initialized 3x3 convolution from the last features (as
@@ -144,6 +146,7 @@ class ReportUNet(nn.Module):
     levels: int = 4
     time_embed_dim: int = 32
     out_channels: int | None = None
+    output_multiple: int = 1
     output_head: str = "block"
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
@@ -183,7 +186,7 @@ class ReportUNet(nn.Module):
             h = UpConv2x2(features, impl=self.conv_impl, dtype=self.dtype, name=f"ConvTranspose_{i}")(h)
             h = jnp.concatenate([h, skips[level]], axis=-1)
             h = block(features)(h, emb, train)
-        out_channels = self.out_channels or channels
+        out_channels = self.out_channels or channels * self.output_multiple
         if self.output_head == "block":
             out = block(out_channels, final_activation=False)(h, emb, train)
         elif self.output_head == "conv":

@@ -1,14 +1,20 @@
-"""Datasets beyond MNIST: Fashion-MNIST through the same loaders, the config's ``dataset`` field, the
-``--dataset`` flag, and a run refused on another dataset than the one it was trained on."""
+"""Datasets beyond MNIST: Fashion-MNIST through the same loaders, CIFAR-10 (RGB, 32x32) through TFDS, the
+config's ``dataset`` field, the ``--dataset`` flag, and a run refused on another dataset than the one it was
+trained on."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+import ddpm_jax
+import ml_collections
 from conftest import write_idx
-from ddpm_jax import data
-from ddpm_jax.configs import get_config, validate_config
+from ddpm_jax import data, plotting
+from ddpm_jax.configs import get_classifier_config, get_config, validate_config
+from ddpm_jax.feature_network import FeatureNetwork, train_classifier
 from ddpm_jax.data import DATASETS, DatasetNotFoundError, dataset_info, load_dataset
 from experiments import mnist
 
@@ -29,8 +35,9 @@ def test_every_dataset_has_ten_named_classes_and_unknown_names_list_the_known_on
     for name, info in DATASETS.items():
         assert info.name == name and len(info.class_names) == 10 and 0 < info.good_classifier_accuracy < 1
     assert dataset_info("fashion_mnist").class_names[9] == "Ankle boot"
-    with pytest.raises(ValueError, match="unknown dataset 'cifar'; allowed: mnist, fashion_mnist"):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'; allowed: mnist, fashion_mnist, cifar10"):
         dataset_info("cifar")
+    assert dataset_info("cifar10").image_shape == (32, 32, 3) and not dataset_info("cifar10").has_idx_files
 
 
 def test_fashion_mnist_loads_from_its_idx_files_and_names_itself_in_errors(fashion_dir, tmp_path):
@@ -55,7 +62,10 @@ def test_the_config_accepts_known_datasets_only():
     config.dataset = "fashion_mnist"
     validate_config(config)
     config.dataset = "cifar10"
-    with pytest.raises(ValueError, match="dataset='cifar10' is not allowed: mnist or fashion_mnist"):
+    validate_config(config)
+    config.dataset = "svhn"
+    with pytest.raises(ValueError, match="dataset='svhn' is not allowed: mnist or fashion_mnist or cifar10 or "
+                                         "image_folder"):
         validate_config(config)
 
 
@@ -74,8 +84,90 @@ def test_training_on_fashion_mnist_records_it_and_a_resume_on_mnist_is_refused(f
 
 
 def test_an_unknown_dataset_flag_is_one_line_and_status_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        mnist.main(["--dataset", "cifar", "--workdir", str(tmp_path / "w")])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'cifar'" in capsys.readouterr().err
+    assert mnist.main(["--dataset", "cifar", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown dataset 'cifar'; allowed: mnist, fashion_mnist, cifar10") and err.count("\n") == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_cifar10_has_no_idx_files_and_says_to_use_tfds(tmp_path, capsys):
+    assert mnist.main(["--dataset", "cifar10", "--idx-dir", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10 does not come as IDX files" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture
+def cifar10_mock(monkeypatch, no_network):
+    """TFDS's CIFAR-10 replaced by random examples of its shapes (32x32x3 uint8, 10 labels), offline."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    with tfds.testing.mock_data(num_examples=16):
+        yield
+
+
+def test_cifar10_loads_through_tfds_as_rgb_32x32(cifar10_mock, tmp_path):
+    images, labels = load_dataset("cifar10", "train", data_dir=tmp_path)
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9
+
+
+def test_cifar10_trains_under_mock_data_and_its_checkpoint_samples_rgb(cifar10_mock, tmp_path):
+    workdir = tmp_path / "run"
+    # The tiny network on CIFAR-10's data: 32x32 RGB, flipped, the figures drawn in colour.
+    assert mnist.main(["--preset", "tiny", "--dataset", "cifar10", "--data-dir", str(tmp_path / "tfds"),
+                       "--set", "data.random_flip=True", "--workdir", str(workdir), "--no-progress"]) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["dataset"], config["data"]["channels"], config["data"]["native_size"],
+            config["data"]["image_size"]) == ("cifar10", 3, 32, 32)
+    checkpoint = ddpm_jax.load_checkpoint(str(workdir))
+    images = ddpm_jax.sample(checkpoint, jax.random.PRNGKey(0), 3)
+    assert images.shape == (3, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
+    with Image.open(workdir / "samples.png") as grid:
+        assert grid.mode == "RGB"
+
+
+def test_random_flip_mirrors_about_half_the_images_left_right_and_leaves_the_rest():
+    x = jax.random.normal(jax.random.PRNGKey(0), (200, 4, 5, 3))
+    out = np.asarray(data.random_flip(jax.random.PRNGKey(1), x))
+    x = np.asarray(x)
+    flipped = np.array([np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, x)])
+    kept = np.array([np.array_equal(o, xi) for o, xi in zip(out, x)])
+    assert (flipped ^ kept).all() and 70 < flipped.sum() < 130
+
+
+def test_grey_and_rgb_grids_tile_alike_and_rgb_stays_in_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.uniform(-1, 1, (6, 5, 5, 1)).astype(np.float32)
+    tiles = plotting.tile(plotting.to_uint8(np.repeat(grey, 3, axis=-1)), nrow=3)
+    assert tiles.shape == (2 * 7 + 2, 3 * 7 + 2, 3)
+    np.testing.assert_array_equal(tiles[..., 0], plotting.tile(plotting.to_uint8(grey), nrow=3))
+    plotting.save_grid(rng.uniform(-1, 1, (4, 8, 8, 3)), str(tmp_path / "rgb.png"), nrow=2)
+    with Image.open(tmp_path / "rgb.png") as image:
+        assert image.mode == "RGB"
+    with pytest.raises(ValueError, match="grey .C=1. or RGB .C=3."):
+        plotting.tile(np.zeros((2, 4, 4, 2), np.uint8), nrow=2)
+
+
+def test_the_rgb_feature_classifier_is_a_resnet_that_learns_colours_and_shapes():
+    rng = np.random.default_rng(0)
+    labels = np.arange(240) % 3
+    images = rng.integers(0, 40, (240, 32, 32, 3)).astype(np.uint8)
+    for i, y in enumerate(labels):  # class 0: a red square, 1: a green bar, 2: a blue square in a corner
+        if y == 0:
+            images[i, 8:24, 8:24, 0] = 220
+        elif y == 1:
+            images[i, :, 14:18, 1] = 220
+        else:
+            images[i, 2:12, 2:12, 2] = 220
+    config = get_classifier_config((32, 32, 3), num_classes=3)
+    assert config.model.name == "resnet" and config.train.random_flip
+    config.train.num_epochs, config.train.batch_size = 6, 40
+    params, _ = train_classifier(images[:180], labels[:180], config)
+    network = FeatureNetwork(params, ml_collections.FrozenConfigDict(config.to_dict()), 0.0, {})
+    probs, features = network(images[180:])
+    assert probs.shape == (60, 3) and features.shape == (60, config.model.feature_dim)
+    assert network.accuracy(images[180:], labels[180:]) > 0.9
+    # Grey 28x28 in 10 classes keeps MNIST's network and config (and so its cached networks' names).
+    assert get_classifier_config((28, 28, 1), 10).to_dict() == get_classifier_config().to_dict()
+    assert "input_shape" not in get_classifier_config().model

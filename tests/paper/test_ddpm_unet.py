@@ -69,3 +69,28 @@ def test_the_ddpm_preset_trains_its_loss_down():
         state, metrics = step(state, images)
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_the_cifar10_preset_is_ho_et_al_s_network_of_35_746_307_parameters():
+    # The count of diffusers' UNet2DModel as in the released google/ddpm-cifar10-32 weights, and of Ho et al.'s
+    # TF network: 128 base channels, multipliers (1, 2, 2, 2), 2 residual blocks, attention at 16x16.
+    config = get_config("cifar10")
+    model = build_model(config.model)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                                  jnp.zeros((1,), jnp.int32)))
+    assert count_params(variables["params"]) == 35_746_307
+    names = list(variables["params"])
+    assert sum(n.startswith("AttentionBlock") for n in names) == 2 + 1 + 3  # encoder at 16x16, middle, decoder
+    c = config
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.train.batch_size, c.train.learning_rate,
+            c.train.warmup_steps, c.train.num_steps, c.train.grad_clip_norm, c.train.ema_decay, c.data.random_flip,
+            c.model.dropout, c.model.norm_groups) == ("linear", 1000, 128, 2e-4, 5000, 800_000, 1.0, 0.9999, True,
+                                                      0.1, 32)
+
+
+@pytest.mark.parametrize("learn_variance", [False, True])
+def test_an_rgb_network_outputs_three_channels_per_prediction(learn_variance):
+    model = build_model(_small(learn_variance=learn_variance).model)
+    x, t = jnp.ones((2, 28, 28, 3)), jnp.array([0, 9])
+    out = model.apply(model.init(jax.random.PRNGKey(0), x, t), x, t)
+    assert out.shape == (2, 28, 28, 6 if learn_variance else 3)
