@@ -55,7 +55,7 @@ import optax
 from ddpm_jax.data import DATASETS, IMAGE_FOLDER
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, ReportUNet
-from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, space_timesteps
+from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
 from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state
 
 PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "cifar10", "tiny")
@@ -512,30 +512,32 @@ def available_memory_bytes() -> int | None:
 # Builders: a config turned into the objects the machinery below is handed, once.
 
 
-def schedule_from_config(config: ml_collections.ConfigDict, steps: int | None = None) -> DiffusionSchedule:
+def _betas(config: ml_collections.ConfigDict) -> np.ndarray:
+    d = config.diffusion
+    return betas_for(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                     cosine_s=d.cosine_s, max_beta=d.max_beta)
+
+
+def schedule_from_config(config: ml_collections.ConfigDict, steps: int | None = None,
+                         spacing: str = "linspace") -> DiffusionSchedule:
     """The :class:`DiffusionSchedule` a config's ``diffusion`` section describes.
 
     With ``steps = K`` (< T), the schedule respaced to K of the T timesteps
-    (:func:`ddpm_jax.schedules.respace_betas`); its index k stands for the
-    training timestep :func:`sampling_timesteps` ``(config, K)[k]``.
+    (:func:`ddpm_jax.schedules.respace_betas`) chosen by ``spacing``; its index k stands for
+    the training timestep :func:`sampling_timesteps` ``(config, K, spacing)[k]``.
     """
-    d = config.diffusion
-    betas = betas_for(
-        d.schedule,
-        d.num_timesteps,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
-        cosine_s=d.cosine_s,
-        max_beta=d.max_beta,
-    )
-    if steps is not None and steps != d.num_timesteps:
-        betas = respace_betas(betas, sampling_timesteps(config, steps))
+    betas = _betas(config)
+    if steps is not None and steps != config.diffusion.num_timesteps:
+        betas = respace_betas(betas, sampling_timesteps(config, steps, spacing))
     return DiffusionSchedule.from_betas(betas)
 
 
-def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = None):
-    """The training timesteps (0-based, ascending) a K-step sampler visits: all T when ``steps`` is None."""
-    return space_timesteps(config.diffusion.num_timesteps, steps or config.diffusion.num_timesteps)
+def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = None, spacing: str = "linspace"):
+    """The training timesteps (0-based, ascending) a K-step sampler visits (:func:`ddpm_jax.schedules.spaced_timesteps`
+    by ``spacing``): all T when ``steps`` is None."""
+    num_timesteps = config.diffusion.num_timesteps
+    return spaced_timesteps(num_timesteps, steps or num_timesteps, spacing,
+                            betas=_betas(config) if spacing == "logsnr" else None)
 
 
 def output_multiple(model_config) -> int:

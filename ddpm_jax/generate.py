@@ -29,7 +29,7 @@ from ddpm_jax.denoiser import guided_denoiser_fn
 from ddpm_jax.guidance import GuidanceInputs, classifier_grad_fn
 from ddpm_jax.noisy_classifier import check_classifier_matches, log_prob_fn
 from ddpm_jax.progress import progress_bar
-from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
+from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler, make_dpm_solver_sampler
 from ddpm_jax.schedules import DiffusionSchedule
 from ddpm_jax.options import SamplingOptions, check_count, sampling_options
 
@@ -54,15 +54,18 @@ def _compiled_sampler(config: ml_collections.FrozenConfigDict, batch: int, optio
     common = dict(  # noqa: C408
         eps_fn=guided_denoiser_fn(config.model, with_learned_variance, conditioning, options.batchnorm),
         cond_fn=cond_fn,
-        schedule=schedule_from_config(config, options.steps),
+        schedule=schedule_from_config(config, options.steps, options.spacing),
         shape=model_input_shape(config, batch),
         return_every=return_every,
         sharding=parallel.batch_sharded(mesh),
         # all T: the network's own indices
-        timesteps=sampling_timesteps(config, options.steps) if options.steps else None,
+        timesteps=sampling_timesteps(config, options.steps, options.spacing) if options.steps else None,
     )
     if options.method == "ddim":
         sampler = make_ddim_sampler(eta=options.eta, **common)
+    elif options.method in ("dpm_solver++", "sde_dpm_solver++"):
+        sampler = make_dpm_solver_sampler(order=options.order, stochastic=options.method == "sde_dpm_solver++",
+                                          **common)
     else:
         sampler = make_ancestral_sampler(variance=options.variance, mean=options.mean, **common)
     # Variables and key on every device, the batch split over the data mesh (one device: the same program).
@@ -83,6 +86,8 @@ def sample(
     steps: int | None = None,
     method: str = "ancestral",
     eta: float = 0.0,
+    order: int | None = None,
+    spacing: str = "linspace",
     weights: str | None = None,
     variance: str | None = None,
     mean: str | None = None,
@@ -122,11 +127,18 @@ def sample(
       batchnorm: a BatchNorm network's statistics while sampling: ``'running'`` (its running
         averages, collected over training batches of mixed timesteps) or ``'batch'`` (those of each
         batch being denoised, one timestep at a time); default the config's ``sampling.batchnorm``.
-      steps: reverse steps K (default: all T the network was trained with). With K < T the
-        schedule is respaced to K evenly spaced training timesteps (Nichol & Dhariwal 2021).
-      method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T)
-        or ``'ddim'`` (Song et al. 2021; see :func:`ddpm_jax.sampling.make_ddim_sampler`).
+      steps: reverse steps K, one network call each (default: all T the network was trained with).
+        With K < T the schedule is respaced to K training timesteps placed by ``spacing`` (Nichol &
+        Dhariwal 2021).
+      method: ``'ancestral'`` (Ho et al.'s Algorithm 2, on the respaced schedule when K < T),
+        ``'ddim'`` (Song et al. 2021; see :func:`ddpm_jax.sampling.make_ddim_sampler`),
+        ``'dpm_solver++'`` (Lu et al. 2022: the multistep ODE solver in log-SNR; K network calls give
+        samples close to many more ancestral steps) or ``'sde_dpm_solver++'`` (its stochastic form).
       eta: DDIM only: 0 deterministic, 1 ancestral-equivalent (sigma^2 = beta-tilde).
+      order: DPM-Solver++ only: 1 (= DDIM), 2 (default) or 3 (not the SDE form); K must allow it.
+      spacing: where K < T steps fall (:func:`ddpm_jax.schedules.spaced_timesteps`): ``'linspace'``
+        (default: evenly from 0 to T-1), ``'leading'``, ``'trailing'`` (from T-1 down, never 0) or
+        ``'logsnr'`` (uniform in log-SNR).
       weights: ``'ema'`` or ``'raw'``; default the checkpoint's own choice, which is the EMA
         weights for a checkpoint from :func:`ddpm_jax.load_checkpoint` (``params.weights_used``).
       variance: ancestral only: sigma_t^2, ``'beta'``, ``'beta_tilde'`` or ``'learned'`` (a network
@@ -173,7 +185,7 @@ def sample(
                 "use the network at timesteps it never saw. Leave schedule unset."
             )
     options = sampling_options(config, steps=steps, method=method, eta=eta, variance=variance, mean=mean,
-                               batchnorm=batchnorm)
+                               batchnorm=batchnorm, order=order, spacing=spacing)
     if labels is None:
         labels = _prior_labels(config, key, n, unconditional, classifier)
     elif unconditional is not None:

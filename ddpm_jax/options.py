@@ -12,6 +12,8 @@ import numpy as np
 
 from ddpm_jax.configs import BATCHNORM_MODES, is_number
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.sampling import DPM_SOLVER_ORDERS, dpm_solver_orders
+from ddpm_jax.schedules import SPACINGS
 
 
 def check_count(name: str, value, least: int) -> int:
@@ -21,7 +23,10 @@ def check_count(name: str, value, least: int) -> int:
     return int(value)
 
 
-SAMPLING_METHODS = ("ancestral", "ddim")
+# Ho et al.'s Algorithm 2 (respaced when K < T), Song et al.'s DDIM, Lu et al.'s DPM-Solver++ (multistep,
+# data prediction) and its stochastic variant SDE-DPM-Solver++.
+SAMPLING_METHODS = ("ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++")
+DPM_SOLVERS = ("dpm_solver++", "sde_dpm_solver++")
 
 
 def resolve_variance(config, variance: str | None) -> str:
@@ -45,7 +50,9 @@ class SamplingOptions:
     """How a run is sampled, every field checked and defaulted from its config by :func:`sampling_options`.
 
     ``steps``: None for all T (the network's own timesteps), else the K < T of a respaced
-    sampler. ``variance`` and ``mean``: the ancestral step's (None for DDIM); ``eta``: DDIM's.
+    sampler, placed by ``spacing`` (:data:`ddpm_jax.schedules.SPACINGS`; 'linspace' for all T).
+    ``variance`` and ``mean``: the ancestral step's (None otherwise); ``eta``: DDIM's; ``order``:
+    DPM-Solver++'s (None otherwise).
     """
 
     method: str
@@ -54,10 +61,13 @@ class SamplingOptions:
     variance: str | None
     mean: str | None
     batchnorm: str
+    order: int | None = None
+    spacing: str = "linspace"
 
 
 def sampling_options(config, *, steps=None, method: str = "ancestral", eta=0.0, variance: str | None = None,
-                     mean: str | None = None, batchnorm: str | None = None) -> SamplingOptions:
+                     mean: str | None = None, batchnorm: str | None = None, order: int | None = None,
+                     spacing: str = "linspace") -> SamplingOptions:
     """Check the sampling options of a run with ``config``, and fill in its defaults (see :func:`ddpm_jax.sample`)."""
     num_timesteps = config.diffusion.num_timesteps
     if steps is not None and (isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer))
@@ -66,7 +76,16 @@ def sampling_options(config, *, steps=None, method: str = "ancestral", eta=0.0, 
                          f"got {steps!r}.")
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}.")
-    if method == "ddim":
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}.")
+    if method in DPM_SOLVERS:
+        order = _check_order(method, 2 if order is None else order, steps or num_timesteps)
+        if variance is not None or mean is not None or eta:
+            raise ValueError(f"variance=, mean= and eta= choose ancestral sampling's and DDIM's step; {method} "
+                             "takes order= (and clips its x_0 predictions to [-1, 1], as they do).")
+    elif order is not None:
+        raise ValueError(f"order={order!r} applies to method='dpm_solver++' or 'sde_dpm_solver++' only.")
+    elif method == "ddim":
         if variance is not None or mean is not None:
             raise ValueError("variance= and mean= choose ancestral sampling's step; DDIM's step is set by eta= "
                              "(0: deterministic, 1: sigma^2 = beta-tilde).")
@@ -83,5 +102,20 @@ def sampling_options(config, *, steps=None, method: str = "ancestral", eta=0.0, 
     batchnorm = batchnorm or config.sampling.get("batchnorm", "running")
     if batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"unknown batchnorm {batchnorm!r}; allowed: {', '.join(BATCHNORM_MODES)}.")
-    return SamplingOptions(method=method, steps=None if steps in (None, num_timesteps) else int(steps),
-                           eta=float(eta), variance=variance, mean=mean, batchnorm=batchnorm)
+    steps = None if steps in (None, num_timesteps) else int(steps)
+    return SamplingOptions(method=method, steps=steps, eta=float(eta), variance=variance, mean=mean,
+                           batchnorm=batchnorm, order=order, spacing=spacing if steps else "linspace")
+
+
+def _check_order(method: str, order, steps: int) -> int:
+    """DPM-Solver++'s ``order``, if ``steps`` steps reach it (the first and the last step are first order)."""
+    allowed = (1, 2) if method == "sde_dpm_solver++" else DPM_SOLVER_ORDERS
+    if isinstance(order, (bool, np.bool_)) or order not in allowed:
+        raise ValueError(f"order must be one of {', '.join(map(str, allowed))} for {method}, got {order!r}.")
+    reached = max(dpm_solver_orders(steps, int(order)))
+    if reached < order:
+        least = next(k for k in range(1, 16) if max(dpm_solver_orders(k, int(order))) == order)
+        raise ValueError(f"order={order} needs at least {least} steps: with {steps}, {method} never gets past order "
+                         f"{reached} (its first step is first order, and so is its last, the step to clean data). "
+                         f"Use order={reached} or steps >= {least}.")
+    return int(order)

@@ -214,3 +214,48 @@ def respace_betas(betas, timesteps) -> np.ndarray:
         raise ValueError(f"timesteps must lie in 0..{len(betas) - 1}, got {timesteps}.")
     alpha_bars = np.cumprod(1.0 - betas)[timesteps]
     return 1.0 - alpha_bars / np.append(1.0, alpha_bars[:-1])
+
+
+# Where the K steps of a few-step sampler fall among the T training timesteps (Lin et al. 2024, Table 2;
+# diffusers' timestep_spacing). Every sampler evaluates the network at exactly these timesteps and ends
+# with a step to clean data from the smallest of them.
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "logsnr")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace", *, betas=None) -> np.ndarray:
+    """``steps`` distinct training timesteps (0-based, ascending, int ``(steps,)``) chosen by ``spacing``:
+
+    * ``'linspace'``: :func:`space_timesteps`, evenly spaced from 0 to T-1, both kept (improved-diffusion's
+      respacing; diffusers' DDIM 'linspace'). T=100, K=10: 0, 11, 22, ..., 99.
+    * ``'leading'``: ``k * (T // K)``, from 0 up, never reaching T-1 (diffusers' DDIM 'leading', Stable
+      Diffusion's): 0, 10, 20, ..., 90. The first step starts from a noise level below the prior's.
+    * ``'trailing'``: ``round(T - k T / K) - 1``, from T-1 down, never reaching 0 (Lin et al.'s fix:
+      the first step starts at t = T, and no network call is spent at the smallest noise): 9, 19, ..., 99.
+    * ``'logsnr'``: uniform in log-SNR ``lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t))`` from
+      lambda_{T-1} to lambda_0 (DPM-Solver's spacing), each point rounded to the training timestep of
+      nearest lambda, kept distinct; needs the schedule's float64 ``betas``.
+
+    With ``steps = T`` every spacing keeps every timestep.
+    """
+    _check_num_timesteps(num_timesteps)
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be an integer in 1..T={num_timesteps}, got {steps!r}.")
+    if spacing == "linspace":
+        return space_timesteps(num_timesteps, steps)
+    if spacing == "leading":
+        return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+    if spacing == "trailing":
+        return np.sort(np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1)[-steps:]
+    if spacing == "logsnr":
+        if betas is None or len(betas) != num_timesteps:
+            raise ValueError("spacing='logsnr' needs the schedule's betas (T of them) to compute log-SNR.")
+        alpha_bars = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        lambdas = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
+        targets = np.linspace(lambdas[-1], lambdas[0], steps)
+        chosen = np.sort(np.abs(lambdas[None, :] - targets[:, None]).argmin(axis=1))
+        for k in range(1, steps):  # distinct: nudge collisions up, then back below T-1 from the top
+            chosen[k] = max(chosen[k], chosen[k - 1] + 1)
+        for k in range(steps - 1, -1, -1):
+            chosen[k] = min(chosen[k], num_timesteps - steps + k)
+        return chosen.astype(np.int64)
+    raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}.")

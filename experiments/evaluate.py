@@ -56,8 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="sample with the EMA of the weights (default) or the last step's raw weights")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps K (default: all T; K < T respaces)")
-    p.add_argument("--method", choices=("ancestral", "ddim"), default="ancestral", help="sampler (default: %(default)s)")
+    flags.add_sampler_flags(p)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--variance", choices=VARIANCE_TYPES, default=None, help="sigma_t^2 (default: the run's config)")
     p.add_argument("--mean", choices=MEAN_TYPES, default=None, help="reverse-step mean (default: the run's config)")
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
         checkpoint = checkpoint.with_weights(args.weights) if args.weights == "raw" else checkpoint
         # The sampler's options, checked and defaulted by the rule sample() uses (recalibrated BN is ours).
         options = sampling_options(checkpoint.config, steps=args.steps, method=args.method, eta=args.eta,
-                                   variance=args.variance, mean=args.mean,
+                                   variance=args.variance, mean=args.mean, order=args.order, spacing=args.spacing,
                                    batchnorm=None if args.batchnorm == "recalibrated" else args.batchnorm)
         # The data the run was trained on, as its config says: the classifier and the references are that data's.
         info, (train_images, train_labels), (test_images, test_labels) = evaluation_data(checkpoint.config, args)
@@ -184,7 +183,11 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     variance, mean = options.variance, options.mean
     steps = options.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
-    sampler_name = f"ddim-eta{args.eta:g}" if ddim else f"{variance}-{mean}"
+    solver = options.method.endswith("dpm_solver++")
+    sampler_name = (f"ddim-eta{args.eta:g}" if ddim else f"{options.method}{options.order}" if solver
+                    else f"{variance}-{mean}")
+    if options.spacing != "linspace":
+        sampler_name += f"-{options.spacing}"
     num_classes = int(config.model.get("num_classes", 0))
     unconditional = (args.unconditional or config.sampling.get("unconditional", "null")) if num_classes else None
     guidance_scale = None
@@ -205,6 +208,8 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     # every option that changes a sample, so a workdir whose checkpoints were replaced never reuses old samples.
     options = {"checkpoint": checkpoint.identity, "step": checkpoint.step, "weights": checkpoint.weights_used,
                "seed": args.seed, "method": args.method, "eta": args.eta if ddim else None, "variance": variance,
+               **({"order": options.order} if solver else {}),
+               **({"spacing": options.spacing} if options.spacing != "linspace" else {}),
                "mean": mean, "steps": steps, "batch_size": batch_size, "unconditional": unconditional,
                "guidance_scale": guidance_scale, "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
                "recalibration_data": data_lib.fingerprint(train_images) if batchnorm_recalibrated else None}
@@ -229,6 +234,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
         progress=progress, variance=variance, mean=mean, steps=steps, method=args.method,
         **({"eta": args.eta} if ddim else {}),
+        **({"order": options.order} if solver else {}), spacing=options.spacing,
         **({} if unconditional is None else {"unconditional": unconditional}),
         **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
         batchnorm=batchnorm,
@@ -257,7 +263,8 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset,
                        "identity": checkpoint.identity},
         "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
-                     **({"eta": args.eta} if ddim else {}), "variance": variance, "mean": mean,
+                     **({"eta": args.eta} if ddim else {}), **({"order": options.order} if solver else {}),
+                     "spacing": options.spacing, "variance": variance, "mean": mean,
                      "unconditional": unconditional, "guidance_scale": guidance_scale,
                      "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
                      "batch_size": batch_size,

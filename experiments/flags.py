@@ -11,6 +11,8 @@ import ast
 
 from ddpm_jax import data as data_lib
 from ddpm_jax.feature_network import default_cache_dir
+from ddpm_jax.options import SAMPLING_METHODS
+from ddpm_jax.schedules import SPACINGS
 
 
 def apply_override(config, assignment: str) -> None:
@@ -59,6 +61,18 @@ def load_run_split(config, split: str, args: argparse.Namespace):
         raise ValueError("this run was trained on a folder of images, which has no fixed test split; measure it with "
                          "python -m experiments.evaluate --workdir RUN --image-dir DIR.")
     return data_lib.load_dataset(dataset, split, data_dir=args.data_dir, idx_dir=args.idx_dir)
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--method``, ``--order`` and ``--spacing``: which sampler, with how many network calls."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse steps K, one network call each (default: all T; K < T respaces)")
+    p.add_argument("--method", choices=SAMPLING_METHODS, default="ancestral", help="sampler (default: %(default)s)")
+    p.add_argument("--order", type=int, default=None,
+                   help="dpm_solver++ / sde_dpm_solver++: the solver's order, 1-3 (default: 2)")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                   help="where K < T steps fall among the training timesteps (default: %(default)s; see "
+                        "ddpm_jax.schedules.spaced_timesteps)")
 
 
 def add_cache_flag(p: argparse.ArgumentParser) -> None:

@@ -58,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier guidance scales s (default: %(default)s; s=0 is the unconditional run itself)")
     p.add_argument("--num-samples", type=int, default=2_000,
                    help="samples per variant, the digits asked for in turn (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="reverse steps K (default: all T; K < T respaces)")
-    p.add_argument("--method", choices=("ancestral", "ddim"), default="ancestral", help="sampler (default: %(default)s)")
+    flags.add_sampler_flags(p)
     p.add_argument("--batch-size", type=int, default=None, help="samples per jitted call (default: the run's config)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every variant (default: %(default)s)")
     flags.add_cache_flag(p)
@@ -198,14 +197,17 @@ def main(argv=None) -> int:
     for name, kind, scale, ckpt, kwargs in variants:
         batch_size = min(args.batch_size or ckpt.config.sampling.batch_size, args.num_samples)
         tag = "uncond" if kind == "unconditional" else f"{'w' if kind == 'classifier_free' else 'clf-s'}{scale:g}"
-        chunk_dir = out / "samples" / f"{tag}-step{ckpt.step}-seed{args.seed}-{args.method}-K{steps}-batch{batch_size}"
+        sampler = args.method + (f"{args.order or 2}" if args.method.endswith("dpm_solver++") else "")
+        sampler += "" if args.spacing == "linspace" else f"-{args.spacing}"
+        chunk_dir = out / "samples" / f"{tag}-step{ckpt.step}-seed{args.seed}-{sampler}-K{steps}-batch{batch_size}"
         print(f"{name} ...", flush=True)
         timing = chunk_dir / "timing.json"
         fresh = not chunk_dir.exists() or not any(chunk_dir.glob("batch_*.npy"))
         start = time.perf_counter()
         samples = evaluation.draw_samples(ckpt, jax.random.PRNGKey(args.seed), args.num_samples,
                                           batch_size=batch_size, chunk_dir=chunk_dir, progress=progress,
-                                          steps=steps, method=args.method, **kwargs)
+                                          steps=steps, method=args.method, order=args.order,
+                                          spacing=args.spacing, **kwargs)
         seconds = time.perf_counter() - start
         # Sampling speed is kept only for a draw made in one go (compile included); a resumed sweep reads it back.
         if fresh:

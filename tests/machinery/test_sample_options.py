@@ -32,7 +32,13 @@ def test_sample_takes_steps_and_method_and_keeps_the_three_argument_call(checkpo
     [
         ({"steps": 0}, r"steps must be an integer in 1..10"),
         ({"steps": 11}, r"steps must be an integer in 1..10"),
-        ({"method": "dpm"}, "allowed: ancestral, ddim"),
+        ({"method": "dpm"}, "allowed: ancestral, ddim, dpm_solver.., sde_dpm_solver.."),
+        ({"steps": 4, "method": "dpm_solver++", "order": 3}, "order=3 needs at least 5 steps"),
+        ({"steps": 2, "method": "dpm_solver++"}, "order=2 needs at least 3 steps"),
+        ({"method": "sde_dpm_solver++", "order": 3}, "order must be one of 1, 2 for sde_dpm_solver"),
+        ({"method": "dpm_solver++", "eta": 0.5}, "takes order="),
+        ({"order": 2}, "applies to method='dpm_solver..' or 'sde_dpm_solver..' only"),
+        ({"steps": 5, "spacing": "middle"}, "unknown spacing 'middle'; allowed: linspace, leading, trailing, logsnr"),
         ({"eta": 1.0}, "method='ddim' only"),
         ({"method": "ddim", "variance": "beta"}, "DDIM's step is set by eta"),
         ({"method": "ddim", "eta": -1.0}, "eta must be a finite number >= 0"),
@@ -41,3 +47,19 @@ def test_sample_takes_steps_and_method_and_keeps_the_three_argument_call(checkpo
 def test_bad_sampling_options_are_refused_with_what_is_allowed(checkpoint, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ddpm_jax.sample(checkpoint, jax.random.PRNGKey(0), 2, **kwargs)
+
+
+def test_dpm_solver_and_every_spacing_sample_with_and_without_guidance():
+    config = get_config("tiny")
+    config.model.num_classes = 10  # a class-conditional network: classifier-free guidance through the solver
+    checkpoint = DiffusionCheckpoint.from_train_state(create_train_state(config), config)
+    key = jax.random.PRNGKey(2)
+    for kwargs in ({"method": "dpm_solver++"}, {"method": "dpm_solver++", "order": 3, "spacing": "trailing"},
+                   {"method": "sde_dpm_solver++", "steps": 6, "spacing": "logsnr"},
+                   {"method": "ddim", "steps": 4, "spacing": "leading"}):
+        images = ddpm_jax.sample(checkpoint, key, 3, labels=np.array([1, 2, 3]), guidance_scale=2.0, **kwargs)
+        assert images.shape == (3, 28, 28, 1) and bool(jnp.all(jnp.abs(images) <= 1)), kwargs
+    # Order 1 is DDIM: the same samples from the same key, to float32 rounding.
+    np.testing.assert_allclose(
+        np.asarray(ddpm_jax.sample(checkpoint, key, 2, steps=5, method="dpm_solver++", order=1, labels=1)),
+        np.asarray(ddpm_jax.sample(checkpoint, key, 2, steps=5, method="ddim", labels=1)), atol=1e-5)

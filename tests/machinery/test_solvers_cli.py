@@ -1,0 +1,50 @@
+"""``python -m experiments.solvers``: FID against network calls per sampler and spacing, its table, plot and
+refusals, resumed from the samples it kept."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_jax.configs import get_classifier_config
+from ddpm_jax.feature_network import FeatureNetwork, build_classifier
+from experiments import solvers
+
+
+def _untrained_feature_network():
+    """A feature network with random weights: the command's plumbing does not need a good one."""
+    config = get_classifier_config()
+    params = build_classifier(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    return FeatureNetwork(params, ml_collections.FrozenConfigDict(config.to_dict()), 0.99, {})
+
+
+def test_every_sampler_spacing_and_call_count_gets_a_row_the_table_and_the_plot(trained_tiny_run, idx_dir,
+                                                                                 monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_tiny_run, run)
+    monkeypatch.setattr(solvers, "load_or_train_feature_network", lambda *a, **k: _untrained_feature_network())
+    argv = ["--workdir", str(run), "--idx-dir", str(idx_dir), "--num-samples", "8", "--batch-size", "8",
+            "--methods", "ddim", "dpm_solver++", "--spacings", "linspace", "trailing", "--calls", "3", "10", "50",
+            "--no-progress"]
+    assert solvers.main(argv) == 0
+    report = json.loads((run / "solvers" / "solvers.json").read_text())
+    # K = 3 at both spacings, K = T = 10 once (all timesteps), K = 50 > T dropped; per method.
+    assert [(r["method"], r["spacing"], r["calls"]) for r in report["rows"]] == [
+        ("ddim", "linspace", 3), ("ddim", "trailing", 3), ("ddim", "linspace", 10),
+        ("dpm_solver++", "linspace", 3), ("dpm_solver++", "trailing", 3), ("dpm_solver++", "linspace", 10)]
+    assert all(np.isfinite(r["fid"]) for r in report["rows"]) and report["rows"][3]["order"] == 2
+    assert "| DPM-Solver++(2M) | trailing | 3 |" in (run / "solvers" / "solvers.md").read_text()
+    assert (run / "solvers" / "fid_vs_calls.png").stat().st_size > 0
+    assert solvers.main(argv) == 0  # rerun: every batch read back, the same numbers
+    again = json.loads((run / "solvers" / "solvers.json").read_text())
+    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in report["rows"]]
+
+
+def test_an_impossible_combination_is_refused_before_anything_is_drawn(trained_tiny_run, idx_dir, capsys):
+    assert solvers.main(["--workdir", str(trained_tiny_run), "--idx-dir", str(idx_dir), "--methods", "dpm_solver++",
+                         "--order", "3", "--calls", "4"]) == 2
+    assert "order=3 needs at least 5 steps" in capsys.readouterr().err
+    assert not (trained_tiny_run / "solvers").exists()
