@@ -47,7 +47,7 @@ def trajectory(betas, timesteps, order, algorithm, thresholding, x_T):
     for t in scheduler.timesteps:
         eps = torch.tensor(exact_eps(x.double().numpy(), alpha_bars[int(t)]), dtype=torch.float32)
         x = scheduler.step(eps, t, x).prev_sample
-        states.append(x.numpy().astype(np.float64).ravel().tolist())
+        states.append([float(f"{v:.9g}") for v in x.numpy().ravel()])  # float32 holds 9 significant digits
     return [int(t) for t in scheduler.timesteps], states
 
 
@@ -70,7 +70,7 @@ def main():
     own = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
     own.set_timesteps(10)
     out = {"diffusers": diffusers.__version__, "torch": torch.__version__, "shape": list(SHAPE),
-           "mu": MU.ravel().tolist(), "s": S, "x_T": x_T.ravel().tolist(),
+           "mu": MU.ravel().tolist(), "s": S, "x_T": [float(f"{v:.9g}") for v in x_T.ravel()],
            "diffusers_trailing_1000_10": [int(t) for t in own.timesteps], "cases": cases}
     path = Path(__file__).parent / "golden" / "dpm_solver_diffusers.json"
     path.write_text(json.dumps(out))
