@@ -11,7 +11,9 @@ split, the unreadable rate, KL of the class histogram to uniform, precision and 
 
 Writes into ``RUN/solvers/``: ``solvers.json`` (every row, the floor, the setup), ``solvers.md``
 (the table) and ``fid_vs_calls.png``. Samples are kept per variant, so a killed run rerun with
-the same flags resumes.
+the same flags resumes. Rows accumulate over runs on the same checkpoint, seed and sample count
+(another combination of flags adds its rows to the table: e.g. every spacing for DPM-Solver++,
+two for the others); anything else starts the table afresh.
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ def markdown_table(rows: list[dict], floor: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(row: dict) -> tuple:
+    return row["method"], row["order"], row["spacing"], row["calls"]
+
+
+def _earlier_rows(path: Path, setup: dict) -> list[dict]:
+    """The rows an earlier run wrote for the same checkpoint, seed and sample count (else none)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return list(earlier.get("rows", [])) if earlier.get("setup") == setup else []
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     progress = not args.no_progress
@@ -140,7 +155,8 @@ def main(argv=None) -> int:
     _, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
     floor, _, _ = evaluation.real_image_floor(network, train_images, args.num_samples, test_features, args.cache_dir)
 
-    rows = []
+    setup = {"num_samples": args.num_samples, "seed": args.seed, "identity": checkpoint.identity}
+    rows = _earlier_rows(out / "solvers.json", setup)
     for v in todo:
         batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
         full = v["calls"] == num_timesteps
@@ -159,13 +175,14 @@ def main(argv=None) -> int:
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
         probs, features = network(samples)
         result = evaluation.measure(probs, features, test_features)
+        rows = [r for r in rows if _key(r) != _key(v)]
         row = {**v, "full": full, "seconds": seconds,
                "samples_per_s": args.num_samples / seconds if seconds else None,
                **{k: result[k] for k in ("fid", "unreadable_rate", "kl_to_uniform", "precision", "recall")}}
         rows.append(row)
         print(f"{_label(row)} {v['spacing']} K={v['calls']}: FID {row['fid']:.2f}, unreadable "
               f"{row['unreadable_rate']:.1%}" + (f", {seconds:.0f} s" if seconds else ""), flush=True)
-        evaluation.write_json({"rows": rows, "partial": True}, str(out / "solvers.json"))
+        evaluation.write_json({"rows": rows, "partial": True, "setup": setup}, str(out / "solvers.json"))
 
     table = markdown_table(rows, floor)
     (out / "solvers.md").write_text(
@@ -176,7 +193,7 @@ def main(argv=None) -> int:
         "rows": rows, "floor": {"what": f"{floor['num_samples']:,} real training images against the test split",
                                 **{k: floor[k] for k in ("fid", "unreadable_rate", "kl_to_uniform", "precision",
                                                          "recall", "num_samples")}},
-        "num_samples": args.num_samples, "seed": args.seed, "order": args.order,
+        "setup": setup, "num_samples": args.num_samples, "seed": args.seed,
         "checkpoint": {"workdir": args.workdir, "step": checkpoint.step, "preset": config.preset,
                        "identity": checkpoint.identity},
         "guidance_scale": float(config.sampling.guidance_scale) if config.model.get("num_classes", 0) else None,

@@ -41,6 +41,11 @@ def test_every_sampler_spacing_and_call_count_gets_a_row_the_table_and_the_plot(
     assert solvers.main(argv) == 0  # rerun: every batch read back, the same numbers
     again = json.loads((run / "solvers" / "solvers.json").read_text())
     assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in report["rows"]]
+    # Another combination adds its rows to the same table.
+    assert solvers.main(argv[:8] + ["--methods", "dpm_solver++", "--spacings", "leading", "--calls", "3",
+                                    "--no-progress"]) == 0
+    more = json.loads((run / "solvers" / "solvers.json").read_text())["rows"]
+    assert len(more) == 7 and (more[-1]["method"], more[-1]["spacing"]) == ("dpm_solver++", "leading")
 
 
 def test_an_impossible_combination_is_refused_before_anything_is_drawn(trained_tiny_run, idx_dir, capsys):
