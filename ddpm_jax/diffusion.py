@@ -16,10 +16,11 @@ from ddpm_jax.schedules import DiffusionSchedule, extract
 
 MeanType = Literal["x0_clip", "eps"]
 MEAN_TYPES: tuple[str, ...] = ("x0_clip", "eps")
-VarianceType = Literal["beta", "beta_tilde", "learned"]
-# Fixed reverse variances, and the learned interpolation between them (Nichol & Dhariwal 2021).
-VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde", "learned")
-FIXED_VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde")
+VarianceType = Literal["beta", "beta_tilde", "learned", "fixed_large"]
+# Fixed reverse variances, the learned interpolation between them (Nichol & Dhariwal 2021), and 'beta' as
+# Ho et al.'s code and improved-diffusion's FIXED_LARGE write it (see p_variance).
+VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde", "learned", "fixed_large")
+FIXED_VARIANCE_TYPES: tuple[str, ...] = ("beta", "beta_tilde", "fixed_large")
 # The network as the samplers and the bounds see it: eps_fn(variables, x_t, t) -> eps_hat (x_t's shape;
 # 2C channels, eps and v, for a learned variance); t int (B,), 0-based.
 EpsModelFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -105,10 +106,17 @@ def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType, log: bo
     ``'beta'``: sigma_t^2 = beta_t (the upper bound on the reverse variance);
     ``'beta_tilde'``: sigma_t^2 = beta-tilde_t, the posterior variance (the lower bound),
     whose log is clipped at t = 0 (where beta-tilde is 0) as everywhere here.
-    Ho et al. 2020, section 3.2, found both give similar samples.
+    Ho et al. 2020, section 3.2, found both give similar samples. ``'fixed_large'``: 'beta' as Ho
+    et al.'s released code (and improved-diffusion's ``FIXED_LARGE``) has it, beta_t except at the
+    last step (index 0), which gets beta-tilde of index 1 "to get a better decoder log likelihood":
+    it changes no sample (that step adds no noise), only the decoder term L_0 of the bound.
     """
     if variance_type == "beta":
         return jnp.log(schedule.betas) if log else schedule.betas
+    if variance_type == "fixed_large":
+        first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
+        variances = schedule.betas.at[0].set(first)
+        return jnp.log(variances) if log else variances
     if variance_type == "beta_tilde":
         return schedule.posterior_log_variance_clipped if log else schedule.posterior_variance
     if variance_type == "learned":

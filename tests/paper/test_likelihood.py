@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import get_config, schedule_from_config
+from ddpm_jax.diffusion import p_variance
 from ddpm_jax.likelihood import (
     bits_per_dim,
     discretized_gaussian_log_likelihood,
@@ -16,6 +17,7 @@ from ddpm_jax.likelihood import (
     vlb_terms,
 )
 from ddpm_jax.configs import build_model
+from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule
 
 
 def test_kl_of_identical_gaussians_is_zero_and_of_others_positive_and_exact():
@@ -95,3 +97,12 @@ def test_the_likelihood_cli_writes_bits_per_dim_with_its_parts(tmp_path, idx_dir
     assert result["bits_per_dim"] == pytest.approx(parts, rel=1e-5) and result["stderr"] > 0
     assert "bits/dim" in capsys.readouterr().out
     assert likelihood.main(["--workdir", str(workdir), "--idx-dir", str(idx_dir), "--batch-size", "0"]) == 2
+
+
+def test_fixed_large_is_beta_but_for_the_decoder_variance_and_changes_only_l0():
+    # Ho et al.'s code and improved-diffusion's FIXED_LARGE: beta_t, with beta-tilde of index 1 at index 0.
+    schedule = DiffusionSchedule.from_betas(cosine_beta_schedule(100))
+    large, beta = p_variance(schedule, "fixed_large"), p_variance(schedule, "beta")
+    np.testing.assert_array_equal(large[1:], beta[1:])
+    assert float(large[0]) == float(schedule.posterior_variance[1]) != float(beta[0])
+    np.testing.assert_allclose(p_variance(schedule, "fixed_large", log=True), np.log(large), rtol=1e-6)
