@@ -184,10 +184,11 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     steps = options.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
     solver = options.method.endswith("dpm_solver++")
+    order, spacing = options.order, options.spacing
     sampler_name = (f"ddim-eta{args.eta:g}" if ddim else f"{options.method}{options.order}" if solver
                     else f"{variance}-{mean}")
-    if options.spacing != "linspace":
-        sampler_name += f"-{options.spacing}"
+    if spacing != "linspace":
+        sampler_name += f"-{spacing}"
     num_classes = int(config.model.get("num_classes", 0))
     unconditional = (args.unconditional or config.sampling.get("unconditional", "null")) if num_classes else None
     guidance_scale = None
@@ -208,8 +209,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     # every option that changes a sample, so a workdir whose checkpoints were replaced never reuses old samples.
     options = {"checkpoint": checkpoint.identity, "step": checkpoint.step, "weights": checkpoint.weights_used,
                "seed": args.seed, "method": args.method, "eta": args.eta if ddim else None, "variance": variance,
-               **({"order": options.order} if solver else {}),
-               **({"spacing": options.spacing} if options.spacing != "linspace" else {}),
+               **({"order": order} if solver else {}), **({"spacing": spacing} if spacing != "linspace" else {}),
                "mean": mean, "steps": steps, "batch_size": batch_size, "unconditional": unconditional,
                "guidance_scale": guidance_scale, "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
                "recalibration_data": data_lib.fingerprint(train_images) if batchnorm_recalibrated else None}
@@ -234,7 +234,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
         progress=progress, variance=variance, mean=mean, steps=steps, method=args.method,
         **({"eta": args.eta} if ddim else {}),
-        **({"order": options.order} if solver else {}), spacing=options.spacing,
+        **({"order": order} if solver else {}), spacing=spacing,
         **({} if unconditional is None else {"unconditional": unconditional}),
         **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
         batchnorm=batchnorm,
@@ -263,8 +263,8 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset,
                        "identity": checkpoint.identity},
         "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
-                     **({"eta": args.eta} if ddim else {}), **({"order": options.order} if solver else {}),
-                     "spacing": options.spacing, "variance": variance, "mean": mean,
+                     **({"eta": args.eta} if ddim else {}), **({"order": order} if solver else {}),
+                     "spacing": spacing, "variance": variance, "mean": mean,
                      "unconditional": unconditional, "guidance_scale": guidance_scale,
                      "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
                      "batch_size": batch_size,
