@@ -301,7 +301,7 @@ def test_data_source_is_read_in_batches():
             raise AssertionError("per-example read used")
 
     source = Source(25)
-    images, labels = data._read_data_source(source, chunk=10)
+    images, labels = data._read_data_source(source, (28, 28, 1), chunk=10)
     assert source.batches == [10, 10, 5]
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     np.testing.assert_array_equal(images[:, 0, 0, 0], np.arange(25))
