@@ -124,7 +124,7 @@ def test_training_saves_checkpoints_its_config_metrics_and_test_accuracy(trained
     saved = json.loads((workdir / "config.json").read_text())
     assert set(saved) == {"model", "train", "diffusion", "data"}
     assert saved["diffusion"] == get_config("tiny").diffusion.to_dict()
-    assert saved["data"] == {"image_size": 28, "fingerprint": fingerprint(*labelled)}
+    assert saved["data"] == {"image_size": 28, "channels": 1, "fingerprint": fingerprint(*labelled)}
     assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     accuracy = nc.read_accuracy(workdir)
     assert accuracy["step"] == 4 and accuracy["num_examples"] == 12 and accuracy["num_timesteps"] == 10
