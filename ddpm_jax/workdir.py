@@ -23,6 +23,28 @@ class WorkdirBusyError(ValueError):
     """Another live process holds the lock a run or an evaluation needs."""
 
 
+def check_workdir(workdir, flag: str = "--workdir") -> str:
+    """What :func:`prepare_workdir` checks, without creating anything: ``workdir`` as an absolute path that is
+    a directory, or could be made one under its nearest existing ancestor, which this process can write.
+    For a command that must refuse bad data before it writes anything, yet name a bad workdir first."""
+    if workdir is None or not str(workdir).strip():
+        raise ValueError(f"{flag} is empty; give a directory for the run, e.g. {flag} runs/mnist.")
+    path = os.path.abspath(os.path.expanduser(str(workdir)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {workdir}: {path} exists and is not a directory; give a directory.")
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    try:
+        if not os.path.isdir(ancestor):
+            raise NotADirectoryError(20, f"{ancestor} is not a directory")
+        with tempfile.TemporaryFile(dir=ancestor):  # leaves nothing behind
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {workdir}: cannot write there ({e.strerror or e}); give a writable directory.") from e
+    return path
+
+
 def prepare_workdir(workdir, flag: str = "--workdir") -> str:
     """``workdir`` as an absolute path to a directory this process can write, created if missing.
 

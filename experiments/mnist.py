@@ -29,7 +29,7 @@ from ddpm_jax import train as train_lib
 from ddpm_jax import training_loop as training_loop_lib
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.figures import write_figures
-from ddpm_jax.workdir import prepare_workdir
+from ddpm_jax.workdir import check_workdir, prepare_workdir
 from experiments.flags import apply_override
 
 
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
         if config.dataset != data_lib.IMAGE_FOLDER:
             data_lib.dataset_info(config.dataset)  # an unknown name, before anything is loaded
         configs_lib.validate_config(config)
+        check_workdir(args.workdir)  # a bad workdir is named before the data is read
         # The data is read (and refused) before anything is written.
         images, labels = load_training_data(config, args)
         fit_config_to_data(config, labels, args.class_conditional)
