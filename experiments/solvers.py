@@ -96,7 +96,7 @@ def save_plot(rows: list[dict], floor: dict, path: str) -> None:
     ax.set_xlabel("network calls per sample")
     ax.set_ylabel("FID (classifier features, test split)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, handlelength=3.5)  # long enough to show the dashes
     fig.tight_layout()
     fig.savefig(path)
 
