@@ -148,3 +148,18 @@ def test_an_unlabelled_folder_trains_unconditionally_and_the_evaluation_says_wha
     assert mnist.main(["--preset", "tiny", "--image-dir", str(grey_flat), "--class-conditional",
                        "--workdir", str(tmp_path / "cond")]) == 2
     assert "--class-conditional needs labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+@pytest.mark.parametrize("classes", [False, True])
+def test_grey_and_rgb_load_with_and_without_class_subfolders(tmp_path, rgb, classes):
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        sub = ("round" if i % 2 else "flat") if classes else ""
+        _save(tmp_path / "images" / sub / f"{i}.png", _shapes(rng, 20, rgb, i % 2))
+    folder = load_image_folder(tmp_path / "images", 12)
+    assert folder.images.shape == (6, 12, 12, 3 if rgb else 1)
+    if classes:
+        assert folder.class_names == ("flat", "round") and sorted(folder.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    else:
+        assert folder.labels is None and folder.class_names == ()
