@@ -171,11 +171,12 @@ def main(argv=None) -> int:
         return 2
     if args.epochs is not None:
         n = min(len(images), config.data.max_train_examples or len(images))
-        config.train.num_steps = math.ceil(args.epochs * n / config.train.batch_size)
-        if config.train.num_steps > configs_lib.MAX_STEPS:
-            print(f"error: --epochs {args.epochs}: {config.train.num_steps:,} steps at batch {config.train.batch_size}; "
+        steps = args.epochs * n / config.train.batch_size  # a float: huge epochs give inf, not an int overflow
+        if not steps <= configs_lib.MAX_STEPS:
+            print(f"error: --epochs {args.epochs}: {steps:,.0f} steps at batch {config.train.batch_size}; "
                   f"at most {configs_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
             return 2
+        config.train.num_steps = math.ceil(steps)
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
     try:
