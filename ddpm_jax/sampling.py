@@ -123,6 +123,14 @@ def make_ancestral_sampler(
     return _reverse_chain(eps_fn, shape, num_timesteps, step, return_every, sharding)
 
 
+def _constrainer(sharding):
+    """``x -> x`` laid out as ``sharding`` (a ``NamedSharding`` over the batch axis) inside jit, or unchanged when
+    ``sharding`` is None (one device)."""
+    if sharding is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _reverse_chain(eps_fn: EpsModelFn, shape, num_steps: int, step, return_every: int, sharding):
     """``sample_fn(variables, key)`` running x_T ~ N(0, I) down to x_0 in one ``lax.scan``.
 
@@ -133,8 +141,7 @@ def _reverse_chain(eps_fn: EpsModelFn, shape, num_steps: int, step, return_every
     ``fold_in(second half, i)``, so samplers given the same key draw the same numbers.
     """
 
-    def constrain(x):
-        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    constrain = _constrainer(sharding)
 
     def sample_fn(variables, key: jax.Array):
         init_key, step_key = jax.random.split(key)
@@ -341,7 +348,7 @@ def dpm_solver_coefficients(alpha_bars, order: int, *, stochastic: bool = False,
 
 
 def _dpm_solver_chain(eps_fn: EpsModelFn, schedule: DiffusionSchedule, coefficients: dict, clip_denoised: bool,
-                      cond_fn: CondFn | None, constrain=lambda x: x):
+                      cond_fn: CondFn | None, constrain=_constrainer(None)):
     """``chain(variables, x_T, noise_key, keep_states) -> (x, states)``: the K solver steps from ``x_T`` in one
     ``lax.scan``; ``x`` is the last state (unclipped), ``states`` ``(K, ...)`` the state after each step (None
     unless ``keep_states``)."""
@@ -421,8 +428,7 @@ def make_dpm_solver_sampler(
     eps_fn = _on_training_timesteps(eps_fn, schedule, timesteps)
     cond_fn = _on_training_timesteps(cond_fn, schedule, timesteps) if cond_fn is not None else None
 
-    def constrain(x):
-        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    constrain = _constrainer(sharding)
 
     chain = _dpm_solver_chain(eps_fn, schedule, coefficients, clip_denoised, cond_fn, constrain)
 

@@ -31,7 +31,6 @@ import jax
 import numpy as np
 
 from ddpm_jax import data as data_lib
-from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax import evaluation, metrics, plotting
 from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
 from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
@@ -123,18 +122,12 @@ HELD_OUT = 0.1  # of an image folder: the share held out as its test split
 def evaluation_data(config, args: argparse.Namespace):
     """``(info, (train_images, train_labels), (test_images, test_labels))`` of the data a run was trained on:
     its dataset's two splits, or its image folder (``--image-dir``) split into 90% and a held-out 10%."""
-    dataset = config.get("dataset", "mnist")
-    if dataset != data_lib.IMAGE_FOLDER:
-        if args.image_dir is not None:
-            raise ValueError(f"this run was trained on {data_lib.dataset_info(dataset).title}, not on a folder of "
-                             "images; drop --image-dir.")
+    folder = flags.run_image_folder(config, args, progress=not args.no_progress)
+    if folder is None:
+        dataset = config.get("dataset", "mnist")
         return (data_lib.dataset_info(dataset),
                 data_lib.load_dataset(dataset, "train", data_dir=args.data_dir, idx_dir=args.idx_dir),
                 data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir))
-    if args.image_dir is None:
-        raise ValueError("this run was trained on a folder of images: pass the same folder with --image-dir DIR.")
-    folder = image_folder_lib.load_image_folder(args.image_dir, int(config.data.get("native_size", 28)),
-                                                progress=not args.no_progress)
     if folder.labels is None:
         raise ValueError(
             f"{args.image_dir} has no class subfolders, so no classifier can be trained to measure samples in: FID, "

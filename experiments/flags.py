@@ -10,6 +10,7 @@ import argparse
 import ast
 
 from ddpm_jax import data as data_lib
+from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax.feature_network import default_cache_dir
 from ddpm_jax.options import SAMPLING_METHODS
 from ddpm_jax.schedules import SPACINGS
@@ -51,6 +52,21 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
     p.add_argument("--idx-dir", default=None,
                    help="read the run's dataset from its standard IDX files in this folder instead of TFDS")
+
+
+def run_image_folder(config, args: argparse.Namespace, progress: bool = False):
+    """The run's folder of images (``--image-dir``, loaded at the run's native size) when it was trained on one, or
+    ``None`` when it was trained on a dataset; a missing or unwanted ``--image-dir`` is refused with the fix."""
+    dataset = config.get("dataset", "mnist")
+    if dataset == data_lib.IMAGE_FOLDER:
+        if args.image_dir is None:
+            raise ValueError("this run was trained on a folder of images: pass the same folder with --image-dir DIR.")
+        return image_folder_lib.load_image_folder(args.image_dir, int(config.data.get("native_size", 28)),
+                                                  progress=progress)
+    if args.image_dir is not None:
+        raise ValueError(f"this run was trained on {data_lib.dataset_info(dataset).title}, not on a folder of "
+                         "images; drop --image-dir.")
+    return None
 
 
 def load_run_split(config, split: str, args: argparse.Namespace):

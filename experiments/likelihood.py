@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 
 from ddpm_jax import data as data_lib
-from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import VARIANCE_TYPES
@@ -91,15 +90,10 @@ def check_writable(workdir: str) -> None:
 
 def _images(config, args: argparse.Namespace):
     """The images to measure: the run's dataset's test split, or its image folder (``--image-dir``)."""
-    dataset = config.get("dataset", "mnist")
-    if dataset == data_lib.IMAGE_FOLDER:
-        if args.image_dir is None:
-            raise ValueError("this run was trained on a folder of images: pass the same folder with --image-dir DIR.")
-        return image_folder_lib.load_image_folder(args.image_dir, int(config.data.get("native_size", 28))).images
-    if args.image_dir is not None:
-        raise ValueError(f"this run was trained on {data_lib.dataset_info(dataset).title}, not on a folder of "
-                         "images; drop --image-dir.")
-    return data_lib.load_dataset(dataset, "test", data_dir=args.data_dir, idx_dir=args.idx_dir)[0]
+    folder = flags.run_image_folder(config, args)
+    if folder is not None:
+        return folder.images
+    return data_lib.load_dataset(config.get("dataset", "mnist"), "test", data_dir=args.data_dir, idx_dir=args.idx_dir)[0]
 
 
 def main(argv=None) -> int:
