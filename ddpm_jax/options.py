@@ -27,6 +27,10 @@ def check_count(name: str, value, least: int) -> int:
 # data prediction) and its stochastic variant SDE-DPM-Solver++.
 SAMPLING_METHODS = ("ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++")
 DPM_SOLVERS = ("dpm_solver++", "sde_dpm_solver++")
+# What K < T network calls use when no method or spacing is named: chosen from FID against network calls on the
+# default-preset MNIST and Fashion-MNIST runs (README, "Few network calls"). All T steps stay Algorithm 2.
+FEW_STEP_METHOD = "sde_dpm_solver++"
+FEW_STEP_SPACING = "trailing"
 
 
 def resolve_variance(config, variance: str | None) -> str:
@@ -65,15 +69,27 @@ class SamplingOptions:
     spacing: str = "linspace"
 
 
-def sampling_options(config, *, steps=None, method: str = "ancestral", eta=0.0, variance: str | None = None,
+def sampling_options(config, *, steps=None, method: str | None = None, eta=0.0, variance: str | None = None,
                      mean: str | None = None, batchnorm: str | None = None, order: int | None = None,
-                     spacing: str = "linspace") -> SamplingOptions:
-    """Check the sampling options of a run with ``config``, and fill in its defaults (see :func:`ddpm_jax.sample`)."""
+                     spacing: str | None = None) -> SamplingOptions:
+    """Check the sampling options of a run with ``config``, and fill in its defaults (see :func:`ddpm_jax.sample`).
+
+    ``method=None``: ancestral sampling over all T steps, or when ``variance``, ``mean`` or ``eta`` is given
+    (they set ancestral sampling's and DDIM's step); with K < T steps otherwise :data:`FEW_STEP_METHOD`.
+    ``spacing=None``: :data:`FEW_STEP_SPACING`. The defaulted solver's order is 2, or 1 for K < 3 steps.
+    """
     num_timesteps = config.diffusion.num_timesteps
     if steps is not None and (isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer))
                               or not 1 <= steps <= num_timesteps):
         raise ValueError(f"steps must be an integer in 1..{num_timesteps} (the T this network was trained with), "
                          f"got {steps!r}.")
+    if method is None:
+        all_steps = steps in (None, num_timesteps)
+        method = "ancestral" if all_steps or variance is not None or mean is not None or eta else FEW_STEP_METHOD
+        if method in DPM_SOLVERS and order is None:  # the highest order up to 2 that K steps reach (1 for K < 3)
+            order = max(dpm_solver_orders(int(steps), 2))
+    if spacing is None:
+        spacing = FEW_STEP_SPACING
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}.")
     if spacing not in SPACINGS:

@@ -172,13 +172,14 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
                                     precision_recall=False)
 
-    ddim = options.method == "ddim"
+    method = options.method  # resolved: --method, or the default for --steps
+    ddim = method == "ddim"
     variance, mean = options.variance, options.mean
     steps = options.steps or config.diffusion.num_timesteps
     batch_size = min(args.batch_size or config.sampling.batch_size, args.num_samples)
-    solver = options.method.endswith("dpm_solver++")
+    solver = method.endswith("dpm_solver++")
     order, spacing = options.order, options.spacing
-    sampler_name = (f"ddim-eta{args.eta:g}" if ddim else f"{options.method}{options.order}" if solver
+    sampler_name = (f"ddim-eta{args.eta:g}" if ddim else f"{method}{options.order}" if solver
                     else f"{variance}-{mean}")
     if spacing != "linspace":
         sampler_name += f"-{spacing}"
@@ -201,7 +202,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     # The cache of drawn batches is keyed by the checkpoint's identity (the digest of its verified files) and
     # every option that changes a sample, so a workdir whose checkpoints were replaced never reuses old samples.
     options = {"checkpoint": checkpoint.identity, "step": checkpoint.step, "weights": checkpoint.weights_used,
-               "seed": args.seed, "method": args.method, "eta": args.eta if ddim else None, "variance": variance,
+               "seed": args.seed, "method": method, "eta": args.eta if ddim else None, "variance": variance,
                **({"order": order} if solver else {}), **({"spacing": spacing} if spacing != "linspace" else {}),
                "mean": mean, "steps": steps, "batch_size": batch_size, "unconditional": unconditional,
                "guidance_scale": guidance_scale, "batchnorm": args.batchnorm or config.sampling.get("batchnorm", "running"),
@@ -225,7 +226,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     start = time.perf_counter()
     samples = evaluation.draw_samples(
         checkpoint, jax.random.PRNGKey(args.seed), args.num_samples, batch_size=batch_size, chunk_dir=chunk_dir,
-        progress=progress, variance=variance, mean=mean, steps=steps, method=args.method,
+        progress=progress, variance=variance, mean=mean, steps=steps, method=method,
         **({"eta": args.eta} if ddim else {}),
         **({"order": order} if solver else {}), spacing=spacing,
         **({} if unconditional is None else {"unconditional": unconditional}),
@@ -255,7 +256,7 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
                       "num_examples": len(test_images)},
         "checkpoint": {"workdir": str(workdir), "step": checkpoint.step, "preset": config.preset,
                        "identity": checkpoint.identity},
-        "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": args.method, "steps": steps,
+        "sampling": {"seed": args.seed, "weights": checkpoint.weights_used, "method": method, "steps": steps,
                      **({"eta": args.eta} if ddim else {}), **({"order": order} if solver else {}),
                      "spacing": spacing, "variance": variance, "mean": mean,
                      "unconditional": unconditional, "guidance_scale": guidance_scale,

@@ -83,11 +83,12 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """``--steps``, ``--method``, ``--order`` and ``--spacing``: which sampler, with how many network calls."""
     p.add_argument("--steps", type=int, default=None,
                    help="reverse steps K, one network call each (default: all T; K < T respaces)")
-    p.add_argument("--method", choices=SAMPLING_METHODS, default="ancestral", help="sampler (default: %(default)s)")
+    p.add_argument("--method", choices=SAMPLING_METHODS, default=None,
+                   help="sampler (default: ancestral for all T steps, sde_dpm_solver++ with --steps K < T)")
     p.add_argument("--order", type=int, default=None,
                    help="dpm_solver++ / sde_dpm_solver++: the solver's order, 1-3 (default: 2)")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace",
-                   help="where K < T steps fall among the training timesteps (default: %(default)s; see "
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="where K < T steps fall among the training timesteps (default: trailing; see "
                         "ddpm_jax.schedules.spaced_timesteps)")
 
 

@@ -37,6 +37,8 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation, metrics, plotting
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.feature_network import load_or_train_feature_network
+from ddpm_jax.noisy_classifier import check_classifier_matches, load_noisy_classifier
+from ddpm_jax.options import sampling_options
 from experiments import flags
 
 # The report's Figure 6: its 100 samples counted by eye, digits 0..9, and the "?" (not a digit) count. As
@@ -158,10 +160,11 @@ def main(argv=None) -> int:
         if not config.model.get("num_classes", 0):
             raise ValueError(f"{args.workdir} holds an unconditional run (model.num_classes=0); train a "
                              "class-conditional one with python -m experiments.mnist --class-conditional.")
+        # The sampler, checked and defaulted by the rule sample() uses, before any data is read.
+        options = sampling_options(config, steps=args.steps, method=args.method, order=args.order,
+                                   spacing=args.spacing)
         classifier_run = classifier = None
         if args.classifier_run:
-            from ddpm_jax.noisy_classifier import check_classifier_matches, load_noisy_classifier
-
             classifier_run = load_checkpoint(args.classifier_run)
             classifier = load_noisy_classifier(str(Path(args.classifier_run) / "noisy_classifier"))
             check_classifier_matches(classifier, classifier_run.config)
@@ -197,8 +200,8 @@ def main(argv=None) -> int:
     for name, kind, scale, ckpt, kwargs in variants:
         batch_size = min(args.batch_size or ckpt.config.sampling.batch_size, args.num_samples)
         tag = "uncond" if kind == "unconditional" else f"{'w' if kind == 'classifier_free' else 'clf-s'}{scale:g}"
-        sampler = args.method + (f"{args.order or 2}" if args.method.endswith("dpm_solver++") else "")
-        sampler += "" if args.spacing == "linspace" else f"-{args.spacing}"
+        sampler = options.method + (f"{options.order}" if options.order else "")
+        sampler += "" if options.spacing == "linspace" else f"-{options.spacing}"
         chunk_dir = out / "samples" / f"{tag}-step{ckpt.step}-seed{args.seed}-{sampler}-K{steps}-batch{batch_size}"
         print(f"{name} ...", flush=True)
         timing = chunk_dir / "timing.json"
@@ -206,8 +209,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         samples = evaluation.draw_samples(ckpt, jax.random.PRNGKey(args.seed), args.num_samples,
                                           batch_size=batch_size, chunk_dir=chunk_dir, progress=progress,
-                                          steps=steps, method=args.method, order=args.order,
-                                          spacing=args.spacing, **kwargs)
+                                          steps=steps, method=options.method, order=options.order,
+                                          spacing=options.spacing, **kwargs)
         seconds = time.perf_counter() - start
         # Sampling speed is kept only for a draw made in one go (compile included); a resumed sweep reads it back.
         if fresh:
@@ -240,14 +243,14 @@ def main(argv=None) -> int:
     fig6 = figure_6_table(rows[0]["result"])
     (out / "guidance.md").write_text(
         f"Guidance sweep of `{args.workdir}` (step {checkpoint.step:,}), {args.num_samples:,} samples per row, "
-        f"{args.method} sampling in {steps} steps, seed {args.seed}; FID floor at this sample count "
+        f"{options.method} sampling in {steps} steps, seed {args.seed}; FID floor at this sample count "
         f"{floor['fid']:.2f}.\n\n{table}\nUnconditional samples (null label) next to the report's Figure 6, per "
         f"100 samples:\n\n{fig6}")
     save_fid_vs_accuracy([r for r in rows if r["accuracy"] is not None], floor, str(out / "fid_vs_accuracy.png"))
     evaluation.write_json({
         "rows": [{k: v for k, v in r.items() if k != "result"} | {"metrics": r["result"]} for r in rows],
         "floor": {"what": f"{floor_n:,} real training images against the test split", **floor},
-        "num_samples": args.num_samples, "steps": steps, "method": args.method, "seed": args.seed,
+        "num_samples": args.num_samples, "steps": steps, "method": options.method, "seed": args.seed,
         "checkpoint": {"workdir": args.workdir, "step": checkpoint.step, "preset": config.preset},
         "classifier_run": args.classifier_run,
         "feature_classifier_test_accuracy": network.test_accuracy,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import evaluation, feature_network, metrics
-from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
 from ddpm_jax.configs import create_train_state, get_classifier_config, get_config
 from ddpm_jax.data import load_mnist_idx
 from experiments import evaluate, mnist
@@ -181,6 +181,26 @@ def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, 
     for name in ("eval_samples.png", "eval_histogram.png", "eval_least_confident.png"):
         assert (workdir / name).stat().st_size > 1000, name
     assert "FID" in capsys.readouterr().out
+
+
+def test_evaluate_with_steps_and_no_method_samples_as_sample_does(tmp_path, tiny_run, mnist_dir, network,
+                                                                    monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
+    common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "6", "--batch-size", "6",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert evaluate.main(common + ["--steps", "4"]) == 0
+    sampling = json.loads((workdir / "eval.json").read_text())["sampling"]
+    assert (sampling["method"], sampling["order"], sampling["spacing"], sampling["steps"]) == (
+        "sde_dpm_solver++", 2, "trailing", 4)
+    drawn = np.concatenate([np.load(p) for p in sorted(Path(sampling["chunk_dir"]).glob("batch_*.npy"))])
+    checkpoint = load_checkpoint(str(workdir))
+    expected = evaluation.draw_samples(checkpoint, jax.random.PRNGKey(0), 6, batch_size=6, steps=4)
+    np.testing.assert_array_equal(drawn, expected)
+    assert evaluate.main(common) == 0  # all T steps: Algorithm 2, as before
+    sampling = json.loads((workdir / "eval.json").read_text())["sampling"]
+    assert (sampling["method"], sampling["spacing"]) == ("ancestral", "linspace")
 
 
 def test_evaluate_never_reuses_samples_of_a_checkpoint_that_was_replaced(tmp_path, tiny_run, mnist_dir, network,

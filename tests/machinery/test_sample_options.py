@@ -8,6 +8,7 @@ import pytest
 import ddpm_jax
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import create_train_state, get_config
+from ddpm_jax.options import sampling_options
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,22 @@ def test_dpm_solver_and_every_spacing_sample_with_and_without_guidance():
     np.testing.assert_allclose(
         np.asarray(ddpm_jax.sample(checkpoint, key, 2, steps=5, method="dpm_solver++", order=1, labels=1)),
         np.asarray(ddpm_jax.sample(checkpoint, key, 2, steps=5, method="ddim", labels=1)), atol=1e-5)
+
+
+def test_unnamed_method_and_spacing_default_to_ancestral_for_all_steps_and_the_measured_solver_for_fewer(checkpoint):
+    config = checkpoint.config  # T = 10
+    options = sampling_options
+    assert (options(config).method, options(config).steps, options(config).spacing) == ("ancestral", None, "linspace")
+    assert options(config, steps=10).method == "ancestral"  # K = T is all steps: Algorithm 2 unchanged
+    few = options(config, steps=4)
+    assert (few.method, few.order, few.spacing) == ("sde_dpm_solver++", 2, "trailing")
+    assert (options(config, steps=2).method, options(config, steps=2).order) == ("sde_dpm_solver++", 1)
+    # Ancestral's or DDIM's own knobs say which sampler was meant.
+    assert (options(config, steps=4, variance="beta").method, options(config, steps=4, mean="eps").method) == (
+        "ancestral", "ancestral")
+    assert options(config, steps=4, method="ddim").spacing == "trailing"
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(
+        ddpm_jax.sample(checkpoint, key, 2, steps=4),
+        ddpm_jax.sample(checkpoint, key, 2, steps=4, method="sde_dpm_solver++", order=2, spacing="trailing"))
+    ddpm_jax.sample(checkpoint, key, 2, steps=1)  # every K works with the default method
