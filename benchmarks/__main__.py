@@ -15,7 +15,10 @@ leak between them. Rows:
 
 - ``ours``: our jitted train step and sampler as shipped (``conv_impl='auto'``, and
   the XLA flag of ``ddpm_jax/xla_cpu.py``);
-- ``ours, YNN fusions``: the same without that flag (``DDPM_JAX_KEEP_XLA_FLAGS=1``);
+- ``ours, 256-bit vectors`` (a processor with AVX-512 only): without the flag that lets XLA's own fused loops
+  use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. what shipped before issue 18;
+- ``ours, no XLA flags``: neither of ``ddpm_jax/xla_cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
+  fusions, XLA's default vector width;
 - ``ours, before``: every convolution left to XLA (``conv_impl='xla'``) and no flag,
   i.e. the code before the CPU work of issue 4;
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
@@ -48,8 +51,8 @@ torch peers with ``--device cuda``. In order of priority:
   rows (on the GPU, when installed);
 - cpu preset at the same batch: train and sample, ours vs the torch port.
 
-The rows CPU work is about (``ours, YNN fusions``, ``ours, before``) are not run:
-on a GPU ``conv_impl='auto'`` is XLA's convolution and the YNN flag concerns XLA's
+The rows CPU work is about (``ours, 256-bit vectors``, ``ours, no XLA flags``, ``ours, before``) are not run:
+on a GPU ``conv_impl='auto'`` is XLA's convolution and the flags concern XLA's
 CPU backend only. The table shows achieved TFLOP/s (XLA's FLOP count of our step x
 images/s, the same count for the port's rows) in place of the CPU's peak share, and
 the device's peak memory in use (JAX ``peak_bytes_in_use``, torch
@@ -162,13 +165,32 @@ def diffusers_available() -> bool:
 
 # Our rows: the code as shipped, without the XLA flag of ddpm_jax/xla_cpu.py, and before issue 4's CPU work.
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
-LABELS = ("ours", "ours, YNN fusions", "ours, before", "torch port", "diffusers")
+VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
+LABELS = ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before", "torch port", "diffusers")
 GPU_LABELS = ("ours", "torch port", "diffusers", "ours, bf16", "torch port, bf16")
 
 
-def plan(quick: bool) -> list[tuple[str, str, str, str, list[str], dict]]:
-    """(preset, task, label, module, args, extra environment) for every measurement."""
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """The processor's model name and whether it has AVX-512 (``avx512f``), from ``/proc/cpuinfo`` where it exists."""
+    model, avx512 = None, False
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    avx512 = avx512 or "avx512f" in value.split()
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(), "avx512": avx512}
+
+
+def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, str, list[str], dict]]:
+    """(preset, task, label, module, args, extra environment) for every measurement; the 256-bit rows only with
+    AVX-512 (``avx512``; default: this processor's)."""
     steps = "3" if quick else "5"
+    avx512 = cpu_info()["avx512"] if avx512 is None else avx512
     jobs = []
     for preset, p in PRESETS.items():
         batch = str(p["batch"])
@@ -176,7 +198,9 @@ def plan(quick: bool) -> list[tuple[str, str, str, str, list[str], dict]]:
         ours = ["--preset", preset]
         jobs += [
             (preset, "train", "ours", "benchmarks.ours", ["train", *ours, "--batch", batch, "--steps", steps], {}),
-            (preset, "train", "ours, YNN fusions", "benchmarks.ours",
+            *([(preset, "train", "ours, 256-bit vectors", "benchmarks.ours",
+                ["train", *ours, "--batch", batch, "--steps", steps], VECTORS_256)] if avx512 else []),
+            (preset, "train", "ours, no XLA flags", "benchmarks.ours",
              ["train", *ours, "--batch", batch, "--steps", steps], KEEP_FLAGS),
             (preset, "train", "ours, before", "benchmarks.ours",
              ["train", *ours, "--conv-impl", "xla", "--batch", batch, "--steps", "2" if slow_before else steps],
@@ -184,7 +208,9 @@ def plan(quick: bool) -> list[tuple[str, str, str, str, list[str], dict]]:
             (preset, "train", "torch port", "benchmarks.peers",
              ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], {}),
             (preset, "sample", "ours", "benchmarks.ours", ["sample", *ours, "--n", "100"], {}),
-            (preset, "sample", "ours, YNN fusions", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),
+            *([(preset, "sample", "ours, 256-bit vectors", "benchmarks.ours", ["sample", *ours, "--n", "100"],
+                VECTORS_256)] if avx512 else []),
+            (preset, "sample", "ours, no XLA flags", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),
             (preset, "sample", "ours, before", "benchmarks.ours",
              ["sample", *ours, "--conv-impl", "xla", "--n", "100"] + (["--steps-to-time", "3"] if slow_before else []),
              KEEP_FLAGS),
@@ -403,11 +429,12 @@ def main(argv=None) -> int:
               f"started after {budget:.0f} s; compile cache {args.compile_cache or 'off'}"
               f"{' (warm)' if extra['compile_cache_warm'] else ''}", flush=True)
     else:
-        peak = matmul_peak_gflops()
-        print(f"float32 matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s on {os.cpu_count()} CPU cores", flush=True)
-        sizes, jobs, labels = None, plan(args.quick), LABELS
+        peak, cpu = matmul_peak_gflops(), cpu_info()
+        print(f"machine: {cpu['model']}, {os.cpu_count()} cores{', AVX-512' if cpu['avx512'] else ''}; float32 "
+              f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s", flush=True)
+        sizes, jobs, labels = None, plan(args.quick, cpu["avx512"]), LABELS
         timeout, budget = args.timeout or 300, args.budget
-        extra = {"device": "cpu"}
+        extra = {"device": "cpu", "cpu_model": cpu["model"], "avx512": cpu["avx512"]}
 
     start = time.perf_counter()
     versions = {}  # asked once (imports torch and JAX in this process, which touches no device)

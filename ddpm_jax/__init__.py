@@ -13,7 +13,7 @@ paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
 
 from ddpm_jax import xla_cpu
 
-xla_cpu.prefer_eigen_convolutions()  # before any device is used; see ddpm_jax/xla_cpu.py
+xla_cpu.apply_cpu_flags()  # before any device is used; see ddpm_jax/xla_cpu.py
 
 from ddpm_jax import metrics  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint

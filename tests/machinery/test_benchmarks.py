@@ -29,12 +29,16 @@ def test_ours_sample_times_the_whole_chain_or_extrapolates(capsys):
 
 
 def test_suite_plan_measures_every_peer_on_both_presets():
-    jobs = suite.plan(quick=True)
+    jobs = suite.plan(quick=True, avx512=True)
     labels = {(preset, task, label) for preset, task, label, *_ in jobs}
     for preset in ("seed", "cpu"):
         for task in ("train", "sample"):
-            for label in ("ours", "ours, YNN fusions", "ours, before", "torch port"):
+            for label in ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before", "torch port"):
                 assert (preset, task, label) in labels
+    envs = {label: env for _, _, label, _, _, env in jobs}
+    assert envs["ours, 256-bit vectors"] == {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
+    assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
+    assert not any(label == "ours, 256-bit vectors" for _, _, label, *_ in suite.plan(quick=True, avx512=False))
     assert ("seed", "sample", "diffusers") in labels
     for preset in ("seed", "cpu"):
         assert (preset, "sample10", "ours") in labels and (preset, "sample10", "torch port") in labels
@@ -81,7 +85,7 @@ def test_gpu_plan_runs_the_peers_on_cuda_at_a_gpu_batch():
         assert ("seed", task, label) in labels
     for task in ("train", "sample"):
         assert ("cpu", task, "ours") in labels and ("cpu", task, "torch port") in labels
-    assert not any("YNN" in label or "before" in label for *_, label in labels)
+    assert not any("XLA flags" in label or "256" in label or "before" in label for *_, label in labels)
     assert jobs[0][:3] == ("seed", "train", "ours")  # most wanted first: the budget cuts the tail
     for preset, task, label, module, args, env in jobs:
         assert env["DDPM_JAX_KEEP_XLA_FLAGS"] == "1"
@@ -158,3 +162,13 @@ def test_gpu_tables_show_tflops_bf16_ratios_and_guidance(capsys):
 def test_gpu_suite_without_a_gpu_is_refused(capsys):
     assert suite.main(["--device", "gpu", "--out", "/dev/null"]) == 2
     assert "--device gpu: JAX's default backend is 'cpu'" in capsys.readouterr().err
+
+
+def test_cpu_info_names_the_processor_and_its_avx512(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f\n\n"
+                    "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f\n")
+    assert suite.cpu_info(str(info)) == {"model": "Intel(R) Xeon(R) Processor", "avx512": True}
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 avx512_bf16x\n")
+    assert suite.cpu_info(str(info)) == {"model": "AMD EPYC 7B13", "avx512": False}
+    assert suite.cpu_info(str(tmp_path / "missing"))["avx512"] is False

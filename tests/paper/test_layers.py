@@ -1,5 +1,11 @@
 """The fast convolutions compute what Flax's do, with the same parameters."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,17 +89,52 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
     np.testing.assert_allclose(out, reference, rtol=0.1, atol=0.05)
 
 
-def test_xla_cpu_flag_is_added_once_and_never_over_the_users_choice():
+def test_xla_cpu_flags_are_added_once_and_never_over_the_users_choice():
     from ddpm_jax import xla_cpu
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_cpu.prefer_eigen_convolutions(env)
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_cpu.YNN_FLAG}"
-    assert not xla_cpu.prefer_eigen_convolutions(env)  # already there
-    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-    assert not xla_cpu.prefer_eigen_convolutions(users) and users["XLA_FLAGS"].endswith("=dot")
+    assert xla_cpu.apply_cpu_flags(env, avx512=True) == [xla_cpu.YNN_FLAG, xla_cpu.VECTOR_FLAG]
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_cpu.YNN_FLAG} {xla_cpu.VECTOR_FLAG}"
+    assert xla_cpu.apply_cpu_flags(env, avx512=True) == []  # already there
+    without_avx512 = {}
+    assert xla_cpu.apply_cpu_flags(without_avx512, avx512=False) == [xla_cpu.YNN_FLAG]
+    assert "prefer_vector_width" not in without_avx512["XLA_FLAGS"]
+    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_prefer_vector_width=256"}
+    assert xla_cpu.apply_cpu_flags(users, avx512=True) == [] and users["XLA_FLAGS"].endswith("=dot --xla_cpu_prefer_vector_width=256")
     opted_out = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
-    assert not xla_cpu.prefer_eigen_convolutions(opted_out) and "XLA_FLAGS" not in opted_out
+    assert xla_cpu.apply_cpu_flags(opted_out, avx512=True) == [] and "XLA_FLAGS" not in opted_out
+
+
+def test_avx512_is_read_from_the_processors_flags(tmp_path):
+    from ddpm_jax import xla_cpu
+
+    with_it, without = tmp_path / "a", tmp_path / "b"
+    with_it.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16_not_f\n")
+    assert xla_cpu.has_avx512(str(with_it)) and not xla_cpu.has_avx512(str(without))
+    assert not xla_cpu.has_avx512(str(tmp_path / "missing"))
+
+
+def test_training_with_and_without_the_xla_cpu_flags_agrees_to_float32_rounding():
+    check = Path(__file__).parent / "_xla_flags_check.py"
+    runs = {}
+    for keep in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"DDPM_JAX_KEEP_XLA_FLAGS": keep}
+        out = subprocess.run([sys.executable, str(check)], env=env, capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parents[2])
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[keep] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, plain = runs["0"], runs["1"]
+    assert "ynn_fusion_type" in ours["xla_flags"] and plain["xla_flags"] == ""
+    # Only the order of float32 operations differs: the loss and every gradient, and three train steps' losses.
+    assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    np.testing.assert_allclose(ours["losses"], plain["losses"], rtol=1e-5)
+    # Tolerance against the largest gradient: a bias just before a BatchNorm has an exact gradient of zero,
+    # so its computed gradient is rounding noise under either flag set.
+    assert len(ours["grads"]) > 20
+    scale = max(np.abs(b).max() for b in plain["grads"])
+    for a, b in zip(ours["grads"], plain["grads"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
