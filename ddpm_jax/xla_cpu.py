@@ -16,7 +16,7 @@ Two flags, each added to ``XLA_FLAGS`` only where it is not named there already:
   row "ours, 256-bit vectors" (README, "Speed: ours against the PyTorch peers").
 
 Only the order of floating-point operations changes (tests/paper/test_layers.py
-trains with and without them and compares). ``DDPM_JAX_KEEP_XLA_FLAGS=1``
+computes the loss and its gradient with and without them and compares). ``DDPM_JAX_KEEP_XLA_FLAGS=1``
 adds neither. XLA reads its flags when the first device is used, so this takes
 effect when ``ddpm_jax`` is imported before any JAX computation (as the
 command-line tools do); neither flag touches GPU settings.
