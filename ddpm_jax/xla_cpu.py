@@ -43,9 +43,13 @@ def has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this processor has AVX-512 (its ``avx512f`` flag; False where ``cpuinfo`` cannot be read)."""
     try:
         with open(cpuinfo, encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":  # whole words: "avx512fp16" alone is not "avx512f"
+                    return "avx512f" in value.split()
     except OSError:
-        return False
+        pass
+    return False
 
 
 def apply_cpu_flags(environ=os.environ, avx512: bool | None = None) -> list[str]:

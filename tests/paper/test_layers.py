@@ -113,6 +113,9 @@ def test_avx512_is_read_from_the_processors_flags(tmp_path):
     without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16_not_f\n")
     assert xla_cpu.has_avx512(str(with_it)) and not xla_cpu.has_avx512(str(without))
     assert not xla_cpu.has_avx512(str(tmp_path / "missing"))
+    similar = tmp_path / "c"
+    similar.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512fp16\n")  # a longer flag name, not avx512f
+    assert not xla_cpu.has_avx512(str(similar))
 
 
 def test_the_loss_and_its_gradient_agree_with_and_without_the_xla_cpu_flags_to_float32_rounding():
