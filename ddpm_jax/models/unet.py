@@ -34,7 +34,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, max_pool_2x2
+from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, add_per_example_channel_bias, max_pool_2x2
 
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -107,7 +107,7 @@ class TimeConditionedBlock(nn.Module):
         # Named as nn.Conv would be, so parameter trees do not depend on conv_impl.
         h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_0")(x)
         h = nn.leaky_relu(norm()(h), self.negative_slope)
-        h = h + nn.Dense(self.features, dtype=self.dtype)(emb)[:, None, None, :]
+        h = add_per_example_channel_bias(h, nn.Dense(self.features, dtype=self.dtype)(emb), self.conv_impl)
         h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_1")(h)
         h = norm()(h)
         return nn.leaky_relu(h, self.negative_slope) if self.final_activation else h

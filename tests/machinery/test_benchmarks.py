@@ -4,6 +4,7 @@ import json
 
 from benchmarks import __main__ as suite
 from benchmarks import ours
+from ddpm_jax import xla_cpu
 
 
 def _last_json(capsys):
@@ -38,6 +39,13 @@ def test_suite_plan_measures_every_peer_on_both_presets():
     envs = {label: env for _, _, label, _, _, env in jobs}
     assert envs["ours, 256-bit vectors"] == {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
     assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
+    assert envs["ours, default malloc"] == {"DDPM_JAX_KEEP_MALLOC": "1"}
+    assert envs["ours, before"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1", "DDPM_JAX_KEEP_MALLOC": "1"}
+    # The suite writes our allocator settings out rather than importing ddpm_jax; they must be the same.
+    assert envs["torch port, our malloc"] == {"GLIBC_TUNABLES": xla_cpu.MALLOC_TUNABLES}
+    for preset in ("seed", "cpu"):
+        assert (preset, "train", "torch port, our malloc") in labels
+        assert (preset, "train", "ours, default malloc") in labels and (preset, "sample", "ours, default malloc") in labels
     assert not any(label == "ours, 256-bit vectors" for _, _, label, *_ in suite.plan(quick=True, avx512=False))
     assert ("seed", "sample", "diffusers") in labels
     for preset in ("seed", "cpu"):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import ReportUNet
-from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, add_channel_bias, conv3x3_uses_matmul
+from ddpm_jax.models.layers import (
+    BatchNorm, Conv3x3, UpConv2x2, add_channel_bias, add_per_example_channel_bias, conv3x3_uses_matmul,
+)
 
 SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
 
@@ -223,3 +225,17 @@ def test_bias_gradient_is_the_sum_over_all_other_axes(impl):
     dy, dbias = jax.grad(lambda y, b: jnp.sum(add_channel_bias(y, b, impl) * weights), argnums=(0, 1))(y, bias)
     np.testing.assert_array_equal(dy, weights)
     np.testing.assert_allclose(dbias, weights.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+def test_per_example_bias_gradient_is_the_sum_over_height_and_width(impl):
+    h = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4, 6))
+    v = jax.random.normal(jax.random.PRNGKey(2), (3, 6))
+    weights = jax.random.normal(jax.random.PRNGKey(1), h.shape)
+    np.testing.assert_array_equal(add_per_example_channel_bias(h, v, impl), h + v[:, None, None, :])
+    dh, dv = jax.grad(lambda h, v: jnp.sum(add_per_example_channel_bias(h, v, impl) * weights),
+                      argnums=(0, 1))(h, v)
+    np.testing.assert_array_equal(dh, weights)
+    np.testing.assert_allclose(dv, weights.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):  # one value per example and channel
+        add_per_example_channel_bias(h, v[:, :4], impl)
