@@ -19,14 +19,9 @@ leak between them. Rows:
   use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. what shipped before issue 18;
 - ``ours, no XLA flags``: neither of ``ddpm_jax/xla_cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
   fusions, XLA's default vector width;
-- ``ours, default malloc``: glibc's allocator as it comes (``DDPM_JAX_KEEP_MALLOC=1``), without the settings
-  with which our command-line tools restart themselves (``ddpm_jax/xla_cpu.py``): every step's scratch
-  buffers page-faulted in afresh;
-- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag and the default allocator,
+- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``) and no flag,
   i.e. the code before the CPU work of issue 4;
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
-- ``torch port, our malloc`` (train): the port under our allocator settings (``GLIBC_TUNABLES``), what they
-  would buy the peer;
 - ``diffusers``: ``UNet2DModel`` of about the same size with ``DDPMScheduler``'s loop (seed size only).
 
 And few-step sampling (``sample10``): 100 samples in 10 reverse steps, ours with DDIM
@@ -168,19 +163,10 @@ def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
 
 
-# Our rows: the code as shipped, without the XLA flag of ddpm_jax/xla_cpu.py, with glibc's default allocator,
-# and before issue 4's CPU work.
+# Our rows: the code as shipped, without the XLA flag of ddpm_jax/xla_cpu.py, and before issue 4's CPU work.
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
-KEEP_MALLOC = {"DDPM_JAX_KEEP_MALLOC": "1"}
-BEFORE = {**KEEP_FLAGS, **KEEP_MALLOC}
-# The torch port with our allocator settings: what they would buy the peer. ddpm_jax.xla_cpu.MALLOC_TUNABLES,
-# written out (importing ddpm_jax here would put its XLA flags into every measurement's environment); a test
-# checks that the two agree.
-PEER_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                                 "glibc.malloc.trim_threshold=1099511627776:glibc.malloc.hugetlb=1"}
-LABELS = ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, default malloc", "ours, before", "torch port",
-          "torch port, our malloc", "diffusers")
+LABELS = ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before", "torch port", "diffusers")
 GPU_LABELS = ("ours", "torch port", "diffusers", "ours, bf16", "torch port, bf16")
 
 
@@ -216,24 +202,18 @@ def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, s
                 ["train", *ours, "--batch", batch, "--steps", steps], VECTORS_256)] if avx512 else []),
             (preset, "train", "ours, no XLA flags", "benchmarks.ours",
              ["train", *ours, "--batch", batch, "--steps", steps], KEEP_FLAGS),
-            (preset, "train", "ours, default malloc", "benchmarks.ours",
-             ["train", *ours, "--batch", batch, "--steps", steps], KEEP_MALLOC),
             (preset, "train", "ours, before", "benchmarks.ours",
              ["train", *ours, "--conv-impl", "xla", "--batch", batch, "--steps", "2" if slow_before else steps],
-             BEFORE),
+             KEEP_FLAGS),
             (preset, "train", "torch port", "benchmarks.peers",
              ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], {}),
-            (preset, "train", "torch port, our malloc", "benchmarks.peers",
-             ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], PEER_MALLOC),
             (preset, "sample", "ours", "benchmarks.ours", ["sample", *ours, "--n", "100"], {}),
             *([(preset, "sample", "ours, 256-bit vectors", "benchmarks.ours", ["sample", *ours, "--n", "100"],
                 VECTORS_256)] if avx512 else []),
             (preset, "sample", "ours, no XLA flags", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),
-            (preset, "sample", "ours, default malloc", "benchmarks.ours", ["sample", *ours, "--n", "100"],
-             KEEP_MALLOC),
             (preset, "sample", "ours, before", "benchmarks.ours",
              ["sample", *ours, "--conv-impl", "xla", "--n", "100"] + (["--steps-to-time", "3"] if slow_before else []),
-             BEFORE),
+             KEEP_FLAGS),
             (preset, "sample", "torch port", "benchmarks.peers",
              ["torch-sample", *p["peer"], "--n", "100", "--json"] + (["--steps-to-time", "20"] if quick else []), {}),
             # Few-step sampling: our DDIM over 10 of the 100 steps; the torch port's loop over 10 steps (a

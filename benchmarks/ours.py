@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -44,7 +43,6 @@ from ddpm_jax.guidance import GuidanceInputs
 from ddpm_jax.train import Batching, make_dataset_train_step
 from ddpm_jax.train_state import count_params
 from ddpm_jax.options import sampling_options
-from ddpm_jax import xla_cpu
 
 
 def _config(args):
@@ -101,10 +99,10 @@ def measure_train(args) -> dict:
         "step_seconds": times,
         "train_images_per_s": batch / median,
         "flops_per_image": flops / batch if flops else None,
-        # The allocator's share (ddpm_jax/xla_cpu.py): page faults and kernel CPU time per timed step.
+        # The allocator's share: XLA's CPU runtime allocates each step's scratch buffers afresh, and glibc
+        # maps every block over 32 MB anew, page faults and all (README, "Speed: ours against the PyTorch peers").
         "minor_faults_per_step": (after.ru_minflt - usage.ru_minflt) / args.steps,
         "kernel_cpu_seconds_per_step": (after.ru_stime - usage.ru_stime) / args.steps,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
     }
 
@@ -209,5 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

@@ -35,7 +35,6 @@ from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.configs import build_model
 from ddpm_jax.diffusion import q_sample
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 QUARTERS = 4
@@ -134,5 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

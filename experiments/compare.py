@@ -26,7 +26,6 @@ from pathlib import Path
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import train as train_lib
-from ddpm_jax import xla_cpu
 from experiments import evaluate, likelihood
 from experiments.flags import apply_override
 
@@ -140,5 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

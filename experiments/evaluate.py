@@ -39,7 +39,6 @@ from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.options import sampling_options
 from ddpm_jax.workdir import WorkdirLock
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 
@@ -304,5 +303,4 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

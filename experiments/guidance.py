@@ -39,7 +39,6 @@ from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.noisy_classifier import check_classifier_matches, load_noisy_classifier
 from ddpm_jax.options import sampling_options
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 # The report's Figure 6: its 100 samples counted by eye, digits 0..9, and the "?" (not a digit) count. As
@@ -265,5 +264,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

@@ -29,7 +29,6 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import VARIANCE_TYPES
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 
@@ -133,5 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

@@ -30,7 +30,6 @@ from ddpm_jax import training_loop as training_loop_lib
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.figures import write_figures
 from ddpm_jax.workdir import check_workdir, prepare_workdir
-from ddpm_jax import xla_cpu
 from experiments.flags import apply_override
 
 
@@ -200,5 +199,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

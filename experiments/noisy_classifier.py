@@ -20,7 +20,6 @@ from ddpm_jax import noisy_classifier as nc
 from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.training_loop import TrainingInterrupted
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 
@@ -87,5 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

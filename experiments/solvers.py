@@ -34,7 +34,6 @@ from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.options import SAMPLING_METHODS, sampling_options
 from ddpm_jax.schedules import SPACINGS
-from ddpm_jax import xla_cpu
 from experiments import flags
 
 
@@ -208,5 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    xla_cpu.relaunch_with_malloc_tunables()  # before any JAX computation; see ddpm_jax/xla_cpu.py
     sys.exit(main())

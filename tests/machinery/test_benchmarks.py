@@ -4,7 +4,6 @@ import json
 
 from benchmarks import __main__ as suite
 from benchmarks import ours
-from ddpm_jax import xla_cpu
 
 
 def _last_json(capsys):
@@ -16,6 +15,7 @@ def test_ours_train_reports_throughput_and_flops(capsys):
     r = _last_json(capsys)
     assert r["batch"] == 8 and len(r["step_seconds"]) == 2 and r["train_images_per_s"] > 0
     assert r["flops_per_image"] > 0 and r["loss_finite"]
+    assert r["minor_faults_per_step"] >= 0 and r["kernel_cpu_seconds_per_step"] >= 0
 
 
 def test_ours_sample_times_the_whole_chain_or_extrapolates(capsys):
@@ -39,13 +39,6 @@ def test_suite_plan_measures_every_peer_on_both_presets():
     envs = {label: env for _, _, label, _, _, env in jobs}
     assert envs["ours, 256-bit vectors"] == {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
     assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
-    assert envs["ours, default malloc"] == {"DDPM_JAX_KEEP_MALLOC": "1"}
-    assert envs["ours, before"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1", "DDPM_JAX_KEEP_MALLOC": "1"}
-    # The suite writes our allocator settings out rather than importing ddpm_jax; they must be the same.
-    assert envs["torch port, our malloc"] == {"GLIBC_TUNABLES": xla_cpu.MALLOC_TUNABLES}
-    for preset in ("seed", "cpu"):
-        assert (preset, "train", "torch port, our malloc") in labels
-        assert (preset, "train", "ours, default malloc") in labels and (preset, "sample", "ours, default malloc") in labels
     assert not any(label == "ours, 256-bit vectors" for _, _, label, *_ in suite.plan(quick=True, avx512=False))
     assert ("seed", "sample", "diffusers") in labels
     for preset in ("seed", "cpu"):
