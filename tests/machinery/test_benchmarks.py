@@ -3,7 +3,7 @@
 import json
 
 from benchmarks import __main__ as suite
-from benchmarks import ours
+from benchmarks import ours, paired
 
 
 def _last_json(capsys):
@@ -173,3 +173,15 @@ def test_cpu_info_names_the_processor_and_its_avx512(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 avx512_bf16x\n")
     assert suite.cpu_info(str(info)) == {"model": "AMD EPYC 7B13", "avx512": False}
     assert suite.cpu_info(str(tmp_path / "missing"))["avx512"] is False
+
+
+def test_paired_rounds_run_both_sides_with_the_suites_arguments_and_take_the_median_ratio():
+    jobs = paired.pair_jobs("seed", 5)
+    assert [label for label, *_ in jobs] == ["ours", "torch port"]
+    assert jobs[0][2] == ["train", "--preset", "seed", "--batch", "128", "--steps", "5"]
+    assert jobs[1][2][:1] == ["torch-train"] and "--json" in jobs[1][2] and "128" in jobs[1][2]
+    summary = paired.summarize([{"ours": 90.0, "torch port": 100.0}, {"ours": 120.0, "torch port": 100.0},
+                                {"ours": 100.0, "torch port": 100.0}, {"ours": 80.0, "torch port": None}])
+    assert summary["ratios"] == [0.9, 1.2, 1.0]  # the round whose port failed counts for neither side
+    assert summary["median_ratio"] == 1.0 and summary["median_ours"] == 100.0
+    assert paired.summarize([{"ours": None, "torch port": 100.0}])["median_ratio"] is None

@@ -1,0 +1,97 @@
+"""Train speed, ours against the torch port, in alternating pairs: ``python -m benchmarks.paired``.
+
+On a shared machine whose speed drifts by 10-20% within minutes, one
+measurement of each side (``python -m benchmarks``) can put the drift into the
+ratio. Here each round measures ours and then the torch port on the same
+preset, back to back, each in a fresh process as the suite does
+(``benchmarks.ours train`` and ``benchmarks.peers torch-train``, the suite's
+arguments); a round's ratio is ours / port, and the figure to quote is the
+median of the rounds' ratios. Prints a table per preset and writes
+``benchmarks/results/paired-cpu.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, matmul_peak_gflops, run
+
+
+def pair_jobs(preset: str, steps: int) -> list[tuple[str, str, list[str]]]:
+    """(label, module, args) of one round: ours, then the torch port, on the suite's batch for ``preset``."""
+    batch = str(PRESETS[preset]["batch"])
+    return [
+        ("ours", "benchmarks.ours", ["train", "--preset", preset, "--batch", batch, "--steps", str(steps)]),
+        ("torch port", "benchmarks.peers",
+         ["torch-train", *PRESETS[preset]["peer"], "--batch", batch, "--steps", str(steps), "--json"]),
+    ]
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Per-round images/s of both sides and their ratio; medians over the rounds where both sides ran."""
+    complete = [r for r in rounds if r.get("ours") and r.get("torch port")]
+    ratios = [r["ours"] / r["torch port"] for r in complete]
+    median = lambda values: statistics.median(values) if values else None  # noqa: E731
+    return {
+        "rounds": rounds,
+        "ratios": ratios,
+        "median_ratio": median(ratios),
+        "median_ours": median([r["ours"] for r in complete]),
+        "median_torch_port": median([r["torch port"] for r in complete]),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed train steps per measurement")
+    p.add_argument("--only", nargs="+", choices=tuple(PRESETS), default=tuple(PRESETS))
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        p.error(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}.")
+    cpu, peak = cpu_info(), matmul_peak_gflops()
+    print(f"machine: {cpu['model']}, {os.cpu_count()} cores{', AVX-512' if cpu['avx512'] else ''}; float32 "
+          f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s", flush=True)
+    results = {}
+    for preset in args.only:
+        rounds = []
+        for i in range(args.rounds):
+            row = {}
+            for label, module, job_args in pair_jobs(preset, args.steps):
+                r = run(module, job_args, args.timeout)
+                row[label] = r.get("train_images_per_s")
+                if r.get("error"):
+                    row[f"{label} error"] = r["error"]
+            rounds.append(row)
+            ratio = row["ours"] / row["torch port"] if row.get("ours") and row.get("torch port") else None
+            print(f"  {preset} round {i + 1}: ours {row.get('ours') or 0:.1f}, torch port "
+                  f"{row.get('torch port') or 0:.1f} images/s" + (f", ratio {ratio:.2f}" if ratio else ""), flush=True)
+        results[preset] = summarize(rounds)
+    print(f"\n{'preset':8} {'batch':>5} {'ours img/s':>10} {'port img/s':>10} {'ratios (ours / port)':>28} {'median':>6}")
+    for preset, s in results.items():
+        ratios = " ".join(f"{r:.2f}" for r in s["ratios"]) or "-"
+        median = f"{s['median_ratio']:.2f}" if s["median_ratio"] else "-"
+        ours = f"{s['median_ours']:.1f}" if s["median_ours"] else "-"
+        port = f"{s['median_torch_port']:.1f}" if s["median_torch_port"] else "-"
+        print(f"{preset:8} {PRESETS[preset]['batch']:>5} {ours:>10} {port:>10} {ratios:>28} {median:>6}")
+    out = Path(args.out) if args.out else RESULTS / "paired-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu["model"], "avx512": cpu["avx512"], "cpu_count": os.cpu_count(),
+        "matmul_peak_gflops": peak, "steps": args.steps, "presets": results,
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
