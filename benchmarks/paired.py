@@ -1,4 +1,4 @@
-"""Train speed, ours against the torch port, in alternating pairs: ``python -m benchmarks.paired``.
+"""Train (or sampling) speed, ours against the torch port, in alternating pairs: ``python -m benchmarks.paired``.
 
 On a shared machine whose speed drifts by 10-20% within minutes, one
 measurement of each side (``python -m benchmarks``) can put the drift into the
@@ -6,8 +6,9 @@ ratio. Here each round measures ours and then the torch port on the same
 preset, back to back, each in a fresh process as the suite does
 (``benchmarks.ours train`` and ``benchmarks.peers torch-train``, the suite's
 arguments); a round's ratio is ours / port, and the figure to quote is the
-median of the rounds' ratios. Prints a table per preset and writes
-``benchmarks/results/paired-cpu.json`` (``--out``).
+median of the rounds' ratios. ``--task sample``: the suite's 100-step
+sampling rows instead (100 samples, T = 100). Prints a table per preset and writes
+``benchmarks/results/paired-cpu.json`` (``paired-sample-cpu.json``; ``--out``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ from pathlib import Path
 from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, matmul_peak_gflops, run
 
 
-def pair_jobs(preset: str, steps: int) -> list[tuple[str, str, list[str]]]:
-    """(label, module, args) of one round: ours, then the torch port, on the suite's batch for ``preset``."""
+TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}
+
+
+def pair_jobs(preset: str, steps: int, task: str = "train") -> list[tuple[str, str, list[str]]]:
+    """(label, module, args) of one round: ours, then the torch port, with the suite's arguments for ``preset``."""
+    peer = PRESETS[preset]["peer"]
+    if task == "sample":
+        return [("ours", "benchmarks.ours", ["sample", "--preset", preset, "--n", "100"]),
+                ("torch port", "benchmarks.peers", ["torch-sample", *peer, "--n", "100", "--json"])]
     batch = str(PRESETS[preset]["batch"])
     return [
         ("ours", "benchmarks.ours", ["train", "--preset", preset, "--batch", batch, "--steps", str(steps)]),
-        ("torch port", "benchmarks.peers",
-         ["torch-train", *PRESETS[preset]["peer"], "--batch", batch, "--steps", str(steps), "--json"]),
+        ("torch port", "benchmarks.peers", ["torch-train", *peer, "--batch", batch, "--steps", str(steps), "--json"]),
     ]
 
 
@@ -49,6 +56,7 @@ def summarize(rounds: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=tuple(TASKS), default="train")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed train steps per measurement")
     p.add_argument("--only", nargs="+", choices=tuple(PRESETS), default=tuple(PRESETS))
@@ -65,29 +73,32 @@ def main(argv=None) -> int:
         rounds = []
         for i in range(args.rounds):
             row = {}
-            for label, module, job_args in pair_jobs(preset, args.steps):
+            for label, module, job_args in pair_jobs(preset, args.steps, args.task):
                 r = run(module, job_args, args.timeout)
-                row[label] = r.get("train_images_per_s")
+                row[label] = r.get(TASKS[args.task])
                 if r.get("error"):
                     row[f"{label} error"] = r["error"]
             rounds.append(row)
             ratio = row["ours"] / row["torch port"] if row.get("ours") and row.get("torch port") else None
             print(f"  {preset} round {i + 1}: ours {row.get('ours') or 0:.1f}, torch port "
-                  f"{row.get('torch port') or 0:.1f} images/s" + (f", ratio {ratio:.2f}" if ratio else ""), flush=True)
+                  f"{row.get('torch port') or 0:.1f} {'images' if args.task == 'train' else 'samples'}/s" + (f", ratio {ratio:.2f}" if ratio else ""), flush=True)
         results[preset] = summarize(rounds)
-    print(f"\n{'preset':8} {'batch':>5} {'ours img/s':>10} {'port img/s':>10} {'ratios (ours / port)':>28} {'median':>6}")
+    unit = "img/s" if args.task == "train" else "samp/s"
+    print(f"\n{args.task}: {'preset':8} {'batch':>5} {'ours ' + unit:>11} {'port ' + unit:>11} "
+          f"{'ratios (ours / port)':>28} {'median':>6}")
     for preset, s in results.items():
         ratios = " ".join(f"{r:.2f}" for r in s["ratios"]) or "-"
         median = f"{s['median_ratio']:.2f}" if s["median_ratio"] else "-"
         ours = f"{s['median_ours']:.1f}" if s["median_ours"] else "-"
         port = f"{s['median_torch_port']:.1f}" if s["median_torch_port"] else "-"
-        print(f"{preset:8} {PRESETS[preset]['batch']:>5} {ours:>10} {port:>10} {ratios:>28} {median:>6}")
-    out = Path(args.out) if args.out else RESULTS / "paired-cpu.json"
+        batch = PRESETS[preset]["batch"] if args.task == "train" else 100
+        print(f"{args.task}: {preset:8} {batch:>5} {ours:>11} {port:>11} {ratios:>28} {median:>6}")
+    out = Path(args.out) if args.out else RESULTS / ("paired-cpu.json" if args.task == "train" else "paired-sample-cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": cpu["model"], "avx512": cpu["avx512"], "cpu_count": os.cpu_count(),
-        "matmul_peak_gflops": peak, "steps": args.steps, "presets": results,
+        "matmul_peak_gflops": peak, "task": args.task, "steps": args.steps, "presets": results,
     }, indent=2))
     print(f"wrote {out}")
     return 0

@@ -180,6 +180,9 @@ def test_paired_rounds_run_both_sides_with_the_suites_arguments_and_take_the_med
     assert [label for label, *_ in jobs] == ["ours", "torch port"]
     assert jobs[0][2] == ["train", "--preset", "seed", "--batch", "128", "--steps", "5"]
     assert jobs[1][2][:1] == ["torch-train"] and "--json" in jobs[1][2] and "128" in jobs[1][2]
+    sampling = paired.pair_jobs("cpu", 5, "sample")
+    assert sampling[0][2] == ["sample", "--preset", "cpu", "--n", "100"]
+    assert sampling[1][2][0] == "torch-sample" and sampling[1][2][-3:] == ["--n", "100", "--json"]
     summary = paired.summarize([{"ours": 90.0, "torch port": 100.0}, {"ours": 120.0, "torch port": 100.0},
                                 {"ours": 100.0, "torch port": 100.0}, {"ours": 80.0, "torch port": None}])
     assert summary["ratios"] == [0.9, 1.2, 1.0]  # the round whose port failed counts for neither side
