@@ -186,6 +186,12 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict:
     return {"model": model or platform.processor() or platform.machine(), "avx512": avx512}
 
 
+def machine_line(cpu: dict, peak: float) -> str:
+    """The first line of a CPU measurement: processor (:func:`cpu_info`), cores and numpy's GEMM rate."""
+    return (f"machine: {cpu['model']}, {os.cpu_count()} cores{', AVX-512' if cpu['avx512'] else ''}; float32 "
+            f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s")
+
+
 def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, str, list[str], dict]]:
     """(preset, task, label, module, args, extra environment) for every measurement; the 256-bit rows only with
     AVX-512 (``avx512``; default: this processor's)."""
@@ -430,8 +436,7 @@ def main(argv=None) -> int:
               f"{' (warm)' if extra['compile_cache_warm'] else ''}", flush=True)
     else:
         peak, cpu = matmul_peak_gflops(), cpu_info()
-        print(f"machine: {cpu['model']}, {os.cpu_count()} cores{', AVX-512' if cpu['avx512'] else ''}; float32 "
-              f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s", flush=True)
+        print(machine_line(cpu, peak), flush=True)
         sizes, jobs, labels = None, plan(args.quick, cpu["avx512"]), LABELS
         timeout, budget = args.timeout or 300, args.budget
         extra = {"device": "cpu", "cpu_model": cpu["model"], "avx512": cpu["avx512"]}

@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, matmul_peak_gflops, run
+from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, run
 
 
 TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.steps < 1:
         p.error(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}.")
     cpu, peak = cpu_info(), matmul_peak_gflops()
-    print(f"machine: {cpu['model']}, {os.cpu_count()} cores{', AVX-512' if cpu['avx512'] else ''}; float32 "
-          f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s", flush=True)
+    print(machine_line(cpu, peak), flush=True)
     results = {}
     for preset in args.only:
         rounds = []
@@ -79,9 +78,10 @@ def main(argv=None) -> int:
                 if r.get("error"):
                     row[f"{label} error"] = r["error"]
             rounds.append(row)
-            ratio = row["ours"] / row["torch port"] if row.get("ours") and row.get("torch port") else None
+            ratio = summarize([row])["median_ratio"]
             print(f"  {preset} round {i + 1}: ours {row.get('ours') or 0:.1f}, torch port "
-                  f"{row.get('torch port') or 0:.1f} {'images' if args.task == 'train' else 'samples'}/s" + (f", ratio {ratio:.2f}" if ratio else ""), flush=True)
+                  f"{row.get('torch port') or 0:.1f} {'images' if args.task == 'train' else 'samples'}/s"
+                  + (f", ratio {ratio:.2f}" if ratio else ""), flush=True)
         results[preset] = summarize(rounds)
     unit = "img/s" if args.task == "train" else "samp/s"
     print(f"\n{args.task}: {'preset':8} {'batch':>5} {'ours ' + unit:>11} {'port ' + unit:>11} "
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         port = f"{s['median_torch_port']:.1f}" if s["median_torch_port"] else "-"
         batch = PRESETS[preset]["batch"] if args.task == "train" else 100
         print(f"{args.task}: {preset:8} {batch:>5} {ours:>11} {port:>11} {ratios:>28} {median:>6}")
-    out = Path(args.out) if args.out else RESULTS / ("paired-cpu.json" if args.task == "train" else "paired-sample-cpu.json")
+    default_out = "paired-cpu.json" if args.task == "train" else "paired-sample-cpu.json"
+    out = Path(args.out) if args.out else RESULTS / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
