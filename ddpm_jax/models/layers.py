@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddpm_jax.models import cpu_kernels
+
 CONV_IMPLS = ("auto", "xla", "matmul")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -67,6 +69,42 @@ def conv3x3_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 def conv3x3_xla(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@jax.custom_vjp
+def conv3x3_native_weight_grad(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """:func:`conv3x3_xla` whose kernel gradient is :func:`cpu_kernels.conv3x3_weight_grad`.
+
+    Forward and input gradient are XLA's. Only where
+    :func:`conv3x3_uses_native_weight_grad` says so.
+    """
+    return conv3x3_xla(x, kernel)
+
+
+def _native_weight_grad_fwd(x, kernel):
+    return conv3x3_xla(x, kernel), (x, kernel)
+
+
+def _native_weight_grad_bwd(residual, g):
+    x, kernel = residual
+    (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
+    return x_grad, cpu_kernels.conv3x3_weight_grad(x, g)
+
+
+conv3x3_native_weight_grad.defvjp(_native_weight_grad_fwd, _native_weight_grad_bwd)
+
+
+def conv3x3_uses_native_weight_grad(x: jnp.ndarray, features: int, impl: str = "auto") -> bool:
+    """Whether :class:`Conv3x3` takes its kernel gradient from the native CPU kernel.
+
+    ``auto`` only, on CPU, where XLA's convolution is used, on maps of at
+    least 8x8 pixels (on smaller ones XLA's weight gradient is as fast), and
+    where the kernel is built and takes the shape (float32, ``features`` a
+    multiple of 16).
+    """
+    _, h, w, c = x.shape
+    return (impl == "auto" and h * w >= 64 and not conv3x3_uses_matmul(h, w, c, impl)
+            and cpu_kernels.weight_grad_kernel_applies(x, features))
 
 
 def conv3x3_uses_matmul(height: int, width: int, in_channels: int, impl: str = "auto") -> bool:
@@ -207,7 +245,12 @@ class Conv3x3(_KernelAndBias):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x, kernel, bias = self.kernel_and_bias(x, 3)
         _, h, w, c = x.shape
-        conv = conv3x3_matmul if conv3x3_uses_matmul(h, w, c, self.impl) else conv3x3_xla
+        if conv3x3_uses_matmul(h, w, c, self.impl):
+            conv = conv3x3_matmul
+        elif conv3x3_uses_native_weight_grad(x, self.features, self.impl):
+            conv = conv3x3_native_weight_grad
+        else:
+            conv = conv3x3_xla
         return add_channel_bias(conv(x, kernel), bias, self.impl)
 
 

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "ddpm_jax"
 
 LAYERS = [
     ("math", {"schedules", "diffusion", "likelihood", "losses", "sampling", "guidance", "metrics"}),
-    ("models", {"models", "models.layers", "models.unet", "models.ddpm_unet", "models.classifier",
+    ("models", {"models", "models.cpu_kernels", "models.layers", "models.unet", "models.ddpm_unet", "models.classifier",
                 "models.noisy_classifier"}),
     ("foundations", {"train_state", "configs", "options", "data", "image_folder", "parallel", "plotting", "progress",
                      "workdir", "xla_cpu"}),

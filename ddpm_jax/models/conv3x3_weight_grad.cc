@@ -1,0 +1,184 @@
+// The weight gradient of a 3x3 SAME convolution (stride 1, NHWC input, HWIO kernel), as an XLA FFI
+// handler for the CPU.
+//
+//   dkernel[i, j, c, o] = sum over b, h, w of x[b, h + i - 1, w + j - 1, c] * dy[b, h, w, o]
+//
+// with x taken as zero outside the image. XLA's CPU backend computes this as an Eigen convolution
+// with a (H, W) "kernel" behind two layout transposes, at about a quarter of the matmul peak on
+// 32x32 and 16x16 maps. Here it is a register-blocked sum of outer products read straight from
+// the NHWC buffers: no transposes, no padding, no im2col copy.
+//
+// Built and loaded by ddpm_jax/models/cpu_kernels.py (with -O3 -march=native).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kChannelBlock = 8;  // 8 x 2 accumulators of 16 lanes: 16 of the 32 vector registers
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kChannelBlock = 6;  // 6 x 2 of 8 lanes: 12 of the 16 vector registers
+#else
+constexpr int kLanes = 4;
+constexpr int kChannelBlock = 4;
+#endif
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+struct Shape {
+  int64_t height, width, in_channels, out_channels;
+};
+
+// acc[c][v] (CB input channels x NV vectors of output channels) stays in registers while the
+// positions of rows [row_begin, row_end) of the batch-major (b, h) row index stream past.
+template <int CB, int NV>
+void Block(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin, int64_t row_end,
+           int i, int j, int64_t c0, int64_t o0) {
+  const int64_t H = s.height, W = s.width, C = s.in_channels, O = s.out_channels;
+  float* out = dkernel + ((i * 3 + j) * C + c0) * O + o0;
+  // Summed from zero and then added to the total: a sum per chunk of rows and a sum of chunks, whose
+  // rounding error grows with the chunk's and the chunk count's length, not with the whole batch's.
+  Vec acc[CB][NV] = {};
+  // Output column w reads input column w + j - 1, which exists for w in [w_begin, w_end).
+  const int64_t w_begin = j == 0 ? 1 : 0;
+  const int64_t w_end = j == 2 ? W - 1 : W;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t h = row % H;
+    const int64_t h_in = h + i - 1;
+    if (h_in < 0 || h_in >= H) continue;
+    const float* x_row = x + ((row - h + h_in) * W + (j - 1)) * C + c0;  // x_row[w * C] = x[b, h_in, w + j - 1, c0]
+    const float* dy_row = dy + row * W * O + o0;
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      const float* xp = x_row + w * C;
+      Vec g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = Load(dy_row + w * O + v * kLanes);
+      for (int c = 0; c < CB; ++c) {
+        const float xc = xp[c];
+        for (int v = 0; v < NV; ++v) acc[c][v] += xc * g[v];
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) Store(out + c * O + v * kLanes, Load(out + c * O + v * kLanes) + acc[c][v]);
+}
+
+template <int NV>
+void ChannelBlocks(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin,
+                   int64_t row_end, int i, int j, int64_t o0) {
+  int64_t c0 = 0;
+  for (; c0 + kChannelBlock <= s.in_channels; c0 += kChannelBlock)
+    Block<kChannelBlock, NV>(x, dy, dkernel, s, row_begin, row_end, i, j, c0, o0);
+  for (; c0 < s.in_channels; ++c0) Block<1, NV>(x, dy, dkernel, s, row_begin, row_end, i, j, c0, o0);
+}
+
+// Adds the rows [row_begin, row_end)'s share of the gradient into dkernel, a chunk of rows at a time
+// so that the chunk's x and dy stay in cache across the nine taps and all channel blocks.
+void AccumulateRows(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin,
+                    int64_t row_end) {
+  const int64_t bytes_per_row = s.width * (s.in_channels + s.out_channels) * int64_t{sizeof(float)};
+  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / bytes_per_row);
+  for (int64_t begin = row_begin; begin < row_end; begin += chunk) {
+    const int64_t end = std::min(row_end, begin + chunk);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        int64_t o0 = 0;
+        for (; o0 + 2 * kLanes <= s.out_channels; o0 += 2 * kLanes)
+          ChannelBlocks<2>(x, dy, dkernel, s, begin, end, i, j, o0);
+        for (; o0 < s.out_channels; o0 += kLanes) ChannelBlocks<1>(x, dy, dkernel, s, begin, end, i, j, o0);
+      }
+  }
+}
+
+// Work shared between the calling thread and the tasks it schedules on XLA's intra-op pool. Parts are
+// claimed from a counter, so the caller never waits for a task that has not started (the pool may be
+// busy with other thunks, or with another call of this handler): it computes unclaimed parts itself.
+struct SharedWork {
+  std::atomic<int> next_part{0};
+  int num_parts = 0;
+  int parts_done = 0;
+  std::mutex mutex;
+  std::condition_variable all_done;
+};
+
+ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                 ffi::ResultBuffer<ffi::F32> dkernel) {
+  const auto xd = x.dimensions();
+  const auto dyd = dy.dimensions();
+  if (xd.size() != 4 || dyd.size() != 4 || xd[0] != dyd[0] || xd[1] != dyd[1] || xd[2] != dyd[2])
+    return ffi::Error::InvalidArgument("conv3x3_weight_grad: x (B, H, W, C) and dy (B, H, W, O) must agree in B, H, W");
+  const Shape s{xd[1], xd[2], xd[3], dyd[3]};
+  if (s.out_channels % kLanes != 0)
+    return ffi::Error::InvalidArgument("conv3x3_weight_grad: out_channels must be a multiple of the vector width");
+  const int64_t rows = xd[0] * xd[1];
+  const int64_t kernel_size = 9 * s.in_channels * s.out_channels;
+  float* out = dkernel->typed_data();
+  std::fill(out, out + kernel_size, 0.0f);
+
+  // Several parts per thread, claimed as threads come free: XLA may run other thunks on the pool at the
+  // same time, and a thread that joins late still takes a share. Each part sums into its own buffer and
+  // the buffers are added in part order, so the result does not depend on which thread ran which part.
+  const int64_t threads = std::max<int64_t>(1, thread_pool.num_threads());
+  const int64_t max_buffers = std::max<int64_t>(1, (int64_t{32} << 20) / (kernel_size * int64_t{sizeof(float)}));
+  // Each part zeroes and adds a buffer of the kernel's size: parts under ~2048 positions would spend a
+  // noticeable share of their time on that.
+  const int64_t worth = std::max(threads, rows * s.width / 2048);
+  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min({4 * threads, worth, rows, max_buffers}), 1, 64));
+  std::vector<std::unique_ptr<float[]>> partial(num_parts - 1);
+  for (auto& p : partial) p.reset(new float[kernel_size]);
+  auto work = std::make_shared<SharedWork>();
+  work->num_parts = num_parts;
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  auto run_parts = [=, &partial]() {
+    for (int part; (part = work->next_part.fetch_add(1)) < num_parts;) {
+      float* target = part == 0 ? out : partial[part - 1].get();
+      if (part > 0) std::fill(target, target + kernel_size, 0.0f);
+      AccumulateRows(xp, dyp, target, s, rows * part / num_parts, rows * (part + 1) / num_parts);
+      std::lock_guard<std::mutex> lock(work->mutex);
+      if (++work->parts_done == num_parts) work->all_done.notify_all();
+    }
+  };
+  // A task that starts after all parts are claimed touches only `work`, which it co-owns.
+  for (int64_t t = 1; t < std::min<int64_t>(threads, num_parts); ++t)
+    thread_pool.Schedule([work, run_parts]() {
+      if (work->next_part.load() < work->num_parts) run_parts();
+    });
+  run_parts();
+  {
+    std::unique_lock<std::mutex> lock(work->mutex);
+    work->all_done.wait(lock, [&] { return work->parts_done == num_parts; });
+  }
+  for (const auto& p : partial)
+    for (int64_t k = 0; k < kernel_size; ++k) out[k] += p[k];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
