@@ -1,12 +1,15 @@
-"""Every 3x3 convolution shape of the seed U-Net, timed three ways: ``python -m benchmarks.conv_shapes``.
+"""Every 3x3 convolution shape of a U-Net preset, timed four ways: ``python -m benchmarks.conv_shapes``.
 
-For each (map size, input channels, output channels) at batch 128: the
-forward pass, the weight gradient and the input gradient, as XLA's
-convolution and as the im2col matrix product of
-:mod:`ddpm_jax.models.layers`; the weight gradient also as nine shifted matrix
-products. This is the measurement behind ``conv_impl='auto'``'s choices.
-Milliseconds, median of ``--repeats``; writes
-``benchmarks/results/conv-shapes-<backend>.json``.
+For each (map size, input channels, output channels) of the ``seed`` U-Net
+(batch 128) or the ``cpu`` preset's (``--preset cpu``, batch 64): the forward
+pass, the weight gradient and the input gradient as XLA's convolution, as
+the im2col matrix product and as the native CPU kernels of
+:mod:`ddpm_jax.models` (where the channels allow them and a compiler built
+them), with PyTorch's convolution beside them when torch is installed (the
+peer, in the same process, 2 threads like ours). The column ``auto`` names
+the form :func:`ddpm_jax.models.layers.conv3x3_form` picks: this is the
+measurement behind ``conv_impl='auto'``'s choices. Milliseconds, median of
+``--repeats``; writes ``benchmarks/results/conv-shapes-<backend>-<preset>-preset.json``.
 """
 
 from __future__ import annotations
@@ -23,24 +26,23 @@ import jax
 import jax.numpy as jnp
 
 import ddpm_jax  # noqa: F401  (applies ddpm_jax/xla_cpu.py's flag, as the project runs)
-from ddpm_jax.models.layers import conv3x3_matmul, conv3x3_xla
+from ddpm_jax.models import cpu_kernels
+from ddpm_jax.models.layers import conv3x3_form, conv3x3_matmul, conv3x3_xla
 
-# (height = width, C_in, C_out) of the seed U-Net's 3x3 convolutions at 32x32 input, encoder then decoder.
-SEED_SHAPES = [
-    (32, 1, 32), (32, 32, 32), (16, 32, 64), (16, 64, 64), (8, 64, 128), (8, 128, 128), (4, 128, 256),
-    (4, 256, 256), (2, 256, 512), (2, 512, 512), (4, 512, 256), (8, 256, 128), (16, 128, 64), (32, 64, 32),
-    (32, 32, 1),
-]
+try:
+    import torch
+except ImportError:  # the peer column is left out
+    torch = None
 
-
-def wgrad_shifted(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-    """Weight gradient of a 3x3 SAME convolution as nine matrix products of x with shifted output gradients."""
-    _, h, w, c = x.shape
-    gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    xf = x.reshape(-1, c)
-    rows = [[xf.T @ gp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w, :].reshape(-1, g.shape[-1]) for j in range(3)]
-            for i in range(3)]
-    return jnp.stack([jnp.stack(r) for r in rows])
+# (height = width, C_in, C_out) of each preset's 3x3 convolutions, encoder then decoder, and its batch.
+SHAPES = {
+    "seed": ([(32, 1, 32), (32, 32, 32), (16, 32, 64), (16, 64, 64), (8, 64, 128), (8, 128, 128), (4, 128, 256),
+              (4, 256, 256), (2, 256, 512), (2, 512, 512), (4, 512, 256), (8, 256, 128), (16, 128, 64),
+              (32, 64, 32), (32, 32, 1)], 128),
+    "cpu": ([(28, 1, 16), (28, 16, 16), (14, 16, 32), (14, 32, 32), (7, 32, 64), (7, 64, 64), (14, 64, 32),
+             (14, 32, 32), (28, 32, 16), (28, 16, 16), (28, 16, 1)], 64),
+}
+PASSES = ("forward", "wgrad", "igrad")
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -53,46 +55,98 @@ def _time(fn, *args, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
+def _jax_passes(conv, x, w, g) -> tuple:
+    wgrad = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+    igrad = jax.jit(lambda w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    return (jax.jit(conv), (x, w)), (wgrad, (x, g)), (igrad, (w, g))
+
+
+def _native_passes(x, w, g) -> tuple:
+    """The native kernels' three passes; None for a pass whose written channels are not whole vectors."""
+    if not cpu_kernels.kernels_available():
+        return None, None, None
+    fits = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    return ((jax.jit(cpu_kernels.conv3x3), (x, w)) if fits(w.shape[-1]) else None,
+            (jax.jit(cpu_kernels.conv3x3_weight_grad), (x, g)) if fits(g.shape[-1]) else None,
+            (jax.jit(cpu_kernels.conv3x3), (g, flipped)) if fits(x.shape[-1]) else None)
+
+
+def _torch_passes(x, w, g) -> tuple:
+    xt, gt = (torch.from_numpy(jax.device_get(a)).permute(0, 3, 1, 2).contiguous() for a in (x, g))
+    wt = torch.from_numpy(jax.device_get(w)).permute(3, 2, 0, 1).contiguous()
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(gt, xt, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                           mask)
+    return ((lambda: torch.nn.functional.conv2d(xt, wt, padding=1), ()), (backward([False, True, False]), ()),
+            (backward([True, False, False]), ()))
+
+
 def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (batch, size, size, cin))
     w = jax.random.normal(kw, (3, 3, cin, cout)) * 0.1
     g = jax.random.normal(kg, (batch, size, size, cout))
-    row = {"size": size, "c_in": cin, "c_out": cout}
-    for name, conv in (("xla", conv3x3_xla), ("matmul", conv3x3_matmul)):
-        wgrad = jax.jit(lambda x, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-        igrad = jax.jit(lambda w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    row = {"size": size, "c_in": cin, "c_out": cout, "auto": conv3x3_form(x, cout)}
+    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g), "matmul": _jax_passes(conv3x3_matmul, x, w, g),
+             "native": _native_passes(x, w, g)}
+    if torch is not None:
+        forms["torch"] = _torch_passes(x, w, g)
+    for name, passes in forms.items():
         # XLA's 2x2 convolutions take seconds: fewer repeats there.
         reps = 1 if (name == "xla" and size <= 2) else repeats
-        row[f"{name}_forward_ms"] = _time(jax.jit(conv), x, w, repeats=reps)
-        row[f"{name}_wgrad_ms"] = _time(wgrad, x, g, repeats=reps)
-        row[f"{name}_igrad_ms"] = _time(igrad, w, g, repeats=reps)
-    row["shifted_wgrad_ms"] = _time(jax.jit(wgrad_shifted), x, g, repeats=repeats)
+        for pass_name, job in zip(PASSES, passes):
+            row[f"{name}_{pass_name}_ms"] = None if job is None else _time(job[0], *job[1], repeats=reps)
     return row
+
+
+def _auto_ms(row: dict, pass_name: str) -> float:
+    """The time of the form ``auto`` picked for this pass (``native_weight_grad``: native only for the weights)."""
+    form = row["auto"]
+    if form == "native_weight_grad":
+        form = "native" if pass_name == "wgrad" else "xla"
+    return row[f"{form}_{pass_name}_ms"]
+
+
+def _cell(value) -> str:
+    return f"{value:7.1f}" if value is not None else f"{'-':>7}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.conv_shapes", description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--preset", choices=tuple(SHAPES), default="seed")
+    p.add_argument("--batch", type=int, default=None, help="default: 128 (seed), 64 (cpu), as the suite trains")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    shapes, batch = SHAPES[args.preset][0], args.batch or SHAPES[args.preset][1]
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    forms = ["xla", "matmul", "native"] + (["torch"] if torch is not None else [])
     rows = []
-    print(f"{'shape':>16} | {'forward xla':>11} {'matmul':>7} | {'wgrad xla':>9} {'matmul':>7} {'shifted':>7} | "
-          f"{'igrad xla':>9} {'matmul':>7}  (ms, batch {args.batch})")
-    for size, cin, cout in SEED_SHAPES:
-        r = measure(args.batch, size, cin, cout, args.repeats)
+    print(f"{args.preset} preset, batch {batch}, ms; per pass: " + " ".join(f"{f:>7}" for f in forms))
+    print(f"{'shape':>16} {'auto':>18} | {'forward':^31} | {'weight gradient':^31} | {'input gradient':^31}")
+    for size, cin, cout in shapes:
+        r = measure(batch, size, cin, cout, args.repeats)
         rows.append(r)
-        print(f"{f'{size}x{size} {cin}->{cout}':>16} | {r['xla_forward_ms']:11.1f} {r['matmul_forward_ms']:7.1f} | "
-              f"{r['xla_wgrad_ms']:9.1f} {r['matmul_wgrad_ms']:7.1f} {r['shifted_wgrad_ms']:7.1f} | "
-              f"{r['xla_igrad_ms']:9.1f} {r['matmul_igrad_ms']:7.1f}", flush=True)
+        cells = " | ".join(" ".join(_cell(r[f"{f}_{pass_name}_ms"]) for f in forms) for pass_name in PASSES)
+        print(f"{f'{size}x{size} {cin}->{cout}':>16} {r['auto']:>18} | {cells}", flush=True)
+    totals = {f"{f}_{pass_name}_ms": sum(r[f"{f}_{pass_name}_ms"] or 0.0 for r in rows)
+              for f in forms for pass_name in PASSES}
+    auto_total = {pass_name: sum(_auto_ms(r, pass_name) for r in rows) for pass_name in PASSES}
+    print("auto (the forms picked), summed: " + ", ".join(f"{k} {v:.1f}" for k, v in auto_total.items()) +
+          ("; torch: " + ", ".join(f"{k} {totals[f'torch_{k}_ms']:.1f}" for k in PASSES) if torch is not None else ""))
     backend = jax.default_backend()
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"conv-shapes-{backend}.json"
+    results = Path(__file__).resolve().parent / "results"
+    out = Path(args.out) if args.out else results / f"conv-shapes-{backend}-{args.preset}-preset.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": backend, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": args.batch, "rows": rows,
+        "torch": torch.__version__ if torch is not None else None, "preset": args.preset,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": batch, "rows": rows,
+        "auto_total_ms": auto_total, "totals_ms": totals,
     }, indent=2))
     print(f"wrote {out}")
     return 0

@@ -1,19 +1,23 @@
-"""A native CPU kernel for the 3x3 convolution's weight gradient, built on first use.
+"""Native CPU kernels for the 3x3 convolution and its weight gradient, built on first use.
 
 XLA's CPU backend computes a 3x3 convolution's weight gradient as an Eigen
 convolution with an ``(H, W)`` "kernel" behind two layout transposes: 23-70
-GFLOP/s on this project's 32x32, 28x28 and 16x16 maps, against 90-140 for
-the register-blocked loop in ``conv3x3_weight_grad.cc`` beside this file,
-which reads the NHWC buffers in place (``python -m benchmarks.conv_shapes``).
-It runs as an XLA FFI custom call on XLA's own intra-op thread pool.
+GFLOP/s on this project's 32x32, 28x28 and 16x16 maps, against 150-270 for
+the register-blocked loop in ``conv3x3_cpu.cc`` beside this file, which reads
+the NHWC buffers in place. Its forward convolution (and so the input
+gradient, a convolution with the flipped kernel) is likewise slow with few
+channels on large maps, where the file's second loop is faster
+(``python -m benchmarks.conv_shapes``). Both run as XLA FFI custom calls on
+XLA's own intra-op thread pool; :mod:`ddpm_jax.models.layers` decides per
+shape which convolution takes which.
 
 The source is compiled once per machine, compiler and jaxlib, with
 ``-O3 -march=native``, into ``$DDPM_JAX_CACHE_DIR`` (default
 ``~/.cache/ddpm_jax``), and loaded from there afterwards. Where no C++
-compiler is found or the build fails, :func:`weight_grad_kernel_available`
-returns False after one warning that says why, and the layers keep XLA's
-gradient (the same sums in another order). ``DDPM_JAX_NATIVE_KERNELS=0``
-turns the kernel off without a warning. ``$CXX`` names the compiler
+compiler is found or the build fails, :func:`kernels_available` returns
+False after one warning that says why, and the layers keep XLA's
+convolutions (the same sums in another order). ``DDPM_JAX_NATIVE_KERNELS=0``
+turns the kernels off without a warning. ``$CXX`` names the compiler
 (default: the first of ``c++``, ``g++``, ``clang++`` on the ``PATH``).
 """
 
@@ -34,10 +38,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("conv3x3_weight_grad.cc")
-TARGET_NAME = "ddpm_jax_conv3x3_weight_grad"
-# The kernel's widest vector is 16 floats; output channels must fill whole vectors.
-OUT_CHANNEL_MULTIPLE = 16
+SOURCE = Path(__file__).with_name("conv3x3_cpu.cc")
+# FFI target name -> the handler's symbol in the library.
+TARGETS = {"ddpm_jax_conv3x3": "Conv3x3", "ddpm_jax_conv3x3_weight_grad": "Conv3x3WeightGrad"}
+# The kernels' widest vector is 16 floats; the channels they write must fill whole vectors.
+CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -63,7 +68,7 @@ def _build(compiler: str) -> Path:
     for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(),
                  metadata.version("jaxlib").encode(), target.encode()):
         key.update(part)
-    library = _cache_dir() / f"conv3x3_weight_grad-{key.hexdigest()[:16]}.so"
+    library = _cache_dir() / f"conv3x3_cpu-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +82,8 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def weight_grad_kernel_available() -> bool:
-    """Whether the native weight-gradient kernel is built, loaded and registered with XLA (CPU only)."""
+def kernels_available() -> bool:
+    """Whether the native kernels are built, loaded and registered with XLA (CPU backend only)."""
     if os.environ.get("DDPM_JAX_NATIVE_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
         return False
     compiler = _compiler()
@@ -86,10 +91,11 @@ def weight_grad_kernel_available() -> bool:
         if compiler is None:
             raise RuntimeError("no C++ compiler on the PATH (looked for $CXX, c++, g++, clang++)")
         library = ctypes.CDLL(str(_build(compiler)))
-        jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(library.Conv3x3WeightGrad), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"ddpm_jax: the native CPU kernel for convolution weight gradients is not available "
+        warnings.warn(f"ddpm_jax: the native CPU kernels for 3x3 convolutions are not available "
                       f"({str(detail).strip()[-2000:]}); using XLA's, which trains slower on the CPU. "
                       f"Install a C++ compiler or name one in $CXX; DDPM_JAX_NATIVE_KERNELS=0 silences this.",
                       RuntimeWarning, stacklevel=2)
@@ -97,23 +103,33 @@ def weight_grad_kernel_available() -> bool:
     return True
 
 
-def weight_grad_kernel_applies(x: jnp.ndarray, dy_channels: int) -> bool:
-    """Whether :func:`conv3x3_weight_grad` takes this input ``(B, H, W, C)`` and ``dy_channels``."""
-    return (x.ndim == 4 and x.dtype == jnp.float32 and dy_channels % OUT_CHANNEL_MULTIPLE == 0
-            and weight_grad_kernel_available())
+def _require_kernels() -> None:
+    if not kernels_available():
+        raise RuntimeError("the native convolution kernels are not available here (see the warning above, or "
+                           "DDPM_JAX_NATIVE_KERNELS=0); ddpm_jax.models.layers.conv3x3_form() chooses XLA's then.")
+
+
+def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 ``SAME`` convolution (cross-correlation, as XLA's), no autodiff rule of its own.
+
+    ``x`` ``(B, H, W, C)`` and ``kernel`` ``(3, 3, C, O)``, float32, ``O`` a
+    multiple of :data:`CHANNEL_MULTIPLE` -> ``(B, H, W, O)``.
+    """
+    _require_kernels()
+    chex.assert_rank((x, kernel), 4)
+    chex.assert_shape(kernel, (3, 3, x.shape[-1], None))
+    out = jax.ShapeDtypeStruct((*x.shape[:3], kernel.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("ddpm_jax_conv3x3", out, vmap_method="sequential")(x, kernel)
 
 
 def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
-    """The gradient of ``sum(dy * conv3x3_same(x, kernel))`` with respect to ``kernel`` (HWIO).
+    """The gradient of ``sum(dy * conv3x3(x, kernel))`` with respect to ``kernel`` (HWIO).
 
     ``x`` ``(B, H, W, C)`` and ``dy`` ``(B, H, W, O)``, float32, ``O`` a multiple of
-    :data:`OUT_CHANNEL_MULTIPLE` -> ``(3, 3, C, O)``. Only where
-    :func:`weight_grad_kernel_available`.
+    :data:`CHANNEL_MULTIPLE` -> ``(3, 3, C, O)``.
     """
-    if not weight_grad_kernel_available():
-        raise RuntimeError("the native weight-gradient kernel is not available here (see the warning above, or "
-                           "DDPM_JAX_NATIVE_KERNELS=0); use conv3x3_uses_native_weight_grad() to choose XLA's.")
+    _require_kernels()
     chex.assert_rank((x, dy), 4)
     chex.assert_equal_shape_prefix((x, dy), 3)
     kernel_shape = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET_NAME, kernel_shape, vmap_method="sequential")(x, dy)
+    return jax.ffi.ffi_call("ddpm_jax_conv3x3_weight_grad", kernel_shape, vmap_method="sequential")(x, dy)

@@ -9,7 +9,10 @@ to 10x (YNNPACK) slower than its im2col form.
 Where that happens the convolution is computed here as one matrix product
 over the nine shifted copies of the input (im2col), which is the same sum of
 the same products, only in another order, so results agree to float32
-rounding. The 2x2 stride-2 transposed convolution is likewise one matrix
+rounding. Where a C++ compiler is at hand, the 3x3 convolutions of larger maps
+use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`, :func:`conv3x3_form`):
+XLA computes their weight gradient at a quarter of the machine's matmul rate.
+The 2x2 stride-2 transposed convolution is likewise one matrix
 product followed by a depth-to-space reshape, and 2x2 max-pooling gets a
 gradient that routes through a one-hot of each window's first maximum
 instead of XLA's packed reduce-window (same values, same gradient).
@@ -72,11 +75,44 @@ def conv3x3_xla(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 @jax.custom_vjp
+def conv3x3_native(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 ``SAME`` convolution by the native CPU kernels (:mod:`cpu_kernels`) in all three passes.
+
+    The input gradient is the convolution of the output gradient with the
+    kernel flipped in space and with its channel axes swapped (XLA's where
+    the input channels are not a multiple of 16). Only where
+    :func:`conv3x3_form` says ``'native'``.
+    """
+    return cpu_kernels.conv3x3(x, kernel)
+
+
+def _native_fwd(x, kernel):
+    return cpu_kernels.conv3x3(x, kernel), (x, kernel)
+
+
+def _xla_input_grad(x, kernel, g):
+    (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
+    return x_grad
+
+
+def _native_bwd(residual, g):
+    x, kernel = residual
+    if x.shape[-1] % cpu_kernels.CHANNEL_MULTIPLE == 0:
+        x_grad = cpu_kernels.conv3x3(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    else:  # the input gradient's channels are not whole vectors (the first layer's: unused, and dropped by XLA)
+        x_grad = _xla_input_grad(x, kernel, g)
+    return x_grad, cpu_kernels.conv3x3_weight_grad(x, g)
+
+
+conv3x3_native.defvjp(_native_fwd, _native_bwd)
+
+
+@jax.custom_vjp
 def conv3x3_native_weight_grad(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """:func:`conv3x3_xla` whose kernel gradient is :func:`cpu_kernels.conv3x3_weight_grad`.
 
-    Forward and input gradient are XLA's. Only where
-    :func:`conv3x3_uses_native_weight_grad` says so.
+    Forward and input gradient are XLA's. Only where :func:`conv3x3_form`
+    says ``'native_weight_grad'``.
     """
     return conv3x3_xla(x, kernel)
 
@@ -87,24 +123,39 @@ def _native_weight_grad_fwd(x, kernel):
 
 def _native_weight_grad_bwd(residual, g):
     x, kernel = residual
-    (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
-    return x_grad, cpu_kernels.conv3x3_weight_grad(x, g)
+    return _xla_input_grad(x, kernel, g), cpu_kernels.conv3x3_weight_grad(x, g)
 
 
 conv3x3_native_weight_grad.defvjp(_native_weight_grad_fwd, _native_weight_grad_bwd)
 
+CONV3X3_FORMS = ("matmul", "native", "native_weight_grad", "xla")
 
-def conv3x3_uses_native_weight_grad(x: jnp.ndarray, features: int, impl: str = "auto") -> bool:
-    """Whether :class:`Conv3x3` takes its kernel gradient from the native CPU kernel.
 
-    ``auto`` only, on CPU, where XLA's convolution is used, on maps of at
-    least 8x8 pixels (on smaller ones XLA's weight gradient is as fast), and
-    where the kernel is built and takes the shape (float32, ``features`` a
-    multiple of 16).
+def conv3x3_form(x: jnp.ndarray, features: int, impl: str = "auto") -> str:
+    """Which of :data:`CONV3X3_FORMS` :class:`Conv3x3` computes this input ``(B, H, W, C)`` with.
+
+    ``'xla'`` and ``'matmul'`` impls: that form everywhere. ``'auto'`` on CPU
+    picks what was measured faster there (``python -m benchmarks.conv_shapes``
+    for both presets' shapes). Where the native kernels are built
+    (:func:`cpu_kernels.kernels_available`), the input is float32 and
+    ``features`` a multiple of 16: ``'native'`` (all three passes) on maps of
+    at least 14x14 pixels with at most 32 input and 64 output channels, where
+    XLA's convolution is slow in every pass; ``'native_weight_grad'`` (XLA's
+    forward and input gradient) on other maps of at least 7x7. Otherwise
+    ``'matmul'`` where :func:`conv3x3_uses_matmul` and ``'xla'`` elsewhere.
+    ``'auto'`` on any other backend: ``'xla'``.
     """
+    _check_impl(impl)
+    if impl != "auto":
+        return impl
     _, h, w, c = x.shape
-    return (impl == "auto" and h * w >= 64 and not conv3x3_uses_matmul(h, w, c, impl)
-            and cpu_kernels.weight_grad_kernel_applies(x, features))
+    native = x.dtype == jnp.float32 and features % cpu_kernels.CHANNEL_MULTIPLE == 0 and h * w >= 49 \
+        and cpu_kernels.kernels_available()
+    if native and h * w >= 196 and c <= 32 and features <= 64:
+        return "native"
+    if conv3x3_uses_matmul(h, w, c, impl):
+        return "matmul"
+    return "native_weight_grad" if native else "xla"
 
 
 def conv3x3_uses_matmul(height: int, width: int, in_channels: int, impl: str = "auto") -> bool:
@@ -244,13 +295,8 @@ class Conv3x3(_KernelAndBias):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x, kernel, bias = self.kernel_and_bias(x, 3)
-        _, h, w, c = x.shape
-        if conv3x3_uses_matmul(h, w, c, self.impl):
-            conv = conv3x3_matmul
-        elif conv3x3_uses_native_weight_grad(x, self.features, self.impl):
-            conv = conv3x3_native_weight_grad
-        else:
-            conv = conv3x3_xla
+        conv = {"matmul": conv3x3_matmul, "native": conv3x3_native, "native_weight_grad": conv3x3_native_weight_grad,
+                "xla": conv3x3_xla}[conv3x3_form(x, self.features, self.impl)]
         return add_channel_bias(conv(x, kernel), bias, self.impl)
 
 

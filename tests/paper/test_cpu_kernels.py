@@ -1,4 +1,4 @@
-"""The native weight-gradient kernel computes XLA's weight gradient, and its absence costs speed, not results."""
+"""The native convolution kernels compute what XLA's convolution does, and their absence costs speed, not results."""
 
 import os
 import warnings
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import Conv3x3, conv3x3_uses_native_weight_grad, conv3x3_xla
+from ddpm_jax.models.layers import Conv3x3, conv3x3_form, conv3x3_xla
 
 needs_kernel = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_kernels._compiler() is None
@@ -52,41 +52,82 @@ def test_native_weight_grad_equals_xlas_at_the_unets_shapes(b, s, cin, cout):
     _assert_same_weight_grad(jax.random.normal(kx, (b, s, s, cin)), jax.random.normal(kd, (b, s, s, cout)))
 
 
+def _assert_same_conv(x, kernel):
+    ours = np.asarray(jax.jit(cpu_kernels.conv3x3)(x, kernel))
+    reference = np.asarray(jax.jit(conv3x3_xla)(x, kernel))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-5 * np.abs(reference).max() + 1e-6)
+
+
 @needs_kernel
-def test_conv3x3_auto_takes_the_native_weight_grad_and_keeps_xlas_gradients():
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 8))
-    dy = jax.random.normal(jax.random.PRNGKey(2), (4, 12, 12, 32))
-    assert conv3x3_uses_native_weight_grad(x, 32, "auto")
-    assert not conv3x3_uses_native_weight_grad(x, 32, "xla") and not conv3x3_uses_native_weight_grad(x, 8, "auto")
-    assert not conv3x3_uses_native_weight_grad(x.astype(jnp.bfloat16), 32, "auto")
-    params = Conv3x3(32, impl="xla").init(jax.random.PRNGKey(1), x)
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 30),
+       in_channels=st.integers(1, 20), out_blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_native_conv3x3_equals_xlas_at_every_shape_and_edge(batch, height, width, in_channels, out_blocks, seed):
+    # Widths up to 30: full 12-, 6- and 4-pixel blocks and every remainder; 1-row images see one kernel row.
+    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (batch, height, width, in_channels))
+    _assert_same_conv(x, jax.random.normal(kk, (3, 3, in_channels, 16 * out_blocks)))
 
-    def grads(impl):
+
+FORM_CASES = [  # (input shape, features, impl, form), from python -m benchmarks.conv_shapes (both presets)
+    ((4, 16, 16, 16), 32, "auto", "native"),
+    ((4, 14, 14, 32), 16, "auto", "native"),
+    ((4, 28, 28, 1), 16, "auto", "native"),  # the first layer: native forward and weight gradient
+    ((4, 12, 12, 8), 32, "auto", "native_weight_grad"),  # under 14x14
+    ((4, 16, 16, 128), 64, "auto", "native_weight_grad"),  # many channels: XLA's forward is as fast
+    ((4, 7, 7, 32), 64, "auto", "native_weight_grad"),
+    ((4, 4, 4, 128), 256, "auto", "xla"),
+    ((4, 16, 16, 16), 8, "auto", "xla"),  # 8 output channels: no whole vector
+    ((4, 32, 32, 32), 1, "auto", "xla"),
+    ((4, 16, 16, 16), 32, "xla", "xla"),
+    ((4, 16, 16, 16), 32, "matmul", "matmul"),
+    ((4, 2, 2, 64), 64, "auto", "matmul"),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, features, impl, form", FORM_CASES)
+def test_conv3x3_form_is_native_only_where_it_was_measured_faster(shape, features, impl, form):
+    assert conv3x3_form(jnp.zeros(shape), features, impl) == form
+    assert conv3x3_form(jnp.zeros(shape, jnp.bfloat16), features, impl) in ("xla", "matmul")
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, features", [((4, 16, 16, 16), 32), ((4, 14, 14, 3), 16), ((4, 12, 12, 8), 32)])
+def test_conv3x3_native_forms_give_xlas_outputs_and_gradients(shape, features):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    dy = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], features))
+    params = Conv3x3(features, impl="xla").init(jax.random.PRNGKey(1), x)
+
+    def outputs_and_grads(impl):
         def loss(p, x):
-            return jnp.sum(Conv3x3(32, impl=impl).apply(p, x) * dy)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+            return jnp.sum(Conv3x3(features, impl=impl).apply(p, x) * dy)
+        out = jax.jit(Conv3x3(features, impl=impl).apply)(params, x)
+        return out, jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
-    (ours_params, ours_x), (ref_params, ref_x) = grads("auto"), grads("xla")
-    np.testing.assert_allclose(ours_x, ref_x, rtol=1e-5, atol=1e-5)  # the input gradient is XLA's in both
+    ours_out, (ours_params, ours_x) = outputs_and_grads("auto")
+    ref_out, (ref_params, ref_x) = outputs_and_grads("xla")
+    np.testing.assert_allclose(ours_out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours_x, ref_x, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours_params, ref_params)
 
 
 def test_without_a_compiler_the_kernel_is_off_with_a_warning_that_names_the_fix(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-ddpm-jax")
     monkeypatch.delenv("DDPM_JAX_NATIVE_KERNELS", raising=False)
-    cpu_kernels.weight_grad_kernel_available.cache_clear()
+    cpu_kernels.kernels_available.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*Install a C\\+\\+ compiler or name one in \\$CXX"):
-            assert not cpu_kernels.weight_grad_kernel_available()
-        x = jnp.ones((2, 4, 4, 3))
-        assert not conv3x3_uses_native_weight_grad(x, 16, "auto")
+        fix = "Install a C\\+\\+ compiler or name one in \\$CXX"
+        with pytest.warns(RuntimeWarning, match=f"no C\\+\\+ compiler.*{fix}"):
+            assert not cpu_kernels.kernels_available()
+        assert conv3x3_form(jnp.ones((2, 16, 16, 16)), 16, "auto") == "xla"
         monkeypatch.setenv("DDPM_JAX_NATIVE_KERNELS", "0")
-        cpu_kernels.weight_grad_kernel_available.cache_clear()
+        cpu_kernels.kernels_available.cache_clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # turned off on purpose: silent
-            assert not cpu_kernels.weight_grad_kernel_available()
+            assert not cpu_kernels.kernels_available()
     finally:
-        cpu_kernels.weight_grad_kernel_available.cache_clear()
+        cpu_kernels.kernels_available.cache_clear()
 
 
 @needs_kernel
