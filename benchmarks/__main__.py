@@ -1,6 +1,6 @@
 """The benchmark suite: ours and the PyTorch peers on the same work, side by side, in one run.
 
-    python -m benchmarks                 # everything (about 7.5 minutes on 2 CPU cores)
+    python -m benchmarks                 # everything (7-25 minutes on 2 CPU cores)
     python -m benchmarks --quick         # fewer timed steps, for a smoke test
     python -m benchmarks --device gpu    # the GPU suite (below; estimated 3.5-4.5 minutes on one H200)
 
@@ -17,6 +17,9 @@ leak between them. Rows:
   the XLA flag of ``ddpm_jax/xla_cpu.py``);
 - ``ours, 256-bit vectors`` (a processor with AVX-512 only): without the flag that lets XLA's own fused loops
   use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. what shipped before issue 18;
+- ``ours, no native kernels``: XLA's 3x3 convolutions where ``conv_impl='auto'`` would take the native CPU
+  kernels of ``ddpm_jax/models/cpu_kernels.py`` (``DDPM_JAX_NATIVE_KERNELS=0``), i.e. what shipped before
+  issue 18's third session;
 - ``ours, no XLA flags``: neither of ``ddpm_jax/xla_cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
   fusions, XLA's default vector width;
 - ``ours, before``: every convolution left to XLA (``conv_impl='xla'``) and no flag,
@@ -51,7 +54,8 @@ torch peers with ``--device cuda``. In order of priority:
   rows (on the GPU, when installed);
 - cpu preset at the same batch: train and sample, ours vs the torch port.
 
-The rows CPU work is about (``ours, 256-bit vectors``, ``ours, no XLA flags``, ``ours, before``) are not run:
+The rows CPU work is about (``ours, no native kernels``, ``ours, 256-bit vectors``, ``ours, no XLA flags``,
+``ours, before``) are not run:
 on a GPU ``conv_impl='auto'`` is XLA's convolution and the flags concern XLA's
 CPU backend only. The table shows achieved TFLOP/s (XLA's FLOP count of our step x
 images/s, the same count for the port's rows) in place of the CPU's peak share, and
@@ -166,7 +170,9 @@ def diffusers_available() -> bool:
 # Our rows: the code as shipped, without the XLA flag of ddpm_jax/xla_cpu.py, and before issue 4's CPU work.
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
-LABELS = ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before", "torch port", "diffusers")
+NO_NATIVE = {"DDPM_JAX_NATIVE_KERNELS": "0"}
+LABELS = ("ours", "ours, no native kernels", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before",
+          "torch port", "diffusers")
 GPU_LABELS = ("ours", "torch port", "diffusers", "ours, bf16", "torch port, bf16")
 
 
@@ -204,6 +210,8 @@ def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, s
         ours = ["--preset", preset]
         jobs += [
             (preset, "train", "ours", "benchmarks.ours", ["train", *ours, "--batch", batch, "--steps", steps], {}),
+            (preset, "train", "ours, no native kernels", "benchmarks.ours",
+             ["train", *ours, "--batch", batch, "--steps", steps], NO_NATIVE),
             *([(preset, "train", "ours, 256-bit vectors", "benchmarks.ours",
                 ["train", *ours, "--batch", batch, "--steps", steps], VECTORS_256)] if avx512 else []),
             (preset, "train", "ours, no XLA flags", "benchmarks.ours",
@@ -214,6 +222,8 @@ def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, s
             (preset, "train", "torch port", "benchmarks.peers",
              ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], {}),
             (preset, "sample", "ours", "benchmarks.ours", ["sample", *ours, "--n", "100"], {}),
+            (preset, "sample", "ours, no native kernels", "benchmarks.ours", ["sample", *ours, "--n", "100"],
+             NO_NATIVE),
             *([(preset, "sample", "ours, 256-bit vectors", "benchmarks.ours", ["sample", *ours, "--n", "100"],
                 VECTORS_256)] if avx512 else []),
             (preset, "sample", "ours, no XLA flags", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),

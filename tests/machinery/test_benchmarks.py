@@ -34,11 +34,13 @@ def test_suite_plan_measures_every_peer_on_both_presets():
     labels = {(preset, task, label) for preset, task, label, *_ in jobs}
     for preset in ("seed", "cpu"):
         for task in ("train", "sample"):
-            for label in ("ours", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before", "torch port"):
+            for label in ("ours", "ours, no native kernels", "ours, 256-bit vectors", "ours, no XLA flags",
+                          "ours, before", "torch port"):
                 assert (preset, task, label) in labels
     envs = {label: env for _, _, label, _, _, env in jobs}
     assert envs["ours, 256-bit vectors"] == {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
     assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
+    assert envs["ours, no native kernels"] == {"DDPM_JAX_NATIVE_KERNELS": "0"}
     assert not any(label == "ours, 256-bit vectors" for _, _, label, *_ in suite.plan(quick=True, avx512=False))
     assert ("seed", "sample", "diffusers") in labels
     for preset in ("seed", "cpu"):
