@@ -346,7 +346,7 @@ def print_tables(rows: list[dict], peak: float | None, sizes: dict | None = None
         sample = {r["label"]: r for r in rows if r["preset"] == preset and r["task"] == "sample"}
         flops = (train.get("ours") or {}).get("flops_per_image")
         print(f"\n{preset} preset: train step (batch {batch}) and {n} samples x 100 steps")
-        print(f"{'':18} {'train img/s':>11} {'ours/this':>9} {'1st step s':>10} "
+        print(f"{'':24} {'train img/s':>11} {'ours/this':>9} {'1st step s':>10} "
               f"{'TFLOP/s' if gpu else 'peak share':>10} "
               f"{'samples/s':>10} {'ours/this':>9} {'GPU peak MB' if gpu else 'peak RSS MB':>11}")
         for label in labels:
@@ -375,7 +375,7 @@ def print_tables(rows: list[dict], peak: float | None, sizes: dict | None = None
                 f"{ours_sample / sps:9.2f}" if sps and ours_sample else f"{'-':>9}",
                 memory_cell,
             ]
-            print(f"{label:18} " + " ".join(cells))
+            print(f"{label:24} " + " ".join(cells))
         few = {r["label"]: r for r in rows if r["preset"] == preset and r["task"] == "sample10"}
         ours_few = (few.get("ours") or {}).get("samples_per_s")
         if few:
@@ -383,16 +383,16 @@ def print_tables(rows: list[dict], peak: float | None, sizes: dict | None = None
                   "(ours: DDIM eta=0; torch port: its loop over 10 steps; diffusers: DDIMScheduler)")
             for label, r in few.items():
                 sps = r.get("samples_per_s")
-                print(f"{label:18} {f'{sps:10.2f}' if sps else _why(r)[:10]:>10} "
+                print(f"{label:24} {f'{sps:10.2f}' if sps else _why(r)[:10]:>10} "
                       f"{f'{ours_few / sps:9.2f}' if sps and ours_few else '-':>9}")
         guided = {r["label"]: r for r in rows if r["preset"] == preset and r["task"] == "guidance"}
         if guided:
             print(f"{preset} preset, classifier-free guidance: {n} class-conditional samples x 100 steps "
                   "through ddpm_jax.sample, w = 0 and w > 0 (the network on a doubled batch)")
-            print(f"{'':18} {'w=0 samp/s':>10} {'w>0 samp/s':>10} {'w>0 / w=0 time':>15}")
+            print(f"{'':24} {'w=0 samp/s':>10} {'w>0 samp/s':>10} {'w>0 / w=0 time':>15}")
             for label, r in guided.items():
                 sps, gps, ratio = r.get("samples_per_s"), r.get("guided_samples_per_s"), r.get("guided_time_ratio")
-                print(f"{label:18} {f'{sps:10.2f}' if sps else _why(r)[:10]:>10} "
+                print(f"{label:24} {f'{sps:10.2f}' if sps else _why(r)[:10]:>10} "
                       f"{f'{gps:10.2f}' if gps else '-':>10} {f'{ratio:15.2f}' if ratio else '-':>15}")
     print("\n* extrapolated from timed reverse steps (or forward passes) to all 100 steps.")
     if gpu:

@@ -102,11 +102,12 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
 
 
 def _auto_ms(row: dict, pass_name: str) -> float:
-    """The time of the form ``auto`` picked for this pass (``native_weight_grad``: native only for the weights)."""
+    """The time of the form ``auto`` picked for this pass: ``native_weight_grad`` is native for the weights
+    only, and ``native`` takes XLA's input gradient where the input channels are not whole vectors."""
     form = row["auto"]
     if form == "native_weight_grad":
         form = "native" if pass_name == "wgrad" else "xla"
-    return row[f"{form}_{pass_name}_ms"]
+    return row[f"{form}_{pass_name}_ms"] if row[f"{form}_{pass_name}_ms"] is not None else row[f"xla_{pass_name}_ms"]
 
 
 def _cell(value) -> str:

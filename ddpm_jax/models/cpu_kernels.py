@@ -83,8 +83,14 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def kernels_available() -> bool:
-    """Whether the native kernels are built, loaded and registered with XLA (CPU backend only)."""
-    if os.environ.get("DDPM_JAX_NATIVE_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
+    """Whether the native kernels are built, loaded and registered with XLA (CPU backend, one device).
+
+    With several devices XLA's partitioner cannot split a custom call over the batch: it would gather
+    each convolution's input onto every device and repeat the whole batch's work there, so XLA's own
+    convolutions (which it does split) are kept.
+    """
+    if os.environ.get("DDPM_JAX_NATIVE_KERNELS", "1") == "0" or jax.default_backend() != "cpu" \
+            or jax.device_count() != 1:
         return False
     compiler = _compiler()
     try:

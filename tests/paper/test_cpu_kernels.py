@@ -1,6 +1,8 @@
 """The native convolution kernels compute what XLA's convolution does, and their absence costs speed, not results."""
 
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -139,3 +141,17 @@ def test_the_built_kernel_is_cached_and_not_compiled_again(monkeypatch, tmp_path
     built_at = first.stat().st_mtime_ns
     assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == built_at
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+@needs_kernel
+def test_with_several_devices_the_convolutions_stay_xlas_which_it_partitions():
+    # XLA cannot split a custom call over the batch; it would repeat the whole batch's work on every device.
+    code = ("import jax, jax.numpy as jnp\n"
+            "from ddpm_jax.models import cpu_kernels\n"
+            "from ddpm_jax.models.layers import conv3x3_form\n"
+            "assert jax.device_count() == 2\n"
+            "print(cpu_kernels.kernels_available(), conv3x3_form(jnp.zeros((4, 16, 16, 16)), 32))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "xla"]
