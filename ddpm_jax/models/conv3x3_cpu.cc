@@ -266,18 +266,13 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 
+// Both handlers: XLA's thread pool, two float32 arrays in, one out.
+auto TwoArraysToOne() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<
+      ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl, TwoArraysToOne());

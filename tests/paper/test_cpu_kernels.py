@@ -34,26 +34,6 @@ def _assert_same_weight_grad(x, dy):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-5 * np.abs(reference).max() + 1e-6)
 
 
-@needs_kernel
-@settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 9),
-       in_channels=st.integers(1, 20), out_blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_native_weight_grad_equals_xlas_at_every_shape_and_edge(batch, height, width, in_channels, out_blocks, seed):
-    # 1-pixel maps (only the centre tap sees the image), odd widths, channel counts that leave a remainder
-    # after the kernel's 4-, 6- or 8-channel blocks, one to three vector blocks of outputs.
-    kx, kd = jax.random.split(jax.random.PRNGKey(seed))
-    x = jax.random.normal(kx, (batch, height, width, in_channels))
-    dy = jax.random.normal(kd, (batch, height, width, 16 * out_blocks))
-    _assert_same_weight_grad(x, dy)
-
-
-@needs_kernel
-@pytest.mark.parametrize("b, s, cin, cout", [(8, 32, 32, 32), (16, 28, 16, 16), (4, 16, 64, 128)])
-def test_native_weight_grad_equals_xlas_at_the_unets_shapes(b, s, cin, cout):
-    kx, kd = jax.random.split(jax.random.PRNGKey(3))
-    _assert_same_weight_grad(jax.random.normal(kx, (b, s, s, cin)), jax.random.normal(kd, (b, s, s, cout)))
-
-
 def _assert_same_conv(x, kernel):
     ours = np.asarray(jax.jit(cpu_kernels.conv3x3)(x, kernel))
     reference = np.asarray(jax.jit(conv3x3_xla)(x, kernel))
@@ -61,14 +41,27 @@ def _assert_same_conv(x, kernel):
 
 
 @needs_kernel
+@pytest.mark.parametrize("b, s, cin, cout", [(8, 32, 32, 32), (16, 28, 16, 16), (4, 16, 64, 128)])
+def test_native_kernels_equal_xlas_at_the_unets_shapes(b, s, cin, cout):
+    kx, kk, kd = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (b, s, s, cin))
+    _assert_same_conv(x, jax.random.normal(kk, (3, 3, cin, cout)) * 0.1)
+    _assert_same_weight_grad(x, jax.random.normal(kd, (b, s, s, cout)))
+
+
+@needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 30),
        in_channels=st.integers(1, 20), out_blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_native_conv3x3_equals_xlas_at_every_shape_and_edge(batch, height, width, in_channels, out_blocks, seed):
-    # Widths up to 30: full 12-, 6- and 4-pixel blocks and every remainder; 1-row images see one kernel row.
-    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_and_edge(
+        batch, height, width, in_channels, out_blocks, seed):
+    # 1-pixel maps and 1-row images (only the centre taps see the image); widths up to 30: the forward
+    # kernel's full 12-, 6- and 4-pixel blocks and every remainder; channel counts that leave a remainder
+    # after the weight gradient's 4-, 6- or 8-channel blocks; one to three vector blocks of outputs.
+    kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (batch, height, width, in_channels))
     _assert_same_conv(x, jax.random.normal(kk, (3, 3, in_channels, 16 * out_blocks)))
+    _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
 
 
 FORM_CASES = [  # (input shape, features, impl, form), from python -m benchmarks.conv_shapes (both presets)
