@@ -198,10 +198,11 @@ def machine_line(cpu: dict, peak: float) -> str:
             f"matmul peak (numpy, 2048^3): {peak:.0f} GFLOP/s")
 
 
-def plan(quick: bool, avx512: bool | None = None) -> list[tuple[str, str, str, str, list[str], dict]]:
+def plan(quick: bool, avx512: bool | None = None,
+         steps: int | None = None) -> list[tuple[str, str, str, str, list[str], dict]]:
     """(preset, task, label, module, args, extra environment) for every measurement; the 256-bit rows only with
-    AVX-512 (``avx512``; default: this processor's)."""
-    steps = "3" if quick else "5"
+    AVX-512 (``avx512``; default: this processor's); ``steps`` timed train steps (default: 3 quick, else 5)."""
+    steps = str(steps) if steps is not None else "3" if quick else "5"
     avx512 = cpu_info()["avx512"] if avx512 is None else avx512
     jobs = []
     for preset, p in PRESETS.items():

@@ -21,23 +21,18 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, run
+from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, plan, run
 
 
 TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}
 
 
 def pair_jobs(preset: str, steps: int, task: str = "train") -> list[tuple[str, str, list[str]]]:
-    """(label, module, args) of one round: ours, then the torch port, with the suite's arguments for ``preset``."""
-    peer = PRESETS[preset]["peer"]
-    if task == "sample":
-        return [("ours", "benchmarks.ours", ["sample", "--preset", preset, "--n", "100"]),
-                ("torch port", "benchmarks.peers", ["torch-sample", *peer, "--n", "100", "--json"])]
-    batch = str(PRESETS[preset]["batch"])
-    return [
-        ("ours", "benchmarks.ours", ["train", "--preset", preset, "--batch", batch, "--steps", str(steps)]),
-        ("torch port", "benchmarks.peers", ["torch-train", *peer, "--batch", batch, "--steps", str(steps), "--json"]),
-    ]
+    """(label, module, args) of one round: ours, then the torch port, the suite's own jobs for ``preset``."""
+    jobs = {label: (label, module, job_args)
+            for job_preset, job_task, label, module, job_args, _ in plan(quick=False, avx512=False, steps=steps)
+            if job_preset == preset and job_task == task}
+    return [jobs["ours"], jobs["torch port"]]
 
 
 def summarize(rounds: list[dict]) -> dict:

@@ -39,8 +39,10 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("conv3x3_cpu.cc")
+CONV3X3_TARGET = "ddpm_jax_conv3x3"
+WEIGHT_GRAD_TARGET = "ddpm_jax_conv3x3_weight_grad"
 # FFI target name -> the handler's symbol in the library.
-TARGETS = {"ddpm_jax_conv3x3": "Conv3x3", "ddpm_jax_conv3x3_weight_grad": "Conv3x3WeightGrad"}
+TARGETS = {CONV3X3_TARGET: "Conv3x3", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad"}
 # The kernels' widest vector is 16 floats; the channels they write must fill whole vectors.
 CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -125,7 +127,7 @@ def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     chex.assert_rank((x, kernel), 4)
     chex.assert_shape(kernel, (3, 3, x.shape[-1], None))
     out = jax.ShapeDtypeStruct((*x.shape[:3], kernel.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("ddpm_jax_conv3x3", out, vmap_method="sequential")(x, kernel)
+    return jax.ffi.ffi_call(CONV3X3_TARGET, out, vmap_method="sequential")(x, kernel)
 
 
 def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
@@ -138,4 +140,4 @@ def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
     chex.assert_rank((x, dy), 4)
     chex.assert_equal_shape_prefix((x, dy), 3)
     kernel_shape = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("ddpm_jax_conv3x3_weight_grad", kernel_shape, vmap_method="sequential")(x, dy)
+    return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, kernel_shape, vmap_method="sequential")(x, dy)
