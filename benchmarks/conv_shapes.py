@@ -7,8 +7,9 @@ the im2col matrix product and as the native CPU kernels of
 :mod:`ddpm_jax.models` (where the channels allow them and a compiler built
 them), with PyTorch's convolution beside them when torch is installed (the
 peer, in the same process, 2 threads like ours). The column ``auto`` names
-the form :func:`ddpm_jax.models.layers.conv3x3_form` picks: this is the
-measurement behind ``conv_impl='auto'``'s choices. Milliseconds, median of
+the form :func:`ddpm_jax.models.layers.conv3x3_plan` picks for each pass
+(forward/weight gradient/input gradient): this is the measurement behind
+``conv_impl='auto'``'s choices. Milliseconds, median of
 ``--repeats``; writes ``benchmarks/results/conv-shapes-<backend>-<preset>-preset.json``.
 """
 
@@ -23,11 +24,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 import ddpm_jax  # noqa: F401  (applies ddpm_jax/xla_cpu.py's flag, as the project runs)
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import conv3x3_form, conv3x3_matmul, conv3x3_xla
+from ddpm_jax.models.layers import conv3x3_matmul, conv3x3_plan, conv3x3_xla, flipped_kernel
 
 try:
     import torch
@@ -55,9 +55,15 @@ def _time(fn, *args, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _jax_passes(conv, x, w, g) -> tuple:
+def _jax_passes(conv, x, w, g, input_grad_by_forward: bool = False) -> tuple:
+    """Forward, weight gradient and input gradient by ``conv``: the input gradient as autodiff makes it, or,
+    with ``input_grad_by_forward``, as ``conv`` of the output gradient with the flipped kernel (what
+    :func:`ddpm_jax.models.layers.conv3x3_planned` does for every form but XLA's)."""
     wgrad = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-    igrad = jax.jit(lambda w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    if input_grad_by_forward:
+        igrad = jax.jit(lambda w, g: conv(g, flipped_kernel(w)))
+    else:
+        igrad = jax.jit(lambda w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     return (jax.jit(conv), (x, w)), (wgrad, (x, g)), (igrad, (w, g))
 
 
@@ -66,10 +72,10 @@ def _native_passes(x, w, g) -> tuple:
     if not cpu_kernels.kernels_available():
         return None, None, None
     fits = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
-    flipped = jnp.flip(w, (0, 1)).swapaxes(2, 3)
-    return ((jax.jit(cpu_kernels.conv3x3), (x, w)) if fits(w.shape[-1]) else None,
+    conv = jax.jit(cpu_kernels.conv3x3)
+    return ((conv, (x, w)) if fits(w.shape[-1]) else None,
             (jax.jit(cpu_kernels.conv3x3_weight_grad), (x, g)) if fits(g.shape[-1]) else None,
-            (jax.jit(cpu_kernels.conv3x3), (g, flipped)) if fits(x.shape[-1]) else None)
+            (jax.jit(lambda w, g: cpu_kernels.conv3x3(g, flipped_kernel(w))), (w, g)) if fits(x.shape[-1]) else None)
 
 
 def _torch_passes(x, w, g) -> tuple:
@@ -88,8 +94,10 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
     x = jax.random.normal(kx, (batch, size, size, cin))
     w = jax.random.normal(kw, (3, 3, cin, cout)) * 0.1
     g = jax.random.normal(kg, (batch, size, size, cout))
-    row = {"size": size, "c_in": cin, "c_out": cout, "auto": conv3x3_form(x, cout)}
-    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g), "matmul": _jax_passes(conv3x3_matmul, x, w, g),
+    plan = conv3x3_plan(x, cout)
+    row = {"size": size, "c_in": cin, "c_out": cout,
+           "auto": {"forward": plan.forward, "wgrad": plan.weight_grad, "igrad": plan.input_grad}}
+    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g), "matmul": _jax_passes(conv3x3_matmul, x, w, g, input_grad_by_forward=True),
              "native": _native_passes(x, w, g)}
     if torch is not None:
         forms["torch"] = _torch_passes(x, w, g)
@@ -102,12 +110,8 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
 
 
 def _auto_ms(row: dict, pass_name: str) -> float:
-    """The time of the form ``auto`` picked for this pass: ``native_weight_grad`` is native for the weights
-    only, and ``native`` takes XLA's input gradient where the input channels are not whole vectors."""
-    form = row["auto"]
-    if form == "native_weight_grad":
-        form = "native" if pass_name == "wgrad" else "xla"
-    return row[f"{form}_{pass_name}_ms"] if row[f"{form}_{pass_name}_ms"] is not None else row[f"xla_{pass_name}_ms"]
+    """The time of the form ``auto`` picked for this pass."""
+    return row[f"{row['auto'][pass_name]}_{pass_name}_ms"]
 
 
 def _cell(value) -> str:
@@ -127,12 +131,13 @@ def main(argv=None) -> int:
     forms = ["xla", "matmul", "native"] + (["torch"] if torch is not None else [])
     rows = []
     print(f"{args.preset} preset, batch {batch}, ms; per pass: " + " ".join(f"{f:>7}" for f in forms))
-    print(f"{'shape':>16} {'auto':>18} | {'forward':^31} | {'weight gradient':^31} | {'input gradient':^31}")
+    print(f"{'shape':>16} {'auto':>20} | {'forward':^31} | {'weight gradient':^31} | {'input gradient':^31}")
     for size, cin, cout in shapes:
         r = measure(batch, size, cin, cout, args.repeats)
         rows.append(r)
         cells = " | ".join(" ".join(_cell(r[f"{f}_{pass_name}_ms"]) for f in forms) for pass_name in PASSES)
-        print(f"{f'{size}x{size} {cin}->{cout}':>16} {r['auto']:>18} | {cells}", flush=True)
+        auto = "/".join(r["auto"][pass_name] for pass_name in PASSES)
+        print(f"{f'{size}x{size} {cin}->{cout}':>16} {auto:>20} | {cells}", flush=True)
     totals = {f"{f}_{pass_name}_ms": sum(r[f"{f}_{pass_name}_ms"] or 0.0 for r in rows)
               for f in forms for pass_name in PASSES}
     auto_total = {pass_name: sum(_auto_ms(r, pass_name) for r in rows) for pass_name in PASSES}

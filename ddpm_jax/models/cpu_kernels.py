@@ -114,7 +114,7 @@ def kernels_available() -> bool:
 def _require_kernels() -> None:
     if not kernels_available():
         raise RuntimeError("the native convolution kernels are not available here (see the warning above, or "
-                           "DDPM_JAX_NATIVE_KERNELS=0); ddpm_jax.models.layers.conv3x3_form() chooses XLA's then.")
+                           "DDPM_JAX_NATIVE_KERNELS=0); ddpm_jax.models.layers.conv3x3_plan() chooses XLA's then.")
 
 
 def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:

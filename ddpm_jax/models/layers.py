@@ -10,8 +10,9 @@ Where that happens the convolution is computed here as one matrix product
 over the nine shifted copies of the input (im2col), which is the same sum of
 the same products, only in another order, so results agree to float32
 rounding. Where a C++ compiler is at hand, the 3x3 convolutions of larger maps
-use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`, :func:`conv3x3_form`):
-XLA computes their weight gradient at a quarter of the machine's matmul rate.
+use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`) in the passes where
+they were measured faster (:func:`conv3x3_plan`): XLA computes the weight gradient
+of a 32x32 map at a quarter of the machine's matmul rate.
 The 2x2 stride-2 transposed convolution is likewise one matrix
 product followed by a depth-to-space reshape, and 2x2 max-pooling gets a
 gradient that routes through a one-hot of each window's first maximum
@@ -39,7 +40,7 @@ shape, as measured on CPU; always XLA's convolution on GPU), ``'xla'`` or
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -74,88 +75,96 @@ def conv3x3_xla(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSION_NUMBERS)
 
 
-@jax.custom_vjp
-def conv3x3_native(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """3x3 ``SAME`` convolution by the native CPU kernels (:mod:`cpu_kernels`) in all three passes.
+class Conv3x3Plan(NamedTuple):
+    """How :class:`Conv3x3` computes each of its three passes: one of :data:`CONV3X3_FORMS` each.
 
-    The input gradient is the convolution of the output gradient with the
-    kernel flipped in space and with its channel axes swapped (XLA's where
-    the input channels are not a multiple of 16). Only where
-    :func:`conv3x3_form` says ``'native'``.
+    ``input_grad`` is the convolution of the output gradient with the kernel flipped in
+    space and its channel axes swapped, computed by that form's forward pass (``'xla'``:
+    XLA's transposed convolution, as autodiff makes it).
     """
-    return cpu_kernels.conv3x3(x, kernel)
+
+    forward: str
+    input_grad: str
+    weight_grad: str
 
 
-def _native_fwd(x, kernel):
-    return cpu_kernels.conv3x3(x, kernel), (x, kernel)
+CONV3X3_FORMS = ("xla", "native", "matmul")
 
 
-def _xla_input_grad(x, kernel, g):
-    (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
-    return x_grad
+def flipped_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
+    """``(3, 3, C, O)`` -> ``(3, 3, O, C)``: the kernel whose convolution is the input gradient's."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
 
 
-def _native_bwd(residual, g):
+def _conv_by(form: str, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return {"xla": conv3x3_xla, "native": cpu_kernels.conv3x3, "matmul": conv3x3_matmul}[form](x, kernel)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_planned(x: jnp.ndarray, kernel: jnp.ndarray, plan: Conv3x3Plan) -> jnp.ndarray:
+    """3x3 ``SAME`` convolution whose forward pass, input gradient and weight gradient each take
+    the form ``plan`` names (:func:`conv3x3_plan`); the same function in every form."""
+    return _conv_by(plan.forward, x, kernel)
+
+
+def _planned_fwd(x, kernel, plan):
+    return _conv_by(plan.forward, x, kernel), (x, kernel)
+
+
+def _planned_bwd(plan, residual, g):
     x, kernel = residual
-    if x.shape[-1] % cpu_kernels.CHANNEL_MULTIPLE == 0:
-        x_grad = cpu_kernels.conv3x3(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    else:  # the input gradient's channels are not whole vectors (the first layer's: unused, and dropped by XLA)
-        x_grad = _xla_input_grad(x, kernel, g)
-    return x_grad, cpu_kernels.conv3x3_weight_grad(x, g)
+    if plan.input_grad == "xla":
+        (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
+    else:
+        x_grad = _conv_by(plan.input_grad, g, flipped_kernel(kernel))
+    if plan.weight_grad == "native":
+        kernel_grad = cpu_kernels.conv3x3_weight_grad(x, g)
+    else:
+        conv = conv3x3_xla if plan.weight_grad == "xla" else conv3x3_matmul
+        (kernel_grad,) = jax.linear_transpose(lambda k: conv(x, k), kernel)(g)
+    return x_grad, kernel_grad
 
 
-conv3x3_native.defvjp(_native_fwd, _native_bwd)
+conv3x3_planned.defvjp(_planned_fwd, _planned_bwd)
 
 
-@jax.custom_vjp
-def conv3x3_native_weight_grad(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """:func:`conv3x3_xla` whose kernel gradient is :func:`cpu_kernels.conv3x3_weight_grad`.
+def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Plan:
+    """The form of each pass :class:`Conv3x3` computes this input ``(B, H, W, C)`` with.
 
-    Forward and input gradient are XLA's. Only where :func:`conv3x3_form`
-    says ``'native_weight_grad'``.
-    """
-    return conv3x3_xla(x, kernel)
+    ``'xla'`` and ``'matmul'`` impls: that form in every pass. ``'auto'`` on CPU picks
+    per pass what ``python -m benchmarks.conv_shapes`` measured faster for both presets'
+    shapes. On maps of at most 2x2 pixels every pass is the im2col product (XLA's
+    convolution is pathological there). Elsewhere, where the native kernels are built
+    (:func:`cpu_kernels.kernels_available`) and the input is float32, a pass is native
+    where the channels it writes are whole vectors and:
 
+    - forward: maps of at least 14x14 with at most 64 output channels and at most
+      twice as many input channels;
+    - input gradient: maps of at least 7x7 with at most 64 output channels, and no more
+      input channels than output channels, or at most 2 output channels (an output layer);
+    - weight gradient: maps of at least 7x7 with at most 128 input channels.
 
-def _native_weight_grad_fwd(x, kernel):
-    return conv3x3_xla(x, kernel), (x, kernel)
-
-
-def _native_weight_grad_bwd(residual, g):
-    x, kernel = residual
-    return _xla_input_grad(x, kernel, g), cpu_kernels.conv3x3_weight_grad(x, g)
-
-
-conv3x3_native_weight_grad.defvjp(_native_weight_grad_fwd, _native_weight_grad_bwd)
-
-CONV3X3_FORMS = ("matmul", "native", "native_weight_grad", "xla")
-
-
-def conv3x3_form(x: jnp.ndarray, features: int, impl: str = "auto") -> str:
-    """Which of :data:`CONV3X3_FORMS` :class:`Conv3x3` computes this input ``(B, H, W, C)`` with.
-
-    ``'xla'`` and ``'matmul'`` impls: that form everywhere. ``'auto'`` on CPU
-    picks what was measured faster there (``python -m benchmarks.conv_shapes``
-    for both presets' shapes). Where the native kernels are built
-    (:func:`cpu_kernels.kernels_available`), the input is float32 and
-    ``features`` a multiple of 16: ``'native'`` (all three passes) on maps of
-    at least 14x14 pixels with at most 32 input and 64 output channels, where
-    XLA's convolution is slow in every pass; ``'native_weight_grad'`` (XLA's
-    forward and input gradient) on other maps of at least 7x7. Otherwise
-    ``'matmul'`` where :func:`conv3x3_uses_matmul` and ``'xla'`` elsewhere.
-    ``'auto'`` on any other backend: ``'xla'``.
+    The other passes are XLA's, or the im2col product where the convolution that
+    computes them reads one or two channels (:func:`conv3x3_uses_matmul`).
+    ``'auto'`` on any other backend: XLA's everywhere.
     """
     _check_impl(impl)
     if impl != "auto":
-        return impl
+        return Conv3x3Plan(impl, impl, impl)
     _, h, w, c = x.shape
-    native = x.dtype == jnp.float32 and features % cpu_kernels.CHANNEL_MULTIPLE == 0 and h * w >= 49 \
-        and cpu_kernels.kernels_available()
-    if native and h * w >= 196 and c <= 32 and features <= 64:
-        return "native"
-    if conv3x3_uses_matmul(h, w, c, impl):
-        return "matmul"
-    return "native_weight_grad" if native else "xla"
+    # XLA is slow at a convolution that reads one or two channels: the forward pass and the weight gradient
+    # read the input's, the input gradient reads the output gradient's.
+    fallback = Conv3x3Plan(*("matmul" if conv3x3_uses_matmul(h, w, channels, impl) else "xla"
+                             for channels in (c, features, c)))
+    if h * w <= 4 or x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
+        return fallback
+    whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    native = Conv3x3Plan(
+        forward=whole(features) and h * w >= 196 and features <= 64 and c <= 2 * features,
+        input_grad=whole(c) and h * w >= 49 and features <= 64 and (c <= features or features <= 2),
+        weight_grad=whole(features) and h * w >= 49 and c <= 128,
+    )
+    return Conv3x3Plan(*("native" if use else form for use, form in zip(native, fallback)))
 
 
 def conv3x3_uses_matmul(height: int, width: int, in_channels: int, impl: str = "auto") -> bool:
@@ -295,9 +304,9 @@ class Conv3x3(_KernelAndBias):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x, kernel, bias = self.kernel_and_bias(x, 3)
-        conv = {"matmul": conv3x3_matmul, "native": conv3x3_native, "native_weight_grad": conv3x3_native_weight_grad,
-                "xla": conv3x3_xla}[conv3x3_form(x, self.features, self.impl)]
-        return add_channel_bias(conv(x, kernel), bias, self.impl)
+        plan = conv3x3_plan(x, self.features, self.impl)
+        y = conv3x3_xla(x, kernel) if plan == Conv3x3Plan("xla", "xla", "xla") else conv3x3_planned(x, kernel, plan)
+        return add_channel_bias(y, bias, self.impl)
 
 
 def upconv2x2_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:

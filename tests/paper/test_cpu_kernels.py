@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import Conv3x3, conv3x3_form, conv3x3_xla
+from ddpm_jax.models.layers import Conv3x3, Conv3x3Plan, conv3x3_plan, conv3x3_planned, conv3x3_xla
 
 needs_kernel = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_kernels._compiler() is None
@@ -64,32 +64,50 @@ def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_an
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
 
 
-FORM_CASES = [  # (input shape, features, impl, form), from python -m benchmarks.conv_shapes (both presets)
-    ((4, 16, 16, 16), 32, "auto", "native"),
-    ((4, 14, 14, 32), 16, "auto", "native"),
-    ((4, 28, 28, 1), 16, "auto", "native"),  # the first layer: native forward and weight gradient
-    ((4, 12, 12, 8), 32, "auto", "native_weight_grad"),  # under 14x14
-    ((4, 16, 16, 128), 64, "auto", "native_weight_grad"),  # many channels: XLA's forward is as fast
-    ((4, 7, 7, 32), 64, "auto", "native_weight_grad"),
-    ((4, 4, 4, 128), 256, "auto", "xla"),
-    ((4, 16, 16, 16), 8, "auto", "xla"),  # 8 output channels: no whole vector
-    ((4, 32, 32, 32), 1, "auto", "xla"),
-    ((4, 16, 16, 16), 32, "xla", "xla"),
-    ((4, 16, 16, 16), 32, "matmul", "matmul"),
-    ((4, 2, 2, 64), 64, "auto", "matmul"),
+N, X, M = "native", "xla", "matmul"
+PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks.conv_shapes (both presets)
+    ((4, 16, 16, 16), 32, "auto", (N, N, N)),
+    ((4, 14, 14, 32), 16, "auto", (N, X, N)),  # twice as many input channels: native forward; XLA's input gradient
+    ((4, 28, 28, 32), 8, "auto", (X, X, X)),  # 8 output channels: no whole vector
+    ((4, 16, 16, 128), 64, "auto", (N, X, N)),
+    ((4, 16, 16, 256), 64, "auto", (X, X, X)),
+    ((4, 28, 28, 1), 16, "auto", (N, X, N)),  # the first layer
+    ((4, 12, 12, 8), 32, "auto", (X, X, N)),  # under 14x14
+    ((4, 7, 7, 32), 64, "auto", (X, N, N)),
+    ((4, 8, 8, 128), 128, "auto", (X, X, N)),
+    ((4, 8, 8, 256), 128, "auto", (X, X, X)),
+    ((4, 4, 4, 128), 256, "auto", (X, X, X)),
+    ((4, 32, 32, 32), 1, "auto", (X, N, X)),  # an output layer: the input gradient has one channel to read
+    ((4, 2, 2, 64), 64, "auto", (M, M, M)),
+    ((4, 16, 16, 16), 32, "xla", (X, X, X)),
+    ((4, 16, 16, 16), 32, "matmul", (M, M, M)),
 ]
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape, features, impl, form", FORM_CASES)
-def test_conv3x3_form_is_native_only_where_it_was_measured_faster(shape, features, impl, form):
-    assert conv3x3_form(jnp.zeros(shape), features, impl) == form
-    assert conv3x3_form(jnp.zeros(shape, jnp.bfloat16), features, impl) in ("xla", "matmul")
+@pytest.mark.parametrize("shape, features, impl, plan", PLAN_CASES)
+def test_conv3x3_plan_is_native_only_where_it_was_measured_faster(shape, features, impl, plan):
+    assert conv3x3_plan(jnp.zeros(shape), features, impl) == plan
+    assert set(conv3x3_plan(jnp.zeros(shape, jnp.bfloat16), features, impl)) <= {X, M}
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape, features", [((4, 16, 16, 16), 32), ((4, 14, 14, 3), 16), ((4, 12, 12, 8), 32)])
-def test_conv3x3_native_forms_give_xlas_outputs_and_gradients(shape, features):
+@pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M)])  # every form in every pass once
+def test_every_form_of_every_pass_gives_xlas_convolution_and_gradients(plan):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, kernel = jax.random.normal(kx, (2, 14, 14, 16)), jax.random.normal(kk, (3, 3, 16, 32))
+    g = jax.random.normal(kg, (2, 14, 14, 32))
+    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, Conv3x3Plan(*plan)), x, kernel)
+    ref_out, ref_vjp = jax.vjp(conv3x3_xla, x, kernel)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)
+    for ours, ref in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, features", [((2, 16, 16, 16), 32), ((2, 14, 14, 3), 16), ((2, 12, 12, 8), 32),
+                                             ((2, 14, 14, 32), 16), ((2, 8, 8, 32), 1)])
+def test_conv3x3_auto_gives_xlas_outputs_and_gradients(shape, features):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     dy = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], features))
     params = Conv3x3(features, impl="xla").init(jax.random.PRNGKey(1), x)
@@ -115,7 +133,7 @@ def test_without_a_compiler_the_kernel_is_off_with_a_warning_that_names_the_fix(
         fix = "Install a C\\+\\+ compiler or name one in \\$CXX"
         with pytest.warns(RuntimeWarning, match=f"no C\\+\\+ compiler.*{fix}"):
             assert not cpu_kernels.kernels_available()
-        assert conv3x3_form(jnp.ones((2, 16, 16, 16)), 16, "auto") == "xla"
+        assert conv3x3_plan(jnp.ones((2, 16, 16, 16)), 16, "auto") == ("xla", "xla", "xla")
         monkeypatch.setenv("DDPM_JAX_NATIVE_KERNELS", "0")
         cpu_kernels.kernels_available.cache_clear()
         with warnings.catch_warnings():
@@ -141,10 +159,10 @@ def test_with_several_devices_the_convolutions_stay_xlas_which_it_partitions():
     # XLA cannot split a custom call over the batch; it would repeat the whole batch's work on every device.
     code = ("import jax, jax.numpy as jnp\n"
             "from ddpm_jax.models import cpu_kernels\n"
-            "from ddpm_jax.models.layers import conv3x3_form\n"
+            "from ddpm_jax.models.layers import conv3x3_plan\n"
             "assert jax.device_count() == 2\n"
-            "print(cpu_kernels.kernels_available(), conv3x3_form(jnp.zeros((4, 16, 16, 16)), 32))\n")
+            "print(cpu_kernels.kernels_available(), *conv3x3_plan(jnp.zeros((4, 16, 16, 16)), 32))\n")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "xla"]
+    assert out.stdout.split() == ["False", "xla", "xla", "xla"]
