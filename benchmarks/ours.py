@@ -40,7 +40,7 @@ from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
 from ddpm_jax.generate import _compiled_sampler, sample
 from ddpm_jax.guidance import GuidanceInputs
-from ddpm_jax.train import Batching, make_dataset_train_step
+from ddpm_jax.train import Batching, keeps_last_good, make_dataset_train_step
 from ddpm_jax.train_state import count_params
 from ddpm_jax.options import sampling_options
 
@@ -77,7 +77,8 @@ def measure_train(args) -> dict:
         np.random.default_rng(0).integers(0, 256, (max(2048, batch), 28, 28, 1), dtype=np.uint8), mesh
     )
     state = parallel.put_replicated(create_train_state(config), mesh)
-    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config, mesh))
+    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config, mesh),
+                                   keep_last_good=keeps_last_good(config))
     # XLA counts no FLOPs in a custom call: the native CPU kernels' convolutions would count zero. So the
     # count comes from the same step with every convolution XLA's (the same products and the same
     # parameters, whatever conv_impl; lowered, not compiled).

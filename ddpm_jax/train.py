@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
@@ -36,7 +35,7 @@ from ddpm_jax.guard import NonFiniteGuard
 from ddpm_jax.guidance import drop_labels
 from ddpm_jax.losses import l_hybrid, l_simple
 from ddpm_jax.schedules import DiffusionSchedule
-from ddpm_jax.train_state import TrainState, count_params, state_is_finite
+from ddpm_jax.train_state import TrainState, count_params, global_norm, state_is_finite
 from ddpm_jax.training_loop import (
     NUM_QUARTERS,
     MetricLogger,
@@ -98,7 +97,8 @@ def probe_loss(state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedul
 
 
 def train_step(
-    state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule, labels: jnp.ndarray | None = None
+    state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule, labels: jnp.ndarray | None = None,
+    *, keep_last_good: bool = True,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer step of L_simple (L_hybrid for a learned variance) on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
 
@@ -111,6 +111,10 @@ def train_step(
     in the weights, their average, BatchNorm statistics or Adam's moments; the
     update is then dropped: see below), and per quarter of the timestep range ``loss_sum_by_quarter`` /
     ``count_by_quarter`` ``(4,)``, which the logger sums over steps before dividing.
+
+    ``keep_last_good=False`` returns the update even where ``finite`` is False, sparing a pass
+    over the whole state: for a loop that stops at such a step and never saves what came
+    after it (``train.on_nonfinite='stop'``, :func:`train`).
     """
     chex.assert_rank(batch, 4)
     if labels is not None:
@@ -118,7 +122,7 @@ def train_step(
     key, dropout_key, model_kwargs = _step_inputs(state, labels)
     loss_fn = functools.partial(_loss, state, batch, schedule, model_kwargs, key, dropout_key)
     (loss, (per_image, t, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = global_norm(grads)  # the clipping's norm too: XLA computes it once
     one_hot = jax.nn.one_hot(quarter_of(t, schedule.num_timesteps), NUM_QUARTERS, dtype=jnp.float32)
     updated = state.apply_gradients(grads, batch_stats)
     # The update itself is judged, not only what it was computed from: a finite loss and gradient can still
@@ -131,6 +135,8 @@ def train_step(
         "loss_sum_by_quarter": per_image @ one_hot,
         "count_by_quarter": jnp.sum(one_hot, axis=0),
     }
+    if not keep_last_good:
+        return updated, metrics
     # A non-finite step advances only the step counter (so the next step draws the next batch):
     # weights, their average, BatchNorm statistics and Adam's moments stay those of the last good step.
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -176,7 +182,13 @@ class Batching:
         return batch, batch_labels
 
 
-def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching):
+def keeps_last_good(config: ml_collections.ConfigDict) -> bool:
+    """Whether :func:`train`'s step drops a non-finite update in the step itself: only under
+    ``train.on_nonfinite='skip'``; under ``'stop'`` such a step ends the run before anything after it is saved."""
+    return config.train.on_nonfinite == "skip"
+
+
+def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching, *, keep_last_good: bool = True):
     """A jitted ``(state, images_u8[, labels]) -> (state, metrics)`` drawing its batch inside jit.
 
     ``images_u8`` is the whole training set as uint8 ``(N, h, w, C)``, kept on
@@ -185,13 +197,14 @@ def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching):
     (:meth:`Batching.from_config`: every device): state and images
     replicated, the batch split along the mesh's ``data`` axis; XLA all-reduces
     the gradients and BatchNorm's statistics, so the step computes what one
-    device would. On one device this is the plain single-device step.
+    device would. On one device this is the plain single-device step. ``keep_last_good``: as
+    :func:`train_step`'s.
     """
     everywhere = parallel.replicated(batching.mesh)
 
     def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
         batch, batch_labels = batching.draw(state, images_u8, labels)
-        return train_step(state, batch, schedule, batch_labels)
+        return train_step(state, batch, schedule, batch_labels, keep_last_good=keep_last_good)
 
     # One sharding for every argument (the labels may be None): state and data replicated.
     return jax.jit(step, in_shardings=everywhere, out_shardings=(everywhere, everywhere), donate_argnums=0)
@@ -313,7 +326,7 @@ def _train_locked(config, workdir: str, images, labels, batching: Batching, prog
             None if labels is None else parallel.put_replicated(labels, mesh))
     return run_training(
         parallel.put_replicated(state, mesh),
-        make_dataset_train_step(schedule, batching),
+        make_dataset_train_step(schedule, batching, keep_last_good=keeps_last_good(config)),
         data,
         end=t.num_steps if stop_at is None else min(stop_at, t.num_steps),
         batch_size=t.batch_size,

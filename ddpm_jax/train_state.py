@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 
 
@@ -116,7 +117,7 @@ def make_optimizer(schedule: optax.Schedule, *, grad_clip_norm: float = 0.0,
         if grad_clip_norm > 0:
             raise ValueError("make_optimizer: clipping with weight decay is not a combination any network here uses.")
         return optax.adamw(schedule, weight_decay=weight_decay)
-    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+    clip = [clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
     return optax.chain(*clip, optax.adam(schedule))
 
 
@@ -141,8 +142,54 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def _float_leaves(tree) -> list:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+# Both whole-state reductions below are matrix products: XLA's CPU backend reduces a whole array through a
+# squared (or is-finite) copy and reduce-windows, 3-4x slower for the seed U-Net's 12.5M weights.
+def global_norm(tree) -> jnp.ndarray:
+    """The L2 norm of all float leaves of ``tree`` together (``optax.tree.norm``'s value, to float32 rounding).
+
+    Each leaf's sum of squares is the trace of the Gram matrix of its elements laid out 16 to
+    a row: one matrix product reads the leaf once.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for x in _float_leaves(tree):
+        x = x.astype(jnp.float32)
+        if x.size % 16:
+            total += jnp.vdot(x, x, precision=lax.Precision.HIGHEST)
+        else:
+            rows = x.reshape(-1, 16)
+            total += jnp.trace(jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST))
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm(max_norm)`` (same state, same scaling) with the norm of :func:`global_norm`."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        within = norm < max_norm
+        return jax.tree.map(lambda t: lax.select(within, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def all_finite(tree) -> jnp.ndarray:
+    """True (a bool scalar) if every float leaf of ``tree`` is finite.
+
+    Each leaf times a vector of zeros: every product is 0, or NaN where the element is
+    Inf or NaN, so the sum is NaN exactly where a leaf holds one; no value can overflow it.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for x in _float_leaves(tree):
+        rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+        total += jnp.sum(rows @ jnp.zeros(rows.shape[-1], x.dtype)).astype(jnp.float32)
+    return jnp.isfinite(total)
+
+
 def state_is_finite(state: TrainState) -> jnp.ndarray:
     """True (a bool scalar) if every float array of the state (weights, EMA, statistics, Adam moments) is finite."""
-    leaves = [x for x in jax.tree.leaves((state.params, state.ema_params, state.batch_stats, state.opt_state))
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+    return all_finite((state.params, state.ema_params, state.batch_stats, state.opt_state))

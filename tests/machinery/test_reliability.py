@@ -13,7 +13,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ml_collections import FrozenConfigDict
 
 import ddpm_jax
@@ -21,7 +24,9 @@ from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
 from ddpm_jax.guard import NonFiniteLossError
+from ddpm_jax import train as train_lib
 from ddpm_jax.train import train_and_evaluate, train_step
+from ddpm_jax.train_state import all_finite, clip_by_global_norm, global_norm
 from ddpm_jax.training_loop import TrainingInterrupted
 from experiments import mnist
 
@@ -152,6 +157,44 @@ def test_a_nonfinite_step_changes_nothing_but_the_step_counter(tiny_config, imag
     assert int(new_state.step) == 1
     for field in ("params", "ema_params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(new_state, field), getattr(state, field))
+
+
+def test_without_keep_last_good_a_nonfinite_step_returns_its_update_and_still_says_so(tiny_config):
+    # What train() runs under on_nonfinite='stop': the run stops there, so the step spares the pass that keeps.
+    config = tiny_config()
+    state = create_train_state(config)
+    schedule = schedule_from_config(config)
+    new_state, metrics = jax.jit(lambda s, b: train_step(s, b, schedule, keep_last_good=False))(
+        state, jnp.full((8, 28, 28, 1), jnp.nan))
+    assert not bool(metrics["finite"]) and int(new_state.step) == 1
+    assert not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(new_state.params))
+    assert not train_lib.keeps_last_good(config) and train_lib.keeps_last_good(tiny_config(on_nonfinite="skip"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(["kernel", "bias", "scalar", "odd"]), flat_index=st.integers(0, 10_000),
+       value=st.sampled_from([np.inf, -np.inf, np.nan]), scale=st.floats(1e-30, 1e30))
+def test_all_finite_finds_any_inf_or_nan_and_no_finite_value_trips_it(name, flat_index, value, scale):
+    tree = {"kernel": jnp.full((3, 3, 4, 16), scale), "bias": jnp.full((16,), -scale), "scalar": jnp.asarray(scale),
+            "odd": jnp.full((5, 7), np.finfo(np.float32).max), "count": jnp.asarray(3)}
+    check = jax.jit(all_finite)
+    assert bool(check(tree))
+    leaf = tree[name]
+    bad = {**tree, name: leaf.reshape(-1).at[flat_index % leaf.size].set(value).reshape(leaf.shape)}
+    assert not bool(check(bad))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.sampled_from([(), (3,), (16,), (5, 7), (3, 3, 2, 16), (64, 33)]), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 1.0, 1e3]), max_norm=st.floats(0.1, 100.0))
+def test_global_norm_and_its_clipping_are_optaxs_to_float32_rounding(shapes, seed, scale, max_norm):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    tree = [scale * jax.random.normal(k, shape) for k, shape in zip(keys, shapes)]
+    np.testing.assert_allclose(global_norm(tree), optax.tree.norm(tree), rtol=1e-5)
+    ours, _ = clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30)
 
 
 # lr 0 for the first step, then 1e30: step 2 makes the weights huge but finite, step 3's loss is NaN.
