@@ -1,11 +1,11 @@
-"""Every 3x3 convolution shape of a U-Net preset, timed four ways: ``python -m benchmarks.conv_shapes``.
+"""Every 3x3 convolution shape of a U-Net preset, timed five ways: ``python -m benchmarks.conv_shapes``.
 
 For each (map size, input channels, output channels) of the ``seed`` U-Net
 (batch 128) or the ``cpu`` preset's (``--preset cpu``, batch 64): the forward
 pass, the weight gradient and the input gradient as XLA's convolution, as
-the im2col matrix product and as the native CPU kernels of
+the im2col matrix product, as the native CPU kernels of
 :mod:`ddpm_jax.models` (where the channels allow them and a compiler built
-them), with PyTorch's convolution beside them when torch is installed (the
+them) and, on maps of at most 2x2 pixels, as one dense matrix product, with PyTorch's convolution beside them when torch is installed (the
 peer, in the same process, 2 threads like ours). The column ``auto`` names
 the form :func:`ddpm_jax.models.layers.conv3x3_plan` picks for each pass
 (forward/weight gradient/input gradient): this is the measurement behind
@@ -27,7 +27,7 @@ import jax
 
 import ddpm_jax  # noqa: F401  (applies ddpm_jax/xla_cpu.py's flag, as the project runs)
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import conv3x3_matmul, conv3x3_plan, conv3x3_xla, flipped_kernel
+from ddpm_jax.models.layers import conv3x3_dense, conv3x3_matmul, conv3x3_plan, conv3x3_xla, flipped_kernel
 
 try:
     import torch
@@ -98,7 +98,8 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
     row = {"size": size, "c_in": cin, "c_out": cout,
            "auto": {"forward": plan.forward, "wgrad": plan.weight_grad, "igrad": plan.input_grad}}
     forms = {"xla": _jax_passes(conv3x3_xla, x, w, g), "matmul": _jax_passes(conv3x3_matmul, x, w, g, input_grad_by_forward=True),
-             "native": _native_passes(x, w, g)}
+             "native": _native_passes(x, w, g),
+             "dense": _jax_passes(conv3x3_dense, x, w, g, input_grad_by_forward=True) if size <= 2 else (None,) * 3}
     if torch is not None:
         forms["torch"] = _torch_passes(x, w, g)
     for name, passes in forms.items():
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     shapes, batch = SHAPES[args.preset][0], args.batch or SHAPES[args.preset][1]
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
-    forms = ["xla", "matmul", "native"] + (["torch"] if torch is not None else [])
+    forms = ["xla", "matmul", "native", "dense"] + (["torch"] if torch is not None else [])
     rows = []
     print(f"{args.preset} preset, batch {batch}, ms; per pass: " + " ".join(f"{f:>7}" for f in forms))
     print(f"{'shape':>16} {'auto':>20} | {'forward':^31} | {'weight gradient':^31} | {'input gradient':^31}")

@@ -7,8 +7,9 @@ at batch 128, against 7 ms as one matrix product; its input gradient alike),
 and the weight gradient of a convolution with one input channel is 4x (Eigen)
 to 10x (YNNPACK) slower than its im2col form.
 Where that happens the convolution is computed here as one matrix product
-over the nine shifted copies of the input (im2col), which is the same sum of
-the same products, only in another order, so results agree to float32
+over the nine shifted copies of the input (im2col), or on maps of at most 2x2
+pixels as a dense layer over all pixels (:func:`conv3x3_dense`): the same sums
+of the same products, only in another order, so results agree to float32
 rounding. Where a C++ compiler is at hand, the 3x3 convolutions of larger maps
 use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`) in the passes where
 they were measured faster (:func:`conv3x3_plan`): XLA computes the weight gradient
@@ -46,6 +47,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ddpm_jax.models import cpu_kernels
@@ -71,6 +73,25 @@ def conv3x3_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return (columns.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, -1)).reshape(b, h, w, -1)
 
 
+def conv3x3_dense(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 ``SAME`` convolution of a map of at most 2x2 pixels as one dense matrix product.
+
+    On such a map every input pixel lies in every output pixel's window, so the
+    convolution is a dense layer over all pixels and channels, ``(B, H*W*C) @ (H*W*C, H*W*O)``,
+    whose matrix holds kernel tap ``q - p + 1`` for input pixel ``q`` and output pixel ``p``.
+    It skips the zero padding's products im2col multiplies (16 of 36 pixel pairs on a 2x2
+    map), and where the kernel is fixed (a sampling loop) XLA builds the matrix once.
+    ``x`` ``(B, H, W, C)``, ``kernel`` ``(3, 3, C, O)`` -> ``(B, H, W, O)``.
+    """
+    b, h, w, c = x.shape
+    if h > 2 or w > 2:
+        raise ValueError(f"conv3x3_dense needs a map of at most 2x2 pixels, got {h}x{w}.")
+    pixels = [(i, j) for i in range(h) for j in range(w)]
+    taps = np.array([[(qi - pi + 1) * 3 + (qj - pj + 1) for pi, pj in pixels] for qi, qj in pixels])
+    matrix = kernel.reshape(9, c, -1)[taps].transpose(0, 2, 1, 3).reshape(h * w * c, -1)
+    return (x.reshape(b, h * w * c) @ matrix).reshape(b, h, w, -1)
+
+
 def conv3x3_xla(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMENSION_NUMBERS)
 
@@ -88,7 +109,7 @@ class Conv3x3Plan(NamedTuple):
     weight_grad: str
 
 
-CONV3X3_FORMS = ("xla", "native", "matmul")
+CONV3X3_FORMS = ("xla", "native", "matmul", "dense")
 
 
 def flipped_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
@@ -97,7 +118,8 @@ def flipped_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 def _conv_by(form: str, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    return {"xla": conv3x3_xla, "native": cpu_kernels.conv3x3, "matmul": conv3x3_matmul}[form](x, kernel)
+    return {"xla": conv3x3_xla, "native": cpu_kernels.conv3x3, "matmul": conv3x3_matmul,
+            "dense": conv3x3_dense}[form](x, kernel)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -120,8 +142,7 @@ def _planned_bwd(plan, residual, g):
     if plan.weight_grad == "native":
         kernel_grad = cpu_kernels.conv3x3_weight_grad(x, g)
     else:
-        conv = conv3x3_xla if plan.weight_grad == "xla" else conv3x3_matmul
-        (kernel_grad,) = jax.linear_transpose(lambda k: conv(x, k), kernel)(g)
+        (kernel_grad,) = jax.linear_transpose(lambda k: _conv_by(plan.weight_grad, x, k), kernel)(g)
     return x_grad, kernel_grad
 
 
@@ -133,15 +154,16 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
 
     ``'xla'`` and ``'matmul'`` impls: that form in every pass. ``'auto'`` on CPU picks
     per pass what ``python -m benchmarks.conv_shapes`` measured faster for both presets'
-    shapes. On maps of at most 2x2 pixels every pass is the im2col product (XLA's
-    convolution is pathological there). Elsewhere, where the native kernels are built
+    shapes. On maps of at most 2x2 pixels (where XLA's convolution is pathological) the
+    forward pass and input gradient are :func:`conv3x3_dense`, the weight gradient the
+    im2col product. Elsewhere, where the native kernels are built
     (:func:`cpu_kernels.kernels_available`) and the input is float32, a pass is native
     where the channels it writes are whole vectors and:
 
     - forward: maps of at least 14x14 with at most 64 output channels and at most
       twice as many input channels;
-    - input gradient: maps of at least 7x7 with at most 64 output channels, and no more
-      input channels than output channels, or at most 2 output channels (an output layer);
+    - input gradient: maps of at least 7x7 with at most 64 output channels and no more
+      input channels than output channels;
     - weight gradient: maps of at least 7x7 with at most 128 input channels.
 
     The other passes are XLA's, or the im2col product where the convolution that
@@ -156,12 +178,14 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     # read the input's, the input gradient reads the output gradient's.
     fallback = Conv3x3Plan(*("matmul" if conv3x3_uses_matmul(h, w, channels, impl) else "xla"
                              for channels in (c, features, c)))
+    if h <= 2 and w <= 2:
+        return Conv3x3Plan("dense", "dense", "matmul")
     if h * w <= 4 or x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
     whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
     native = Conv3x3Plan(
         forward=whole(features) and h * w >= 196 and features <= 64 and c <= 2 * features,
-        input_grad=whole(c) and h * w >= 49 and features <= 64 and (c <= features or features <= 2),
+        input_grad=whole(c) and h * w >= 49 and c <= features <= 64,
         weight_grad=whole(features) and h * w >= 49 and c <= 128,
     )
     return Conv3x3Plan(*("native" if use else form for use, form in zip(native, fallback)))

@@ -14,7 +14,8 @@ import pytest
 
 from ddpm_jax.models import ReportUNet
 from ddpm_jax.models.layers import (
-    BatchNorm, Conv3x3, UpConv2x2, add_channel_bias, add_per_example_channel_bias, conv3x3_uses_matmul,
+    BatchNorm, Conv3x3, Conv3x3Plan, UpConv2x2, add_channel_bias, add_per_example_channel_bias, conv3x3_dense,
+    conv3x3_planned, conv3x3_uses_matmul, conv3x3_xla,
 )
 
 SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
@@ -39,6 +40,21 @@ def test_upconv2x2_matches_flax_conv_transpose_with_the_same_parameters(impl):
     out = UpConv2x2(4, impl=impl).apply(params, x)
     assert out.shape == (2, 6, 10, 4)
     np.testing.assert_allclose(out, reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_conv3x3_dense_is_xlas_convolution_with_the_same_gradients_on_maps_up_to_2x2(h, w):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(h * 3 + w), 3)
+    x, kernel, g = (jax.random.normal(kx, (3, h, w, 5)), jax.random.normal(kk, (3, 3, 5, 7)),
+                    jax.random.normal(kg, (3, h, w, 7)))
+    dense = Conv3x3Plan("dense", "dense", "dense")
+    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, dense), x, kernel)
+    ref_out, ref_vjp = jax.vjp(conv3x3_xla, x, kernel)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 2x2 pixels, got 3x2"):
+        conv3x3_dense(jnp.zeros((1, 3, 2, 5)), kernel)
 
 
 def test_unknown_conv_impl_is_refused():
