@@ -178,9 +178,11 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     # read the input's, the input gradient reads the output gradient's.
     fallback = Conv3x3Plan(*("matmul" if conv3x3_uses_matmul(h, w, channels, impl) else "xla"
                              for channels in (c, features, c)))
+    if jax.default_backend() != "cpu":
+        return fallback
     if h <= 2 and w <= 2:
         return Conv3x3Plan("dense", "dense", "matmul")
-    if h * w <= 4 or x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
+    if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
     whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
     native = Conv3x3Plan(

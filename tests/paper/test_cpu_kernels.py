@@ -92,6 +92,12 @@ def test_conv3x3_plan_is_native_only_where_it_was_measured_faster(shape, feature
     assert set(conv3x3_plan(jnp.zeros(shape, jnp.bfloat16), features, impl)) <= {X, M, "dense"}
 
 
+@pytest.mark.parametrize("shape, features", [((4, 2, 2, 64), 64), ((4, 16, 16, 16), 32), ((4, 32, 32, 1), 32)])
+def test_conv3x3_plan_on_another_backend_is_xlas_everywhere(shape, features, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv3x3_plan(jnp.zeros(shape), features) == (X, X, X)
+
+
 @needs_kernel
 @pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M)])  # every form in every pass once
 def test_every_form_of_every_pass_gives_xlas_convolution_and_gradients(plan):
