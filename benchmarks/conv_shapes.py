@@ -5,8 +5,9 @@ For each (map size, input channels, output channels) of the ``seed`` U-Net
 pass, the weight gradient and the input gradient as XLA's convolution, as
 the im2col matrix product, as the native CPU kernels of
 :mod:`ddpm_jax.models` (where the channels allow them and a compiler built
-them) and, on maps of at most 2x2 pixels, as one dense matrix product, with PyTorch's convolution beside them when torch is installed (the
-peer, in the same process, 2 threads like ours). The column ``auto`` names
+them) and, on maps of at most 2x2 pixels, as one dense matrix product, with
+PyTorch's convolution beside them when torch is installed (the peer, in the
+same process, 2 threads like ours). The column ``auto`` names
 the form :func:`ddpm_jax.models.layers.conv3x3_plan` picks for each pass
 (forward/weight gradient/input gradient): this is the measurement behind
 ``conv_impl='auto'``'s choices. Milliseconds, median of
@@ -97,7 +98,8 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
     plan = conv3x3_plan(x, cout)
     row = {"size": size, "c_in": cin, "c_out": cout,
            "auto": {"forward": plan.forward, "wgrad": plan.weight_grad, "igrad": plan.input_grad}}
-    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g), "matmul": _jax_passes(conv3x3_matmul, x, w, g, input_grad_by_forward=True),
+    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g),
+             "matmul": _jax_passes(conv3x3_matmul, x, w, g, input_grad_by_forward=True),
              "native": _native_passes(x, w, g),
              "dense": _jax_passes(conv3x3_dense, x, w, g, input_grad_by_forward=True) if size <= 2 else (None,) * 3}
     if torch is not None:
