@@ -1,13 +1,16 @@
-"""Every 3x3 convolution shape of a U-Net preset, timed five ways: ``python -m benchmarks.conv_shapes``.
+"""Every 3x3 convolution shape of a U-Net preset, timed six ways: ``python -m benchmarks.conv_shapes``.
 
 For each (map size, input channels, output channels) of the ``seed`` U-Net
 (batch 128) or the ``cpu`` preset's (``--preset cpu``, batch 64): the forward
 pass, the weight gradient and the input gradient as XLA's convolution, as
 the im2col matrix product, as the native CPU kernels of
 :mod:`ddpm_jax.models` (where the channels allow them and a compiler built
-them) and, on maps of at most 2x2 pixels, as one dense matrix product, with
-PyTorch's convolution beside them when torch is installed (the peer, in the
-same process, 2 threads like ours). The column ``auto`` names
+them), on maps of at most 2x2 pixels as one dense matrix product and, where a
+side has one or two channels, as the col2im "taps" product, with PyTorch's
+convolution beside them when torch is installed (the peer, in the same process,
+2 threads like ours). Each form's passes are timed through
+:func:`ddpm_jax.models.layers.conv3x3_planned` with that form in every pass,
+the code training runs. The column ``auto`` names
 the form :func:`ddpm_jax.models.layers.conv3x3_plan` picks for each pass
 (forward/weight gradient/input gradient): this is the measurement behind
 ``conv_impl='auto'``'s choices. Milliseconds, median of
@@ -28,7 +31,7 @@ import jax
 
 import ddpm_jax  # noqa: F401  (applies ddpm_jax/xla_cpu.py's flag, as the project runs)
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import conv3x3_dense, conv3x3_matmul, conv3x3_plan, conv3x3_xla, flipped_kernel
+from ddpm_jax.models.layers import Conv3x3Plan, conv3x3_plan, conv3x3_planned
 
 try:
     import torch
@@ -56,16 +59,19 @@ def _time(fn, *args, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _jax_passes(conv, x, w, g, input_grad_by_forward: bool = False) -> tuple:
-    """Forward, weight gradient and input gradient by ``conv``: the input gradient as autodiff makes it, or,
-    with ``input_grad_by_forward``, as ``conv`` of the output gradient with the flipped kernel (what
-    :func:`ddpm_jax.models.layers.conv3x3_planned` does for every form but XLA's)."""
-    wgrad = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-    if input_grad_by_forward:
-        igrad = jax.jit(lambda w, g: conv(g, flipped_kernel(w)))
-    else:
-        igrad = jax.jit(lambda w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
-    return (jax.jit(conv), (x, w)), (wgrad, (x, g)), (igrad, (w, g))
+def _planned_passes(form: str, x, w, g, passes=PASSES) -> tuple:
+    """Forward, weight gradient and input gradient of :func:`conv3x3_planned` in ``form`` (None for those
+    not in ``passes``), each timed alone: the pass in ``form``, the others XLA's, for XLA to drop."""
+    def conv(plan):
+        return lambda x_, w_: conv3x3_planned(x_, w_, plan)
+
+    forward = conv(Conv3x3Plan(form, "xla", "xla"))
+    wgrad = conv(Conv3x3Plan("xla", "xla", form))
+    igrad = conv(Conv3x3Plan("xla", form, "xla"))
+    jobs = {"forward": (jax.jit(forward), (x, w)),
+            "wgrad": (jax.jit(lambda x, g: jax.vjp(lambda w_: wgrad(x, w_), w)[1](g)[0]), (x, g)),
+            "igrad": (jax.jit(lambda w, g: jax.vjp(lambda x_: igrad(x_, w), x)[1](g)[0]), (w, g))}
+    return tuple(jobs[name] if name in passes else None for name in PASSES)
 
 
 def _native_passes(x, w, g) -> tuple:
@@ -73,10 +79,8 @@ def _native_passes(x, w, g) -> tuple:
     if not cpu_kernels.kernels_available():
         return None, None, None
     fits = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
-    conv = jax.jit(cpu_kernels.conv3x3)
-    return ((conv, (x, w)) if fits(w.shape[-1]) else None,
-            (jax.jit(cpu_kernels.conv3x3_weight_grad), (x, g)) if fits(g.shape[-1]) else None,
-            (jax.jit(lambda w, g: cpu_kernels.conv3x3(g, flipped_kernel(w))), (w, g)) if fits(x.shape[-1]) else None)
+    return _planned_passes("native", x, w, g, [name for name, channels in zip(
+        PASSES, (w.shape[-1], g.shape[-1], x.shape[-1])) if fits(channels)])
 
 
 def _torch_passes(x, w, g) -> tuple:
@@ -98,10 +102,12 @@ def measure(batch: int, size: int, cin: int, cout: int, repeats: int) -> dict:
     plan = conv3x3_plan(x, cout)
     row = {"size": size, "c_in": cin, "c_out": cout,
            "auto": {"forward": plan.forward, "wgrad": plan.weight_grad, "igrad": plan.input_grad}}
-    forms = {"xla": _jax_passes(conv3x3_xla, x, w, g),
-             "matmul": _jax_passes(conv3x3_matmul, x, w, g, input_grad_by_forward=True),
+    forms = {"xla": _planned_passes("xla", x, w, g),
+             "matmul": _planned_passes("matmul", x, w, g),
              "native": _native_passes(x, w, g),
-             "dense": _jax_passes(conv3x3_dense, x, w, g, input_grad_by_forward=True) if size <= 2 else (None,) * 3}
+             "dense": _planned_passes("dense", x, w, g) if size <= 2 else (None,) * 3,
+             # Its product writes nine times the output channels: timed only where a side has one or two.
+             "taps": _planned_passes("taps", x, w, g) if min(cin, cout) <= 2 else (None,) * 3}
     if torch is not None:
         forms["torch"] = _torch_passes(x, w, g)
     for name, passes in forms.items():
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
     shapes, batch = SHAPES[args.preset][0], args.batch or SHAPES[args.preset][1]
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
-    forms = ["xla", "matmul", "native", "dense"] + (["torch"] if torch is not None else [])
+    forms = ["xla", "matmul", "native", "dense", "taps"] + (["torch"] if torch is not None else [])
     rows = []
     print(f"{args.preset} preset, batch {batch}, ms; per pass: " + " ".join(f"{f:>7}" for f in forms))
     print(f"{'shape':>16} {'auto':>20} | {'forward':^31} | {'weight gradient':^31} | {'input gradient':^31}")

@@ -64,20 +64,23 @@ def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_an
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
 
 
-N, X, M = "native", "xla", "matmul"
+N, X, M, T = "native", "xla", "matmul", "taps"
 PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks.conv_shapes (both presets)
     ((4, 16, 16, 16), 32, "auto", (N, N, N)),
     ((4, 14, 14, 32), 16, "auto", (N, X, N)),  # twice as many input channels: native forward; XLA's input gradient
     ((4, 28, 28, 32), 8, "auto", (X, X, X)),  # 8 output channels: no whole vector
     ((4, 16, 16, 128), 64, "auto", (N, X, N)),
     ((4, 16, 16, 256), 64, "auto", (X, X, X)),
-    ((4, 28, 28, 1), 16, "auto", (N, X, N)),  # the first layer
+    ((4, 28, 28, 1), 16, "auto", (N, T, N)),  # the first layer: its input gradient writes one channel
     ((4, 12, 12, 8), 32, "auto", (X, X, N)),  # under 14x14
     ((4, 7, 7, 32), 64, "auto", (X, N, N)),
     ((4, 8, 8, 128), 128, "auto", (X, X, N)),
     ((4, 8, 8, 256), 128, "auto", (X, X, X)),
     ((4, 4, 4, 128), 256, "auto", (X, X, X)),
-    ((4, 32, 32, 32), 1, "auto", (X, M, X)),  # an output layer: the input gradient reads one channel
+    ((4, 32, 32, 32), 1, "auto", (T, M, T)),  # an output layer: the input gradient reads one channel
+    ((4, 32, 32, 1), 1, "auto", (T, T, T)),  # one channel in and out
+    ((4, 3, 4, 2), 2, "auto", (T, T, T)),
+    ((4, 1, 4, 64), 64, "auto", (M, M, M)),  # a map of 4 pixels, not 2x2
     ((4, 2, 2, 64), 64, "auto", ("dense", "dense", M)),
     ((4, 1, 2, 512), 512, "auto", ("dense", "dense", M)),
     ((4, 16, 16, 16), 32, "xla", (X, X, X)),
@@ -89,7 +92,7 @@ PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks
 @pytest.mark.parametrize("shape, features, impl, plan", PLAN_CASES)
 def test_conv3x3_plan_is_native_only_where_it_was_measured_faster(shape, features, impl, plan):
     assert conv3x3_plan(jnp.zeros(shape), features, impl) == plan
-    assert set(conv3x3_plan(jnp.zeros(shape, jnp.bfloat16), features, impl)) <= {X, M, "dense"}
+    assert set(conv3x3_plan(jnp.zeros(shape, jnp.bfloat16), features, impl)) <= {X, M, T, "dense"}
 
 
 @pytest.mark.parametrize("shape, features", [((4, 2, 2, 64), 64), ((4, 16, 16, 16), 32), ((4, 32, 32, 1), 32)])
@@ -99,7 +102,7 @@ def test_conv3x3_plan_on_another_backend_is_xlas_everywhere(shape, features, mon
 
 
 @needs_kernel
-@pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M)])  # every form in every pass once
+@pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M), (T, T, T)])  # every form in every pass
 def test_every_form_of_every_pass_gives_xlas_convolution_and_gradients(plan):
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(3), 3)
     x, kernel = jax.random.normal(kx, (2, 14, 14, 16)), jax.random.normal(kk, (3, 3, 16, 32))

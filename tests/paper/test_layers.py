@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from ddpm_jax.models import ReportUNet
 from ddpm_jax.models.layers import (
     BatchNorm, Conv3x3, Conv3x3Plan, UpConv2x2, add_channel_bias, add_per_example_channel_bias, conv3x3_dense,
-    conv3x3_planned, conv3x3_uses_matmul, conv3x3_xla,
+    conv3x3_planned, conv3x3_taps, conv3x3_uses_matmul, conv3x3_xla, dense_conv_matrix, flipped_kernel,
 )
 
 SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
@@ -55,6 +56,46 @@ def test_conv3x3_dense_is_xlas_convolution_with_the_same_gradients_on_maps_up_to
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at most 2x2 pixels, got 3x2"):
         conv3x3_dense(jnp.zeros((1, 3, 2, 5)), kernel)
+
+
+@pytest.mark.parametrize("h, w, cin, cout", [(1, 1, 3, 1), (1, 5, 1, 2), (3, 4, 6, 1), (5, 5, 2, 7)])
+def test_conv3x3_taps_is_xlas_convolution_with_the_same_gradients(h, w, cin, cout):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(h * 7 + w), 3)
+    x, kernel, g = (jax.random.normal(kx, (2, h, w, cin)), jax.random.normal(kk, (3, 3, cin, cout)),
+                    jax.random.normal(kg, (2, h, w, cout)))
+    taps = Conv3x3Plan("taps", "taps", "taps")
+    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, taps), x, kernel)
+    ref_out, ref_vjp = jax.vjp(conv3x3_xla, x, kernel)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv3x3_taps(x, kernel), ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_dense_matrix_of_the_flipped_kernel_is_the_transpose(h, w):
+    # What lets the dense input gradient read the forward pass's matrix instead of building another.
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 5, 7))
+    np.testing.assert_array_equal(dense_conv_matrix(flipped_kernel(kernel), h, w), dense_conv_matrix(kernel, h, w).T)
+
+
+def test_a_sampling_loop_builds_the_dense_matrix_once_outside_the_loop():
+    # A transpose after the gather would stay in the loop (XLA does not hoist one on its own) and copy
+    # the matrix at every step; the gather straight into the matrix's layout is hoisted.
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 48, 48))
+
+    def loop(kernel, x):
+        return jax.lax.fori_loop(0, 5, lambda i, x: jnp.tanh(conv3x3_dense(x, kernel)), x)
+
+    hlo = jax.jit(loop).lower(kernel, jnp.ones((2, 2, 2, 48))).compile().as_text()
+    (body_name,) = re.findall(r"\bwhile\(.*?body=%([\w.\-]+)", hlo)
+    body = hlo[hlo.index(f"%{body_name} ("):]
+    body = body[: body.index("\n}")]
+    # Inside the loop the matrix may only be passed along or viewed (a bitcast), never computed or copied.
+    made_in_loop = [line for line in body.splitlines()[1:] if re.search(r"= f32\[192,192\]", line)
+                    and not re.search(r"\b(get-tuple-element|parameter|tuple|bitcast)\(", line)]
+    assert not made_in_loop, made_in_loop
+    assert re.search(r"f32\[192,192\]", body), "the loop no longer reads the matrix: the test checks nothing"
 
 
 def test_unknown_conv_impl_is_refused():
