@@ -81,7 +81,8 @@ def conv3x3_taps(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     ``(B*H*W, C) @ (C, 9*O)`` gives every input pixel's contribution through each tap; output
     pixel ``p`` sums tap ``(i, j)``'s contribution of input pixel ``p + (i - 1, j - 1)``. It reads
     the input once and never copies it nine times as im2col does, so it is the fast form where
-    the convolution writes few channels (an output layer's forward pass and weight gradient).
+    the convolution writes few channels (an output layer's forward pass; its weight gradient
+    is :func:`conv3x3_taps_weight_grad`).
     ``x`` ``(B, H, W, C)``, ``kernel`` ``(3, 3, C, O)`` -> ``(B, H, W, O)``.
     """
     b, h, w, c = x.shape
@@ -89,6 +90,24 @@ def conv3x3_taps(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     per_tap = x.reshape(b * h * w, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, 9 * o)
     padded = jnp.pad(per_tap.reshape(b, h, w, 9, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
     return sum(padded[:, i : i + h, j : j + w, 3 * i + j] for i in range(3) for j in range(3))
+
+
+def conv3x3_taps_weight_grad(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """The kernel gradient of :func:`conv3x3_taps`: ``x^T`` times the nine shifted copies of ``g``.
+
+    Tap ``(i, j)`` of input pixel ``q`` reached output pixel ``q - (i - 1, j - 1)``, so its
+    gradient pairs ``x[q]`` with ``g`` there: one product over all pixels of the input's
+    channels with the output gradient's im2col, cheap where ``g`` has few channels.
+    (Autodiff of the shifted sum builds the same columns through nine padded copies.)
+    ``x`` ``(B, H, W, C)``, ``g`` ``(B, H, W, O)`` -> ``(3, 3, C, O)``.
+    """
+    b, h, w, c = x.shape
+    o = g.shape[-1]
+    padded = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    columns = jnp.concatenate([padded[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w, :] for i in range(3) for j in range(3)],
+                              axis=-1)
+    per_tap = x.reshape(b * h * w, c).T @ columns.reshape(b * h * w, 9 * o)
+    return per_tap.reshape(c, 3, 3, o).transpose(1, 2, 0, 3)
 
 
 def dense_conv_matrix(kernel: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
@@ -187,6 +206,8 @@ def _planned_bwd(plan, residual, g):
         x_grad = _conv_by(plan.input_grad, g, flipped_kernel(kernel))
     if plan.weight_grad == "native":
         kernel_grad = cpu_kernels.conv3x3_weight_grad(x, g)
+    elif plan.weight_grad == "taps":
+        kernel_grad = conv3x3_taps_weight_grad(x, g)
     else:
         (kernel_grad,) = jax.linear_transpose(lambda k: _conv_by(plan.weight_grad, x, k), kernel)(g)
     return x_grad, kernel_grad
@@ -213,9 +234,9 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     - weight gradient: maps of at least 7x7 with at most 128 input channels.
 
     The other passes are XLA's, except where the convolution that computes them writes
-    one or two channels (:func:`conv3x3_taps`; for the weight gradient: the layer's output
-    channels), or else reads one or two channels (the im2col product,
-    :func:`conv3x3_uses_matmul`): XLA is several times slower at both.
+    one or two channels (:func:`conv3x3_taps`; for the weight gradient: where the layer
+    has one or two output channels), or else reads one or two channels (the im2col
+    product, :func:`conv3x3_uses_matmul`): XLA is several times slower at both.
     ``'auto'`` on any other backend: XLA's everywhere.
     """
     _check_impl(impl)
@@ -224,12 +245,13 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     if jax.default_backend() != "cpu":
         return Conv3x3Plan("xla", "xla", "xla")
     _, h, w, c = x.shape
+    def by_channels(reads: int, writes: int) -> str:
+        return "taps" if writes <= 2 else "matmul" if conv3x3_uses_matmul(h, w, reads, impl) else "xla"
+
     # (channels read, channels written) of the convolution behind each pass; the weight gradient's
-    # col2im form writes nine times the output channels and reads the input's.
-    fallback = Conv3x3Plan(*(
-        "taps" if writes <= 2 else "matmul" if conv3x3_uses_matmul(h, w, reads, impl) else "xla"
-        for reads, writes in ((c, features), (features, c), (c, features))
-    ))
+    # taps form reads the input and writes nine copies of the output gradient's channels.
+    fallback = Conv3x3Plan(forward=by_channels(c, features), input_grad=by_channels(features, c),
+                           weight_grad=by_channels(c, features))
     if h <= 2 and w <= 2:
         return Conv3x3Plan("dense", "dense", "matmul")
     if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
