@@ -77,23 +77,26 @@ def measure_train(args) -> dict:
         np.random.default_rng(0).integers(0, 256, (max(2048, batch), 28, 28, 1), dtype=np.uint8), mesh
     )
     state = parallel.put_replicated(create_train_state(config), mesh)
-    step = make_dataset_train_step(schedule_from_config(config), Batching.from_config(config, mesh),
-                                   keep_last_good=keeps_last_good(config))
+    batching = Batching.from_config(config, mesh)
+    step = make_dataset_train_step(schedule_from_config(config), batching, keep_last_good=keeps_last_good(config))
+    # As train() runs it: each epoch's data order drawn once, outside the step (none is drawn in the timed steps).
+    orders = batching.orders(state, images.shape[0])
     # XLA counts no FLOPs in a custom call: the native CPU kernels' convolutions would count zero. So the
     # count comes from the same step with every convolution XLA's (the same products and the same
     # parameters, whatever conv_impl; lowered, not compiled).
     counted = config.copy_and_resolve_references()
     counted.model.conv_impl = "xla"
-    flops = _flops(step.lower(state.replace(apply_fn=build_model(counted.model).apply), images))
+    flops = _flops(step.lower(state.replace(apply_fn=build_model(counted.model).apply), images, None, orders.at(0)))
     t0 = time.perf_counter()
-    state, metrics = step(state, images)
+    state, metrics = step(state, images, None, orders.at(0))
     jax.block_until_ready(metrics["loss"])
     first_step = time.perf_counter() - t0
     times = []
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.steps):
+    for i in range(1, args.steps + 1):
+        order = orders.at(i)
         t0 = time.perf_counter()
-        state, metrics = step(state, images)
+        state, metrics = step(state, images, None, order)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     after = resource.getrusage(resource.RUSAGE_SELF)

@@ -35,7 +35,7 @@ from ddpm_jax.configs import get_classifier_config
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess, random_flip
 from ddpm_jax.models.classifier import MNISTClassifier, ResNetClassifier
 from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
-from ddpm_jax.training_loop import MetricLogger, batch_indices, run_training
+from ddpm_jax.training_loop import EpochOrder, EpochOrders, MetricLogger, batch_indices, run_training
 
 _PARAMS, _META = "params", "meta"
 _DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM = 0, 1, 2, 3
@@ -151,8 +151,9 @@ def random_shift(key: jax.Array, x: jnp.ndarray, max_shift: int) -> jnp.ndarray:
 
 
 def _make_train_step(model, batch_size: int, max_shift: int, flip: bool = False):
-    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray):
-        idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
+    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray, order: EpochOrder | None = None):
+        idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size,
+                            order)
         step_key = jax.random.fold_in(state.key, state.step)
         x = random_shift(
             jax.random.fold_in(step_key, _AUGMENT_STREAM), preprocess(images_u8[idx], images_u8.shape[1]), max_shift
@@ -221,6 +222,7 @@ def train_classifier(
     state = run_training(
         state, _make_train_step(model, batch_size, tc.max_shift, bool(tc.get("random_flip", False))),
         (jnp.asarray(train_images), jnp.asarray(train_labels, jnp.int32)),
+        orders=EpochOrders(jax.random.fold_in(state.key, _DATA_STREAM), len(train_images), batch_size),
         end=num_steps, batch_size=batch_size,
         logger=MetricLogger(None, lambda fetched: {"loss": float(np.mean([m["loss"] for m in fetched]))}),
         log_every=50, on_step=keep_recent, postfix=lambda record, rate: {"loss": f"{record['loss']:.3f}"},

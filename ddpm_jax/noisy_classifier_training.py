@@ -38,6 +38,8 @@ from ddpm_jax.schedules import DiffusionSchedule
 from ddpm_jax.train_state import TrainState, count_params
 from ddpm_jax.training_loop import (
     NUM_QUARTERS,
+    EpochOrder,
+    EpochOrders,
     MetricLogger,
     batch_indices,
     quarter_of,
@@ -55,7 +57,8 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: DiffusionSchedu
 
     ``images_u8``: the whole training set, uint8 ``(N, h, w, C)`` on the device;
     ``labels``: int32 ``(N,)``. Each step takes the ``step``-th batch of an epoch-wise
-    shuffle (:func:`ddpm_jax.training_loop.batch_indices`), maps it to [-1, 1] at
+    shuffle (:func:`ddpm_jax.training_loop.batch_indices`; ``order``: the epoch's permutation,
+    drawn once per epoch by :class:`~ddpm_jax.training_loop.EpochOrders`), maps it to [-1, 1] at
     ``data.image_size``, noises each image to its own ``t ~ Uniform{0..T-1}`` and takes
     one AdamW step on the cross-entropy. The old state is donated.
 
@@ -65,10 +68,11 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: DiffusionSchedu
     model = build_noisy_classifier(config.model)
     batch_size, image_size, num_timesteps = config.train.batch_size, config.data.image_size, schedule.num_timesteps
 
-    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray):
+    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray, order: EpochOrder | None = None):
         chex.assert_rank(images_u8, 4)
         chex.assert_shape(labels, (images_u8.shape[0],))
-        idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size)
+        idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size,
+                            order)
         t_key, eps_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(state.key, _NOISE_STREAM), state.step))
         x0 = data_lib.preprocess(images_u8[idx], image_size)
         y = labels[idx]
@@ -259,6 +263,7 @@ def _train_locked(config, workdir: str, images_u8, labels, test_images, test_lab
         state,
         make_train_step(config, schedule),
         (jnp.asarray(images_u8), jnp.asarray(labels)),
+        orders=EpochOrders(jax.random.fold_in(state.key, _DATA_STREAM), len(images_u8), tc.batch_size),
         end=tc.num_steps,
         batch_size=tc.batch_size,
         logger=logger,

@@ -38,6 +38,8 @@ from ddpm_jax.schedules import DiffusionSchedule
 from ddpm_jax.train_state import TrainState, count_params, global_norm, state_is_finite
 from ddpm_jax.training_loop import (
     NUM_QUARTERS,
+    EpochOrder,
+    EpochOrders,
     MetricLogger,
     batch_indices,
     quarter_of,
@@ -168,11 +170,11 @@ class Batching:
         return cls(config.train.batch_size, config.data.image_size, parallel.make_mesh() if mesh is None else mesh,
                    bool(config.data.get("random_flip", False)))
 
-    def draw(self, state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None):
+    def draw(self, state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None,
+             order: EpochOrder | None = None):
         """The ``state.step``-th batch (float images in [-1, 1], and labels or None), split along the
-        mesh's data axis."""
-        indices = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step,
-                                self.batch_size)
+        mesh's data axis; ``order``: the epoch's permutation, drawn beforehand (:meth:`orders`)."""
+        indices = batch_indices(data_key(state), images_u8.shape[0], state.step, self.batch_size, order)
         split = parallel.batch_sharded(self.mesh)
         batch = preprocess(images_u8[indices], self.image_size)
         if self.random_flip:
@@ -182,6 +184,16 @@ class Batching:
         return batch, batch_labels
 
 
+    def orders(self, state: TrainState, num_examples: int) -> EpochOrders:
+        """Each epoch's order of ``num_examples`` images for :meth:`draw`, drawn once per epoch."""
+        return EpochOrders(data_key(state), num_examples, self.batch_size, parallel.replicated(self.mesh))
+
+
+def data_key(state: TrainState) -> jax.Array:
+    """The key a train state's batches are drawn with (:meth:`Batching.draw`)."""
+    return jax.random.fold_in(state.key, _DATA_STREAM)
+
+
 def keeps_last_good(config: ml_collections.ConfigDict) -> bool:
     """Whether :func:`train`'s step drops a non-finite update in the step itself: only under
     ``train.on_nonfinite='skip'``; under ``'stop'`` such a step ends the run before anything after it is saved."""
@@ -189,7 +201,7 @@ def keeps_last_good(config: ml_collections.ConfigDict) -> bool:
 
 
 def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching, *, keep_last_good: bool = True):
-    """A jitted ``(state, images_u8[, labels]) -> (state, metrics)`` drawing its batch inside jit.
+    """A jitted ``(state, images_u8[, labels[, order]]) -> (state, metrics)`` drawing its batch inside jit.
 
     ``images_u8`` is the whole training set as uint8 ``(N, h, w, C)``, kept on
     the devices, and ``labels`` its int ``(N,)`` classes (class-conditional
@@ -198,12 +210,14 @@ def make_dataset_train_step(schedule: DiffusionSchedule, batching: Batching, *, 
     replicated, the batch split along the mesh's ``data`` axis; XLA all-reduces
     the gradients and BatchNorm's statistics, so the step computes what one
     device would. On one device this is the plain single-device step. ``keep_last_good``: as
-    :func:`train_step`'s.
+    :func:`train_step`'s. ``order``: the epoch's permutation from :meth:`Batching.orders`, which
+    saves drawing it at every step (the same batches with or without it).
     """
     everywhere = parallel.replicated(batching.mesh)
 
-    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
-        batch, batch_labels = batching.draw(state, images_u8, labels)
+    def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None,
+             order: EpochOrder | None = None):
+        batch, batch_labels = batching.draw(state, images_u8, labels, order)
         return train_step(state, batch, schedule, batch_labels, keep_last_good=keep_last_good)
 
     # One sharding for every argument (the labels may be None): state and data replicated.
@@ -215,8 +229,9 @@ def make_dataset_probe(schedule: DiffusionSchedule, batching: Batching):
     the next step of :func:`make_dataset_train_step` would draw. The state is not donated (it is then saved)."""
     everywhere = parallel.replicated(batching.mesh)
 
-    def probe(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None):
-        batch, batch_labels = batching.draw(state, images_u8, labels)
+    def probe(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray | None = None,
+              order: EpochOrder | None = None):
+        batch, batch_labels = batching.draw(state, images_u8, labels, order)
         return probe_loss(state, batch, schedule, batch_labels)
 
     return jax.jit(probe, in_shardings=everywhere, out_shardings=everywhere)
@@ -324,10 +339,12 @@ def _train_locked(config, workdir: str, images, labels, batching: Batching, prog
     per_epoch = steps_per_epoch(len(images), t.batch_size)
     data = (parallel.put_replicated(np.asarray(images, dtype=np.uint8), mesh),
             None if labels is None else parallel.put_replicated(labels, mesh))
+    state = parallel.put_replicated(state, mesh)
     return run_training(
-        parallel.put_replicated(state, mesh),
+        state,
         make_dataset_train_step(schedule, batching, keep_last_good=keeps_last_good(config)),
         data,
+        orders=batching.orders(state, len(images)),
         end=t.num_steps if stop_at is None else min(stop_at, t.num_steps),
         batch_size=t.batch_size,
         logger=logger,

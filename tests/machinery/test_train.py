@@ -11,7 +11,7 @@ from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.configs import create_train_state, schedule_from_config
 from ddpm_jax.data import preprocess
 from ddpm_jax.train import Batching, make_dataset_train_step, train_and_evaluate
-from ddpm_jax.training_loop import batch_indices
+from ddpm_jax.training_loop import EpochOrders, batch_indices
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,35 @@ def test_data_order_is_a_function_of_the_step_alone():
     key = jax.random.PRNGKey(3)
     np.testing.assert_array_equal(data[batch_indices(key, 50, jnp.asarray(7), 8)],
                                   data[batch_indices(key, 50, jnp.asarray(7), 8)])
+
+
+def test_epoch_orders_give_the_batches_drawn_without_them_and_stale_ones_are_not_used():
+    key = jax.random.PRNGKey(5)
+    orders = EpochOrders(key, 23, 5)  # 4 steps per epoch, 3 images left over
+    draw = jax.jit(lambda step, order: batch_indices(key, 23, step, 5, order))
+    for step in range(10):  # across two epoch boundaries
+        fresh = batch_indices(key, 23, jnp.asarray(step), 5)
+        np.testing.assert_array_equal(draw(jnp.asarray(step), orders.at(step)), fresh)
+    # Another epoch's order, or one drawn with another key, is not used: the same batch as ever.
+    stale, foreign = EpochOrders(key, 23, 5).at(0), EpochOrders(jax.random.PRNGKey(6), 23, 5).at(8)
+    for order in (stale, foreign):
+        np.testing.assert_array_equal(draw(jnp.asarray(9), order), batch_indices(key, 23, jnp.asarray(9), 5))
+    assert not np.array_equal(stale.permutation, orders.at(9).permutation)
+
+
+def test_the_train_step_with_an_epoch_order_is_the_step_without_it(tiny_config, images):
+    config = tiny_config(batch_size=8)
+    config.model.base_channels = 4
+    batching = Batching.from_config(config)
+    step = make_dataset_train_step(schedule_from_config(config), batching)
+    data = jnp.asarray(images[:40])
+    with_order, without = create_train_state(config), create_train_state(config)  # each step donates its state
+    orders = batching.orders(with_order, 40)
+    for i in range(6):  # 5 steps per epoch: one boundary
+        with_order, m_with = step(with_order, data, None, orders.at(i))
+        without, m_without = step(without, data)
+        assert float(m_with["loss"]) == float(m_without["loss"])
+    jax.tree.map(np.testing.assert_array_equal, with_order.params, without.params)
 
 
 def test_a_few_training_steps_reduce_the_loss(tiny_config, images):
