@@ -43,32 +43,30 @@ def test_upconv2x2_matches_flax_conv_transpose_with_the_same_parameters(impl):
     np.testing.assert_allclose(out, reference.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("h, w", [(1, 1), (1, 2), (2, 1), (2, 2)])
-def test_conv3x3_dense_is_xlas_convolution_with_the_same_gradients_on_maps_up_to_2x2(h, w):
-    kx, kk, kg = jax.random.split(jax.random.PRNGKey(h * 3 + w), 3)
-    x, kernel, g = (jax.random.normal(kx, (3, h, w, 5)), jax.random.normal(kk, (3, 3, 5, 7)),
-                    jax.random.normal(kg, (3, h, w, 7)))
-    dense = Conv3x3Plan("dense", "dense", "dense")
-    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, dense), x, kernel)
+def _assert_form_is_xlas_convolution_with_its_gradients(form, b, h, w, cin, cout, seed):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x, kernel, g = (jax.random.normal(kx, (b, h, w, cin)), jax.random.normal(kk, (3, 3, cin, cout)),
+                    jax.random.normal(kg, (b, h, w, cout)))
+    plan = Conv3x3Plan(form, form, form)
+    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, plan), x, kernel)
     ref_out, ref_vjp = jax.vjp(conv3x3_xla, x, kernel)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for ours, ref in zip(vjp(g), ref_vjp(g)):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    return x, kernel, ref_out
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_conv3x3_dense_is_xlas_convolution_with_the_same_gradients_on_maps_up_to_2x2(h, w):
+    _, kernel, _ = _assert_form_is_xlas_convolution_with_its_gradients("dense", 3, h, w, 5, 7, seed=h * 3 + w)
     with pytest.raises(ValueError, match="at most 2x2 pixels, got 3x2"):
         conv3x3_dense(jnp.zeros((1, 3, 2, 5)), kernel)
 
 
 @pytest.mark.parametrize("h, w, cin, cout", [(1, 1, 3, 1), (1, 5, 1, 2), (3, 4, 6, 1), (5, 5, 2, 7)])
 def test_conv3x3_taps_is_xlas_convolution_with_the_same_gradients(h, w, cin, cout):
-    kx, kk, kg = jax.random.split(jax.random.PRNGKey(h * 7 + w), 3)
-    x, kernel, g = (jax.random.normal(kx, (2, h, w, cin)), jax.random.normal(kk, (3, 3, cin, cout)),
-                    jax.random.normal(kg, (2, h, w, cout)))
-    taps = Conv3x3Plan("taps", "taps", "taps")
-    out, vjp = jax.vjp(lambda x_, k_: conv3x3_planned(x_, k_, taps), x, kernel)
-    ref_out, ref_vjp = jax.vjp(conv3x3_xla, x, kernel)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    for ours, ref in zip(vjp(g), ref_vjp(g)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    x, kernel, ref_out = _assert_form_is_xlas_convolution_with_its_gradients("taps", 2, h, w, cin, cout,
+                                                                             seed=h * 7 + w)
     np.testing.assert_allclose(conv3x3_taps(x, kernel), ref_out, rtol=1e-5, atol=1e-5)
 
 
