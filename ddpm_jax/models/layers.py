@@ -245,6 +245,7 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     if jax.default_backend() != "cpu":
         return Conv3x3Plan("xla", "xla", "xla")
     _, h, w, c = x.shape
+
     def by_channels(reads: int, writes: int) -> str:
         return "taps" if writes <= 2 else "matmul" if conv3x3_uses_matmul(h, w, reads, impl) else "xla"
 
