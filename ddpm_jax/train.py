@@ -183,7 +183,6 @@ class Batching:
         batch_labels = None if labels is None else jax.lax.with_sharding_constraint(labels[indices], split)
         return batch, batch_labels
 
-
     def orders(self, state: TrainState, num_examples: int) -> EpochOrders:
         """Each epoch's order of ``num_examples`` images for :meth:`draw`, drawn once per epoch."""
         return EpochOrders(data_key(state), num_examples, self.batch_size, parallel.replicated(self.mesh))

@@ -102,7 +102,7 @@ class EpochOrders:
     """
 
     def __init__(self, key: jax.Array, num_examples: int, batch_size: int, sharding=None):
-        self.key, self.num_examples = key, num_examples
+        self.key = key
         self.per_epoch = steps_per_epoch(num_examples, batch_size)
         self._draw = jax.jit(
             lambda key, epoch: EpochOrder(_raw_key(key), epoch, epoch_permutation(key, num_examples, epoch)),

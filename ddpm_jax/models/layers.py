@@ -120,7 +120,7 @@ def dense_conv_matrix(kernel: jnp.ndarray, height: int, width: int) -> jnp.ndarr
     ``kernel`` ``(3, 3, C, O)``.
     """
     if height > 2 or width > 2:
-        raise ValueError(f"conv3x3_dense needs a map of at most 2x2 pixels, got {height}x{width}.")
+        raise ValueError(f"the dense 3x3 convolution needs a map of at most 2x2 pixels, got {height}x{width}.")
     c = kernel.shape[2]
     pixels = [(i, j) for i in range(height) for j in range(width)]
     taps = np.array([[(qi - pi + 1) * 3 + (qj - pj + 1) for pi, pj in pixels] for qi, qj in pixels])
