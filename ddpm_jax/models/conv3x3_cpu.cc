@@ -11,6 +11,14 @@
 // convolution is slow with few channels. Here both are register-blocked sums of products read straight
 // from the NHWC buffers: no transposes, no im2col copy.
 //
+// A third handler serves BatchNorm and the bias gradients:
+//
+//   ChannelMoments(a, b, shift)  moments[0, c] = sum over n of a[n, c]
+//                                moments[1, c] = sum over n of a[n, c] * (b[n, c] - shift[c])
+//
+// over every position n of (..., C) arrays, in one parallel pass that reads a and b once. XLA computes
+// the same sums as single-threaded products with a vector of ones, after writing the products a * b out.
+//
 // Built and loaded by ddpm_jax/models/cpu_kernels.py (with -O3 -march=native).
 
 #include <algorithm>
@@ -266,7 +274,68 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 
-// Both handlers: XLA's thread pool, two float32 arrays in, one out.
+// Sums of a and of a * (b - shift) over rows [row_begin, row_end) of (rows, C) arrays, into sum0 and sum1
+// (C doubles each). Float sums over blocks of at most kMomentBlock rows, added into double totals: the
+// block sums vectorize, and the rounding error grows with the block's length, not with the array's.
+constexpr int64_t kMomentBlock = 64;
+
+void AccumulateMoments(const float* a, const float* b, const float* shift, int64_t C, int64_t row_begin,
+                       int64_t row_end, double* sum0, double* sum1) {
+  std::vector<float> block0(C), block1(C);
+  for (int64_t begin = row_begin; begin < row_end; begin += kMomentBlock) {
+    const int64_t end = std::min(row_end, begin + kMomentBlock);
+    std::fill(block0.begin(), block0.end(), 0.0f);
+    std::fill(block1.begin(), block1.end(), 0.0f);
+    float* __restrict s0 = block0.data();
+    float* __restrict s1 = block1.data();
+    for (int64_t n = begin; n < end; ++n) {
+      const float* __restrict an = a + n * C;
+      const float* __restrict bn = b + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        s0[c] += an[c];
+        s1[c] += an[c] * (bn[c] - shift[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sum0[c] += s0[c];
+      sum1[c] += s1[c];
+    }
+  }
+}
+
+ffi::Error ChannelMomentsImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                              ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> moments) {
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  const auto sd = shift.dimensions();
+  if (ad.size() < 1 || ad.size() != bd.size() || !std::equal(ad.begin(), ad.end(), bd.begin()) || sd.size() != 1 ||
+      sd[0] != ad[ad.size() - 1])
+    return ffi::Error::InvalidArgument("channel_moments: a and b must have one shape (..., C) and shift (C,)");
+  const int64_t C = sd[0];
+  const int64_t rows = C == 0 ? 0 : a.element_count() / C;
+  const int64_t threads = NumThreads(thread_pool);
+  // Parts of at least ~16,000 floats: below that, waking a thread costs more than it saves.
+  const int64_t worth = std::max<int64_t>(1, rows * C / 16384);
+  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min({4 * threads, worth, rows}), 1, 64));
+  // Each part sums into its own totals, added in part order: the result does not depend on the threads.
+  std::vector<double> totals(2 * C * num_parts, 0.0);
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  const float* sp = shift.typed_data();
+  RunParts(thread_pool, threads, num_parts, [&](int part) {
+    double* sum0 = totals.data() + 2 * C * part;
+    AccumulateMoments(ap, bp, sp, C, rows * part / num_parts, rows * (part + 1) / num_parts, sum0, sum0 + C);
+  });
+  float* out = moments->typed_data();
+  for (int64_t k = 0; k < 2 * C; ++k) {
+    double total = 0.0;
+    for (int part = 0; part < num_parts; ++part) total += totals[2 * C * part + k];
+    out[k] = static_cast<float>(total);
+  }
+  return ffi::Error::Success();
+}
+
+// The convolutions' handlers: XLA's thread pool, two float32 arrays in, one out.
 auto TwoArraysToOne() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<
       ffi::Buffer<ffi::F32>>();
@@ -276,3 +345,10 @@ auto TwoArraysToOne() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ChannelMoments, ChannelMomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,4 +1,4 @@
-"""Native CPU kernels for the 3x3 convolution and its weight gradient, built on first use.
+"""Native CPU kernels for the 3x3 convolution, its weight gradient and per-channel sums, built on first use.
 
 XLA's CPU backend computes a 3x3 convolution's weight gradient as an Eigen
 convolution with an ``(H, W)`` "kernel" behind two layout transposes: 23-70
@@ -9,7 +9,8 @@ gradient, a convolution with the flipped kernel) is likewise slow with few
 channels on large maps, where the file's second loop is faster
 (``python -m benchmarks.conv_shapes``). Both run as XLA FFI custom calls on
 XLA's own intra-op thread pool; :mod:`ddpm_jax.models.layers` decides per
-shape which convolution takes which.
+shape which convolution takes which. A third kernel, :func:`channel_moments`,
+takes BatchNorm's per-channel sums in one parallel pass over the activations.
 
 The source is compiled once per machine, compiler and jaxlib, with
 ``-O3 -march=native``, into ``$DDPM_JAX_CACHE_DIR`` (default
@@ -41,8 +42,9 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("conv3x3_cpu.cc")
 CONV3X3_TARGET = "ddpm_jax_conv3x3"
 WEIGHT_GRAD_TARGET = "ddpm_jax_conv3x3_weight_grad"
+MOMENTS_TARGET = "ddpm_jax_channel_moments"
 # FFI target name -> the handler's symbol in the library.
-TARGETS = {CONV3X3_TARGET: "Conv3x3", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad"}
+TARGETS = {CONV3X3_TARGET: "Conv3x3", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad", MOMENTS_TARGET: "ChannelMoments"}
 # The kernels' widest vector is 16 floats; the channels they write must fill whole vectors.
 CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -141,3 +143,17 @@ def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
     chex.assert_equal_shape_prefix((x, dy), 3)
     kernel_shape = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, kernel_shape, vmap_method="sequential")(x, dy)
+
+
+def channel_moments(a: jnp.ndarray, b: jnp.ndarray, shift: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-channel ``sum(a)`` and ``sum(a * (b - shift))`` over every axis but the last, in one pass.
+
+    ``a``, ``b`` ``(..., C)`` and ``shift`` ``(C,)``, float32 -> two ``(C,)`` float32 arrays. Summed in
+    float32 over blocks of 64 positions and in float64 across blocks; the same for any thread count.
+    """
+    _require_kernels()
+    chex.assert_equal_shape((a, b))
+    chex.assert_shape(shift, (a.shape[-1],))
+    out = jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32)
+    moments = jax.ffi.ffi_call(MOMENTS_TARGET, out, vmap_method="sequential")(a, b, shift)
+    return moments[0], moments[1]

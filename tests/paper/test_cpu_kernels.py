@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import Conv3x3, Conv3x3Plan, conv3x3_plan, conv3x3_planned, conv3x3_xla
+from ddpm_jax.models.layers import (
+    Conv3x3, Conv3x3Plan, batch_norm_matmul, batch_norm_sums_natively, conv3x3_plan, conv3x3_planned, conv3x3_xla,
+)
 
 needs_kernel = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_kernels._compiler() is None
@@ -86,6 +88,43 @@ PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks
     ((4, 16, 16, 16), 32, "xla", (X, X, X)),
     ((4, 16, 16, 16), 32, "matmul", (M, M, M)),
 ]
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 40), height=st.integers(1, 9), width=st.integers(1, 9), channels=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_channel_moments_are_the_float64_sums_to_float32_rounding(batch, height, width, channels, seed):
+    # Up to 3,240 positions: one part or several, whole 64-row blocks and remainders; any channel count.
+    rng = np.random.default_rng(seed)
+    a, b = (rng.normal(size=(batch, height, width, channels)).astype(np.float32) * 3 + 1 for _ in range(2))
+    shift = rng.normal(size=channels).astype(np.float32)
+    total, dot = jax.jit(cpu_kernels.channel_moments)(a, b, shift)
+    a64, centered64 = a.astype(np.float64), b.astype(np.float64) - shift
+    for got, expected, magnitude in ((total, a64, np.abs(a64)), (dot, a64 * centered64, np.abs(a64 * centered64))):
+        # Per channel, relative to the sum of magnitudes: float32 rounding of the block sums.
+        error = np.abs(np.asarray(got, np.float64) - expected.sum((0, 1, 2)))
+        assert np.all(error <= 1e-6 * magnitude.sum((0, 1, 2)) + 1e-6), error.max()
+
+
+@needs_kernel
+def test_batch_norm_with_native_sums_is_the_matmul_form_to_float32_rounding():
+    # A cpu-preset-sized map: 25,088 positions, so the sums run in several parts on both threads.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(32, 28, 28, 16)) * 2 + 0.5, jnp.float32)
+    scale, bias = (jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(2))
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss_and_grads(native):
+        def loss(x, scale, bias):
+            y, mean, var = batch_norm_matmul(x, scale, bias, 1e-5, native)
+            return jnp.sum(jnp.tanh(y) * weights), (y, mean, var)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+
+    assert batch_norm_sums_natively("auto") and not batch_norm_sums_natively("matmul")
+    for got, expected in zip(jax.tree.leaves(loss_and_grads(True)), jax.tree.leaves(loss_and_grads(False))):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 @needs_kernel

@@ -34,13 +34,19 @@ def test_conv3x3_matches_flax_conv_with_the_same_parameters(b, h, w, cin, cout, 
 
 
 @pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
-def test_upconv2x2_matches_flax_conv_transpose_with_the_same_parameters(impl):
+def test_upconv2x2_matches_flax_conv_transpose_values_and_gradients_with_the_same_parameters(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 6))
     reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
     params = reference.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 10, 4))
     out = UpConv2x2(4, impl=impl).apply(params, x)
     assert out.shape == (2, 6, 10, 4)
     np.testing.assert_allclose(out, reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    # Each output row parity's product and the concatenation that interleaves them, differentiated.
+    grads = [jax.grad(lambda p, x_: jnp.sum(module.apply(p, x_) * weights), argnums=(0, 1))(params, x)
+             for module in (UpConv2x2(4, impl=impl), reference)]
+    jax.tree.map(lambda ours, ref: np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5), *grads)
 
 
 def _assert_form_is_xlas_convolution_with_its_gradients(form, b, h, w, cin, cout, seed):
