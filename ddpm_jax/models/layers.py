@@ -17,14 +17,18 @@ use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`) in the passes where
 they were measured faster (:func:`conv3x3_plan`): XLA computes the weight gradient
 of a 32x32 map at a quarter of the machine's matmul rate.
 The 2x2 stride-2 transposed convolution is likewise two matrix
-products (one per output row parity) interleaved by a concatenation, and 2x2 max-pooling gets a
-gradient that routes through a one-hot of each window's first maximum
-instead of XLA's packed reduce-window (same values, same gradient).
+products (one per output row parity) interleaved by a concatenation, and
+2x2 max-pooling gets a gradient that routes through a one-hot of each
+window's first maximum instead of XLA's packed reduce-window (same values,
+same gradient).
 :class:`BatchNorm`'s per-channel sums over (batch, height, width), forward
 and backward, are matrix products with a vector of ones: XLA's CPU backend
 turns them into reduce-window ops that took a fifth of the seed U-Net's
 train step (a BatchNorm layer's forward and backward run 1.4x (32x32 maps)
-to 4x (2x2 maps) faster this way). Likewise the gradient of a block's time
+to 4x (2x2 maps) faster this way). Where the native kernels are built, each
+pair of these sums (and each convolution's bias gradient) is instead one
+parallel pass of :func:`cpu_kernels.channel_moments` that writes no product
+out (:func:`batch_norm_sums_natively`). Likewise the gradient of a block's time
 embedding, added per example and channel (:func:`add_per_example_channel_bias`):
 a batched matrix-vector product, where XLA would otherwise take the sum over the
 batch for the embedding layer's bias in a second pass over the whole activation

@@ -141,7 +141,8 @@ def test_conv3x3_plan_on_another_backend_is_xlas_everywhere(shape, features, mon
 
 
 @needs_kernel
-@pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M), (T, T, T)])  # every form in every pass
+# Every form in every pass, and (T, M, T): the forms of an output layer.
+@pytest.mark.parametrize("plan", [(N, M, X), (M, X, N), (X, N, M), (T, T, T), (T, M, T)])
 def test_every_form_of_every_pass_gives_xlas_convolution_and_gradients(plan):
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(3), 3)
     x, kernel = jax.random.normal(kx, (2, 14, 14, 16)), jax.random.normal(kk, (3, 3, 16, 32))
