@@ -317,7 +317,8 @@ ffi::Error ChannelMomentsImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32>
   // Parts of at least ~16,000 floats: below that, waking a thread costs more than it saves.
   const int64_t worth = std::max<int64_t>(1, rows * C / 16384);
   const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min({4 * threads, worth, rows}), 1, 64));
-  // Each part sums into its own totals, added in part order: the result does not depend on the threads.
+  // Each part sums into its own totals, added in part order: the result does not depend on which thread ran
+  // which part (the parts themselves depend on the pool's size, as in Conv3x3WeightGradImpl).
   std::vector<double> totals(2 * C * num_parts, 0.0);
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();

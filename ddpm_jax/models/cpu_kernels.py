@@ -149,7 +149,8 @@ def channel_moments(a: jnp.ndarray, b: jnp.ndarray, shift: jnp.ndarray) -> tuple
     """Per-channel ``sum(a)`` and ``sum(a * (b - shift))`` over every axis but the last, in one pass.
 
     ``a``, ``b`` ``(..., C)`` and ``shift`` ``(C,)``, float32 -> two ``(C,)`` float32 arrays. Summed in
-    float32 over blocks of 64 positions and in float64 across blocks; the same for any thread count.
+    float32 over blocks of 64 positions and in float64 across blocks, each part's totals added in part
+    order: the same result at every call on a machine, whichever threads ran which parts.
     """
     _require_kernels()
     chex.assert_equal_shape((a, b))
