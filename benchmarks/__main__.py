@@ -22,9 +22,13 @@ leak between them. Rows:
   issue 18's third session;
 - ``ours, no XLA flags``: neither of ``ddpm_jax/xla_cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
   fusions, XLA's default vector width;
-- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``) and no flag,
-  i.e. the code before the CPU work of issue 4;
+- ``ours, glibc's malloc`` (train): without ``ddpm_jax/xla_cpu.py``'s allocator setting
+  (``DDPM_JAX_KEEP_MALLOC=1``), so that each step's scratch buffer is mapped afresh, page faults and all;
+- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag and glibc's own
+  allocator settings, i.e. the code before the CPU work of issue 4;
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
+- ``torch port, our malloc`` (train): the same, started with our allocator settings as glibc tunables
+  (:data:`MALLOC_TUNABLES`), to show what they would do for the peer;
 - ``diffusers``: ``UNet2DModel`` of about the same size with ``DDPMScheduler``'s loop (seed size only).
 
 And few-step sampling (``sample10``): 100 samples in 10 reverse steps, ours with DDIM
@@ -171,8 +175,13 @@ def diffusers_available() -> bool:
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
 NO_NATIVE = {"DDPM_JAX_NATIVE_KERNELS": "0"}
-LABELS = ("ours", "ours, no native kernels", "ours, 256-bit vectors", "ours, no XLA flags", "ours, before",
-          "torch port", "diffusers")
+KEEP_MALLOC = {"DDPM_JAX_KEEP_MALLOC": "1"}
+# ddpm_jax.xla_cpu.MALLOC_SETTINGS as glibc tunables (read at a process's start), for the torch port's process.
+# Written out rather than imported: importing ddpm_jax here would put its XLA flags into every child's
+# environment, the rows without them included (tests/machinery/test_benchmarks.py checks the two agree).
+MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+LABELS = ("ours", "ours, no native kernels", "ours, 256-bit vectors", "ours, no XLA flags", "ours, glibc's malloc",
+          "ours, before", "torch port", "torch port, our malloc", "diffusers")
 GPU_LABELS = ("ours", "torch port", "diffusers", "ours, bf16", "torch port, bf16")
 
 
@@ -217,11 +226,16 @@ def plan(quick: bool, avx512: bool | None = None,
                 ["train", *ours, "--batch", batch, "--steps", steps], VECTORS_256)] if avx512 else []),
             (preset, "train", "ours, no XLA flags", "benchmarks.ours",
              ["train", *ours, "--batch", batch, "--steps", steps], KEEP_FLAGS),
+            (preset, "train", "ours, glibc's malloc", "benchmarks.ours",
+             ["train", *ours, "--batch", batch, "--steps", steps], KEEP_MALLOC),
             (preset, "train", "ours, before", "benchmarks.ours",
              ["train", *ours, "--conv-impl", "xla", "--batch", batch, "--steps", "2" if slow_before else steps],
-             KEEP_FLAGS),
+             {**KEEP_FLAGS, **KEEP_MALLOC}),
             (preset, "train", "torch port", "benchmarks.peers",
              ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], {}),
+            (preset, "train", "torch port, our malloc", "benchmarks.peers",
+             ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"],
+             {"GLIBC_TUNABLES": MALLOC_TUNABLES}),
             (preset, "sample", "ours", "benchmarks.ours", ["sample", *ours, "--n", "100"], {}),
             (preset, "sample", "ours, no native kernels", "benchmarks.ours", ["sample", *ours, "--n", "100"],
              NO_NATIVE),
@@ -230,7 +244,7 @@ def plan(quick: bool, avx512: bool | None = None,
             (preset, "sample", "ours, no XLA flags", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),
             (preset, "sample", "ours, before", "benchmarks.ours",
              ["sample", *ours, "--conv-impl", "xla", "--n", "100"] + (["--steps-to-time", "3"] if slow_before else []),
-             KEEP_FLAGS),
+             {**KEEP_FLAGS, **KEEP_MALLOC}),
             (preset, "sample", "torch port", "benchmarks.peers",
              ["torch-sample", *p["peer"], "--n", "100", "--json"] + (["--steps-to-time", "20"] if quick else []), {}),
             # Few-step sampling: our DDIM over 10 of the 100 steps; the torch port's loop over 10 steps (a

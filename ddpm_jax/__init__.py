@@ -14,6 +14,7 @@ paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
 from ddpm_jax import xla_cpu
 
 xla_cpu.apply_cpu_flags()  # before any device is used; see ddpm_jax/xla_cpu.py
+xla_cpu.keep_freed_memory()  # before XLA's threads first allocate; the same module says why
 
 from ddpm_jax import metrics  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint

@@ -41,6 +41,11 @@ def test_suite_plan_measures_every_peer_on_both_presets():
     assert envs["ours, 256-bit vectors"] == {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
     assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
     assert envs["ours, no native kernels"] == {"DDPM_JAX_NATIVE_KERNELS": "0"}
+    assert envs["ours, glibc's malloc"] == {"DDPM_JAX_KEEP_MALLOC": "1"}
+    assert envs["ours, before"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1", "DDPM_JAX_KEEP_MALLOC": "1"}
+    assert envs["torch port, our malloc"] == {"GLIBC_TUNABLES": suite.MALLOC_TUNABLES}
+    for preset in ("seed", "cpu"):
+        assert {(preset, "train", "ours, glibc's malloc"), (preset, "train", "torch port, our malloc")} <= labels
     assert not any(label == "ours, 256-bit vectors" for _, _, label, *_ in suite.plan(quick=True, avx512=False))
     assert ("seed", "sample", "diffusers") in labels
     for preset in ("seed", "cpu"):
@@ -190,3 +195,15 @@ def test_paired_rounds_run_both_sides_with_the_suites_arguments_and_take_the_med
     assert summary["ratios"] == [0.9, 1.2, 1.0]  # the round whose port failed counts for neither side
     assert summary["median_ratio"] == 1.0 and summary["median_ours"] == 100.0
     assert paired.summarize([{"ours": None, "torch port": 100.0}])["median_ratio"] is None
+
+
+def test_the_torch_ports_malloc_tunables_are_our_allocator_settings():
+    from ddpm_jax import xla_cpu
+
+    tunables = dict(part.split("=") for part in suite.MALLOC_TUNABLES.split(":"))
+    as_tunables = {"M_ARENA_MAX": "glibc.malloc.arena_max", "M_MMAP_MAX": "glibc.malloc.mmap_max",
+                   "M_TRIM_THRESHOLD": "glibc.malloc.trim_threshold"}
+    assert set(tunables) == set(as_tunables.values())
+    for name, (_, value) in xla_cpu.MALLOC_SETTINGS.items():
+        # mallopt's int -1 for the trim threshold is the size_t maximum the tunable spells out.
+        assert int(tunables[as_tunables[name]]) == value % 2**64
