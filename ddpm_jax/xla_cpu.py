@@ -31,10 +31,13 @@ zeroed by the kernel (20,700 faults and 30-50 ms of kernel time per cpu
 preset step on a 2-core machine). Told to serve large blocks from its heap,
 to let all threads share that heap, and never to hand freed memory back,
 glibc gives each step the pages the step before used: no faults, the same
-numbers. Measured as alternating processes on 2 cores (README, "Speed: ours
-against the PyTorch peers", change 12): the cpu preset's train step 20-30%
-faster, the seed preset's 10-15%. The cost: the process keeps the memory it
-freed (its resident size stays at its peak) instead of returning it to the
+numbers. Measured as alternating processes on a 2-core AMD EPYC (README,
+"Speed: ours against the PyTorch peers", change 12): the cpu preset's train
+step 21% faster, the seed preset's 12%; an earlier Intel machine, whose step
+was then mostly XLA's Eigen convolutions, was slower with the same settings
+(one arena makes threads that allocate at once take turns). The cost: the
+process keeps the memory it frees (its resident size stays at its peak plus
+the heap's slack, about two scratch buffers) instead of returning it to the
 system. ``DDPM_JAX_KEEP_MALLOC=1`` leaves the allocator alone. Like the flags,
 it takes effect only for threads that have not allocated yet, so import
 ``ddpm_jax`` before any JAX computation; it is skipped where an accelerator
