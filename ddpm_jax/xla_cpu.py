@@ -102,9 +102,11 @@ KEEP_MALLOC_ENV = "DDPM_JAX_KEEP_MALLOC"
 # mallopt(3)'s parameters (glibc's malloc.h) and the values set: one arena for all threads, no mmap for large
 # blocks, and no trimming (-1: "disables trimming completely", mallopt(3)).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-MALLOC_SETTINGS = {"M_ARENA_MAX": (M_ARENA_MAX, 1), "M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1)}
-# The same settings as glibc tunables, for a process started afresh (the benchmarks' torch port row).
-MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+MALLOC_SETTINGS = {
+    "M_ARENA_MAX": (M_ARENA_MAX, 1),
+    "M_MMAP_MAX": (M_MMAP_MAX, 0),
+    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
+}
 
 
 def _accelerator_plugin_installed() -> bool:
