@@ -109,6 +109,11 @@ MALLOC_SETTINGS = {
 }
 
 
+def runs_on_glibc() -> bool:
+    """Whether this process's C library is glibc on Linux, the one whose allocator :func:`keep_freed_memory` sets."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def _accelerator_plugin_installed() -> bool:
     """Whether a PJRT plugin (CUDA, ROCm, TPU, ...) is installed for JAX to pick over the CPU."""
     try:
@@ -126,13 +131,12 @@ def keep_freed_memory(environ=os.environ, libc=None) -> list[str]:
     ``DDPM_JAX_KEEP_MALLOC=1``, where the C library is not glibc, or where an accelerator plugin is installed
     and ``JAX_PLATFORMS`` is not ``cpu``. ``libc``: the C library to call (tests pass a stand-in).
     """
-    if environ.get(KEEP_MALLOC_ENV) == "1":
+    if environ.get(KEEP_MALLOC_ENV) == "1" or (libc is None and not runs_on_glibc()):
         return []
+    # The plugin look-up reads every installed distribution's entry points (about 10 ms): after the cheap checks.
     if environ.get("JAX_PLATFORMS", "").strip().lower() != "cpu" and _accelerator_plugin_installed():
         return []
     if libc is None:
-        if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-            return []
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     made = []
     for name, (param, value) in MALLOC_SETTINGS.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +52,7 @@ def _run_check(keep_malloc: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="the setting is glibc's")
+@pytest.mark.skipif(not xla_cpu.runs_on_glibc(), reason="the setting is glibc's")
 def test_a_warm_program_reuses_its_scratch_memory_instead_of_faulting_it_in_afresh():
     glibc_default, kept = _run_check(keep_malloc=True), _run_check(keep_malloc=False)
     # 64 MiB of scratch is 16,384 pages of 4 KiB: glibc's default maps them anew at every call.
