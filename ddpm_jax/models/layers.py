@@ -226,8 +226,10 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     ``'xla'`` and ``'matmul'`` impls: that form in every pass. ``'auto'`` on CPU picks
     per pass what ``python -m benchmarks.conv_shapes`` measured faster for both presets'
     shapes. On maps of at most 2x2 pixels (where XLA's convolution is pathological) the
-    forward pass and input gradient are :func:`conv3x3_dense`, the weight gradient the
-    im2col product. Elsewhere, where the native kernels are built
+    forward pass is :func:`conv3x3_dense`, the input gradient and the weight gradient the
+    im2col product (the dense form's input gradient, :func:`conv3x3_dense_transpose`,
+    contracts the matrix along its rows, which XLA's CPU matrix product does at a quarter of
+    its speed the other way round). Elsewhere, where the native kernels are built
     (:func:`cpu_kernels.kernels_available`) and the input is float32, a pass is native
     where the channels it writes are whole vectors and:
 
@@ -258,7 +260,7 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     fallback = Conv3x3Plan(forward=by_channels(c, features), input_grad=by_channels(features, c),
                            weight_grad=by_channels(c, features))
     if h <= 2 and w <= 2:
-        return Conv3x3Plan("dense", "dense", "matmul")
+        return Conv3x3Plan("dense", "matmul", "matmul")
     if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
     whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
