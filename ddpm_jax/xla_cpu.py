@@ -33,9 +33,9 @@ to let all threads share that heap, and never to hand freed memory back,
 glibc gives each step the pages the step before used: no faults, the same
 numbers. Measured as alternating processes on a 2-core AMD EPYC (README,
 "Speed: ours against the PyTorch peers", change 12): the cpu preset's train
-step 21% faster, the seed preset's 12%; an earlier Intel machine, whose step
-was then mostly XLA's Eigen convolutions, was slower with the same settings
-(one arena makes threads that allocate at once take turns). The cost: the
+step 21% faster, the seed preset's 12%; on a 2-core Intel Xeon with the
+native kernels, 11% and 4% (an earlier measurement there, when the step was
+mostly XLA's Eigen convolutions, had found the settings slower). The cost: the
 process keeps the memory it frees (its resident size stays at its peak plus
 the heap's slack, about two scratch buffers) instead of returning it to the
 system. ``DDPM_JAX_KEEP_MALLOC=1`` leaves the allocator alone. Like the flags,
