@@ -228,8 +228,8 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     shapes. On maps of at most 2x2 pixels (where XLA's convolution is pathological) the
     forward pass is :func:`conv3x3_dense`, the input gradient and the weight gradient the
     im2col product (the dense form's input gradient, :func:`conv3x3_dense_transpose`,
-    contracts the matrix along its rows, which XLA's CPU matrix product does at a quarter of
-    its speed the other way round). Elsewhere, where the native kernels are built
+    contracts the matrix over its minor axis, which XLA's CPU matrix product runs at about a
+    quarter of the speed of the other way round). Elsewhere, where the native kernels are built
     (:func:`cpu_kernels.kernels_available`) and the input is float32, a pass is native
     where the channels it writes are whole vectors and:
 
