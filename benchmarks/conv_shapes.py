@@ -75,12 +75,13 @@ def _planned_passes(form: str, x, w, g, passes=PASSES) -> tuple:
 
 
 def _native_passes(x, w, g) -> tuple:
-    """The native kernels' three passes; None for a pass whose written channels are not whole vectors."""
+    """The native kernels' three passes; None for a pass whose written channels are not whole vectors
+    (the weight gradient's kernel swaps its operands where only the input's are)."""
     if not cpu_kernels.kernels_available():
         return None, None, None
     fits = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
-    return _planned_passes("native", x, w, g, [name for name, channels in zip(
-        PASSES, (w.shape[-1], g.shape[-1], x.shape[-1])) if fits(channels)])
+    runs = {"forward": fits(w.shape[-1]), "wgrad": fits(g.shape[-1]) or fits(x.shape[-1]), "igrad": fits(x.shape[-1])}
+    return _planned_passes("native", x, w, g, [name for name in PASSES if runs[name]])
 
 
 def _torch_passes(x, w, g) -> tuple:

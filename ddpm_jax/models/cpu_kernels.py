@@ -135,12 +135,20 @@ def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
     """The gradient of ``sum(dy * conv3x3(x, kernel))`` with respect to ``kernel`` (HWIO).
 
-    ``x`` ``(B, H, W, C)`` and ``dy`` ``(B, H, W, O)``, float32, ``O`` a multiple of
-    :data:`CHANNEL_MULTIPLE` -> ``(3, 3, C, O)``.
+    ``x`` ``(B, H, W, C)`` and ``dy`` ``(B, H, W, O)``, float32, ``O`` or else ``C`` a multiple
+    of :data:`CHANNEL_MULTIPLE` -> ``(3, 3, C, O)``.
+
+    The kernel writes whole vectors of ``dy``'s channels. Where only ``x``'s channels are whole
+    (an output layer: ``O`` of 1 or 2), it computes the weight gradient of the convolution
+    from ``dy`` to ``x`` instead: with ``SAME`` padding, tap ``(i, j)`` of one pairs the pixels
+    tap ``(2 - i, 2 - j)`` of the other does, so the same sums come back flipped in space and
+    with the channel axes swapped.
     """
     _require_kernels()
     chex.assert_rank((x, dy), 4)
     chex.assert_equal_shape_prefix((x, dy), 3)
+    if dy.shape[-1] % CHANNEL_MULTIPLE and not x.shape[-1] % CHANNEL_MULTIPLE:
+        return jnp.flip(conv3x3_weight_grad(dy, x), (0, 1)).swapaxes(2, 3)
     kernel_shape = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, kernel_shape, vmap_method="sequential")(x, dy)
 

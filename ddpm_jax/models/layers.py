@@ -237,7 +237,10 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
       twice as many input channels;
     - input gradient: maps of at least 7x7 with at most 64 output channels and no more
       input channels than output channels;
-    - weight gradient: maps of at least 7x7 with at most 128 input channels.
+    - weight gradient: maps of at least 7x7 with at most 128 input channels;
+    - both gradients of an output layer (one or two output channels, whole vectors of input
+      channels) on maps of at least 7x7: the native weight gradient then runs with its two
+      operands swapped, the input gradient reads the one or two channels.
 
     The other passes are XLA's, except where the convolution that computes them writes
     one or two channels (:func:`conv3x3_taps`; for the weight gradient: where the layer
@@ -264,10 +267,13 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
     whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    # An output layer (one or two channels written, whole vectors read) takes both gradients natively:
+    # the weight gradient with the kernel's operands swapped (cpu_kernels.conv3x3_weight_grad).
+    output_layer = features <= 2 and whole(c) and h * w >= 49
     native = Conv3x3Plan(
         forward=whole(features) and h * w >= 196 and features <= 64 and c <= 2 * features,
-        input_grad=whole(c) and h * w >= 49 and c <= features <= 64,
-        weight_grad=whole(features) and h * w >= 49 and c <= 128,
+        input_grad=output_layer or (whole(c) and h * w >= 49 and c <= features <= 64),
+        weight_grad=output_layer or (whole(features) and h * w >= 49 and c <= 128),
     )
     return Conv3x3Plan(*("native" if use else form for use, form in zip(native, fallback)))
 

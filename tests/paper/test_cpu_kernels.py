@@ -66,6 +66,18 @@ def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_an
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
 
 
+@needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 30), in_blocks=st.integers(1, 2),
+       out_channels=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_native_weight_grad_of_an_output_layer_equals_xlas_at_every_shape_and_edge(
+        batch, height, width, in_blocks, out_channels, seed):
+    # One or two output channels: the kernel runs with x and dy swapped and its result flipped back.
+    kx, kd = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (batch, height, width, 16 * in_blocks))
+    _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, out_channels)))
+
+
 N, X, M, T = "native", "xla", "matmul", "taps"
 PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks.conv_shapes (both presets)
     ((4, 16, 16, 16), 32, "auto", (N, N, N)),
@@ -79,7 +91,10 @@ PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks
     ((4, 8, 8, 128), 128, "auto", (X, X, N)),
     ((4, 8, 8, 256), 128, "auto", (X, X, X)),
     ((4, 4, 4, 128), 256, "auto", (X, X, X)),
-    ((4, 32, 32, 32), 1, "auto", (T, M, T)),  # an output layer: the input gradient reads one channel
+    ((4, 32, 32, 32), 1, "auto", (T, N, N)),  # an output layer: both gradients native, the weight gradient swapped
+    ((4, 28, 28, 16), 2, "auto", (T, N, N)),
+    ((4, 6, 6, 32), 1, "auto", (T, M, T)),  # under 7x7: the input gradient reads one channel
+    ((4, 28, 28, 8), 1, "auto", (T, M, T)),  # 8 input channels: no whole vector either way
     ((4, 32, 32, 1), 1, "auto", (T, T, T)),  # one channel in and out
     ((4, 3, 4, 2), 2, "auto", (T, T, T)),
     ((4, 1, 4, 64), 64, "auto", (M, M, M)),  # a map of 4 pixels, not 2x2
