@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -61,64 +62,92 @@ struct Shape {
   int64_t height, width, in_channels, out_channels;
 };
 
-// acc[c][v] (CB input channels x NV vectors of output channels) stays in registers while the
-// positions of rows [row_begin, row_end) of the batch-major (b, h) row index stream past.
-template <int CB, int NV>
-void Block(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin, int64_t row_end,
-           int i, int j, int64_t c0, int64_t o0) {
-  const int64_t H = s.height, W = s.width, C = s.in_channels, O = s.out_channels;
-  float* out = dkernel + ((i * 3 + j) * C + c0) * O + o0;
+// One row's share of a weight gradient: the products x_row[w * x_step + c] * dy_row[w * dy_step + o] for
+// w in [0, count) (count 0 where the tap reaches outside the image).
+struct RowPair {
+  const float* x_row;
+  const float* dy_row;
+  int64_t count;
+};
+
+// The channels and strides of one sum of outer products: out[c * out_stride + o] for C x O channel pairs.
+struct Products {
+  int64_t in_channels, out_channels, x_step, dy_step, out_stride;
+};
+
+// acc[c][v] (CB input channels x NV vectors of output channels) stays in registers while the rows
+// [row_begin, row_end) stream past; row_pair(row) says where each row's products are.
+template <int CB, int NV, typename RowPairOf>
+void Block(const RowPairOf& row_pair, const Products& p, int64_t row_begin, int64_t row_end, int64_t c0, int64_t o0,
+           float* out) {
   // Summed from zero and then added to the total: a sum per chunk of rows and a sum of chunks, whose
   // rounding error grows with the chunk's and the chunk count's length, not with the whole batch's.
   Vec acc[CB][NV] = {};
-  // Output column w reads input column w + j - 1, which exists for w in [w_begin, w_end).
-  const int64_t w_begin = j == 0 ? 1 : 0;
-  const int64_t w_end = j == 2 ? W - 1 : W;
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t h = row % H;
-    const int64_t h_in = h + i - 1;
-    if (h_in < 0 || h_in >= H) continue;
-    const float* x_row = x + ((row - h + h_in) * W + (j - 1)) * C + c0;  // x_row[w * C] = x[b, h_in, w + j - 1, c0]
-    const float* dy_row = dy + row * W * O + o0;
-    for (int64_t w = w_begin; w < w_end; ++w) {
-      const float* xp = x_row + w * C;
+    const RowPair pair = row_pair(row);
+    const float* x_row = pair.x_row + c0;
+    const float* dy_row = pair.dy_row + o0;
+    for (int64_t w = 0; w < pair.count; ++w) {
+      const float* xp = x_row + w * p.x_step;
       Vec g[NV];
-      for (int v = 0; v < NV; ++v) g[v] = Load(dy_row + w * O + v * kLanes);
+      for (int v = 0; v < NV; ++v) g[v] = Load(dy_row + w * p.dy_step + v * kLanes);
       for (int c = 0; c < CB; ++c) {
         const float xc = xp[c];
         for (int v = 0; v < NV; ++v) acc[c][v] += xc * g[v];
       }
     }
   }
+  float* target = out + c0 * p.out_stride + o0;
   for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < NV; ++v) Store(out + c * O + v * kLanes, Load(out + c * O + v * kLanes) + acc[c][v]);
+    for (int v = 0; v < NV; ++v)
+      Store(target + c * p.out_stride + v * kLanes, Load(target + c * p.out_stride + v * kLanes) + acc[c][v]);
 }
 
-template <int NV>
-void ChannelBlocks(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin,
-                   int64_t row_end, int i, int j, int64_t o0) {
+template <int NV, typename RowPairOf>
+void ChannelBlocks(const RowPairOf& row_pair, const Products& p, int64_t row_begin, int64_t row_end, int64_t o0,
+                   float* out) {
   int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= s.in_channels; c0 += kChannelBlock)
-    Block<kChannelBlock, NV>(x, dy, dkernel, s, row_begin, row_end, i, j, c0, o0);
-  for (; c0 < s.in_channels; ++c0) Block<1, NV>(x, dy, dkernel, s, row_begin, row_end, i, j, c0, o0);
+  for (; c0 + kChannelBlock <= p.in_channels; c0 += kChannelBlock)
+    Block<kChannelBlock, NV>(row_pair, p, row_begin, row_end, c0, o0, out);
+  for (; c0 < p.in_channels; ++c0) Block<1, NV>(row_pair, p, row_begin, row_end, c0, o0, out);
 }
 
-// Adds the rows [row_begin, row_end)'s share of the gradient into dkernel, a chunk of rows at a time
-// so that the chunk's x and dy stay in cache across the nine taps and all channel blocks.
+// Adds the rows [row_begin, row_end)'s outer products into out, every block of channel pairs.
+template <typename RowPairOf>
+void OuterProducts(const RowPairOf& row_pair, const Products& p, int64_t row_begin, int64_t row_end, float* out) {
+  int64_t o0 = 0;
+  for (; o0 + 2 * kLanes <= p.out_channels; o0 += 2 * kLanes) ChannelBlocks<2>(row_pair, p, row_begin, row_end, o0, out);
+  for (; o0 < p.out_channels; o0 += kLanes) ChannelBlocks<1>(row_pair, p, row_begin, row_end, o0, out);
+}
+
+// Rows of at most ~256 KiB of both operands at a time, so that a chunk stays in cache across every tap
+// and channel block: accumulate(begin, end) for each chunk of [row_begin, row_end).
+template <typename Accumulate>
+void InChunks(int64_t bytes_per_row, int64_t row_begin, int64_t row_end, const Accumulate& accumulate) {
+  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / bytes_per_row);
+  for (int64_t begin = row_begin; begin < row_end; begin += chunk) accumulate(begin, std::min(row_end, begin + chunk));
+}
+
+// Adds the rows [row_begin, row_end)'s share of the 3x3 weight gradient into dkernel.
 void AccumulateRows(const float* x, const float* dy, float* dkernel, const Shape& s, int64_t row_begin,
                     int64_t row_end) {
-  const int64_t bytes_per_row = s.width * (s.in_channels + s.out_channels) * int64_t{sizeof(float)};
-  const int64_t chunk = std::max<int64_t>(1, (256 << 10) / bytes_per_row);
-  for (int64_t begin = row_begin; begin < row_end; begin += chunk) {
-    const int64_t end = std::min(row_end, begin + chunk);
+  const int64_t H = s.height, W = s.width, C = s.in_channels, O = s.out_channels;
+  const Products p{C, O, C, O, O};
+  InChunks(W * (C + O) * int64_t{sizeof(float)}, row_begin, row_end, [&](int64_t begin, int64_t end) {
     for (int i = 0; i < 3; ++i)
       for (int j = 0; j < 3; ++j) {
-        int64_t o0 = 0;
-        for (; o0 + 2 * kLanes <= s.out_channels; o0 += 2 * kLanes)
-          ChannelBlocks<2>(x, dy, dkernel, s, begin, end, i, j, o0);
-        for (; o0 < s.out_channels; o0 += kLanes) ChannelBlocks<1>(x, dy, dkernel, s, begin, end, i, j, o0);
+        // Output column w reads input column w + j - 1, which exists for w in [w_begin, w_end).
+        const int64_t w_begin = j == 0 ? 1 : 0;
+        const int64_t w_end = j == 2 ? W - 1 : W;
+        auto row_pair = [&](int64_t row) {
+          const int64_t h = row % H;
+          const int64_t h_in = h + i - 1;
+          if (h_in < 0 || h_in >= H) return RowPair{x, dy, 0};
+          return RowPair{x + ((row - h + h_in) * W + w_begin + j - 1) * C, dy + (row * W + w_begin) * O, w_end - w_begin};
+        };
+        OuterProducts(row_pair, p, begin, end, dkernel + (i * 3 + j) * C * O);
       }
-  }
+  });
 }
 
 // Work shared between the calling thread and the tasks it schedules on XLA's intra-op pool. Parts are
@@ -157,6 +186,31 @@ void RunParts(ffi::ThreadPool& thread_pool, int64_t threads, int num_parts, cons
 
 int64_t NumThreads(ffi::ThreadPool& thread_pool) { return std::max<int64_t>(1, thread_pool.num_threads()); }
 
+// Sums accumulate(target, row_begin, row_end) over the rows [0, rows) into out (out_size floats, zeroed
+// first). Several parts per thread, claimed as threads come free: XLA may run other thunks on the pool at
+// the same time, and a thread that joins late still takes a share. Each part sums into its own buffer and
+// the buffers are added in part order, so the result does not depend on which thread ran which part.
+template <typename Accumulate>
+void SumOverRows(ffi::ThreadPool& thread_pool, int64_t rows, int64_t positions_per_row, int64_t out_size, float* out,
+                 const Accumulate& accumulate) {
+  std::fill(out, out + out_size, 0.0f);
+  const int64_t threads = NumThreads(thread_pool);
+  const int64_t max_buffers = std::max<int64_t>(1, (int64_t{32} << 20) / (out_size * int64_t{sizeof(float)}));
+  // Each part zeroes and adds a buffer of the output's size: parts under ~2048 positions would spend a
+  // noticeable share of their time on that.
+  const int64_t worth = std::max(threads, rows * positions_per_row / 2048);
+  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min({4 * threads, worth, rows, max_buffers}), 1, 64));
+  std::vector<std::unique_ptr<float[]>> partial(num_parts - 1);
+  for (auto& p : partial) p.reset(new float[out_size]);
+  RunParts(thread_pool, threads, num_parts, [&](int part) {
+    float* target = part == 0 ? out : partial[part - 1].get();
+    if (part > 0) std::fill(target, target + out_size, 0.0f);
+    accumulate(target, rows * part / num_parts, rows * (part + 1) / num_parts);
+  });
+  for (const auto& p : partial)
+    for (int64_t k = 0; k < out_size; ++k) out[k] += p[k];
+}
+
 ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                  ffi::ResultBuffer<ffi::F32> dkernel) {
   const auto xd = x.dimensions();
@@ -166,52 +220,31 @@ ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F
   const Shape s{xd[1], xd[2], xd[3], dyd[3]};
   if (s.out_channels % kLanes != 0)
     return ffi::Error::InvalidArgument("conv3x3_weight_grad: out_channels must be a multiple of the vector width");
-  const int64_t rows = xd[0] * xd[1];
-  const int64_t kernel_size = 9 * s.in_channels * s.out_channels;
-  float* out = dkernel->typed_data();
-  std::fill(out, out + kernel_size, 0.0f);
-
-  // Several parts per thread, claimed as threads come free: XLA may run other thunks on the pool at the
-  // same time, and a thread that joins late still takes a share. Each part sums into its own buffer and
-  // the buffers are added in part order, so the result does not depend on which thread ran which part.
-  const int64_t threads = NumThreads(thread_pool);
-  const int64_t max_buffers = std::max<int64_t>(1, (int64_t{32} << 20) / (kernel_size * int64_t{sizeof(float)}));
-  // Each part zeroes and adds a buffer of the kernel's size: parts under ~2048 positions would spend a
-  // noticeable share of their time on that.
-  const int64_t worth = std::max(threads, rows * s.width / 2048);
-  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min({4 * threads, worth, rows, max_buffers}), 1, 64));
-  std::vector<std::unique_ptr<float[]>> partial(num_parts - 1);
-  for (auto& p : partial) p.reset(new float[kernel_size]);
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
-  RunParts(thread_pool, threads, num_parts, [&](int part) {
-    float* target = part == 0 ? out : partial[part - 1].get();
-    if (part > 0) std::fill(target, target + kernel_size, 0.0f);
-    AccumulateRows(xp, dyp, target, s, rows * part / num_parts, rows * (part + 1) / num_parts);
-  });
-  for (const auto& p : partial)
-    for (int64_t k = 0; k < kernel_size; ++k) out[k] += p[k];
+  SumOverRows(thread_pool, xd[0] * xd[1], s.width, 9 * s.in_channels * s.out_channels, dkernel->typed_data(),
+              [&](float* target, int64_t begin, int64_t end) { AccumulateRows(xp, dyp, target, s, begin, end); });
   return ffi::Error::Success();
 }
 
-// y[m][v] (MB output positions x NV vectors of output channels) stays in registers while the K = 3C
-// products of each valid kernel row stream past: for output column w, kernel row i reads the padded
-// input row's floats [w * C, w * C + 3C), which are x[b, h + i - 1, w - 1 .. w + 1, 0 .. C) in the
-// kernel's (j, c) order.
+// y[m][v] (MB output positions x NV vectors of output channels) stays in registers while the K
+// products of each of the num_rows input rows stream past: output position w0 + m of row i reads
+// rows[i][(w0 + m) * step + k] for k in [0, K) against kernel[(i * K + k) * O + o] (a null row is outside
+// the image). The 3x3 convolution: three padded input rows, K = 3C, step C, so that output column w reads
+// x[b, h + i - 1, w - 1 .. w + 1, 0 .. C) in the kernel's (j, c) order.
 template <int MB, int NV>
-void ForwardBlock(const float* const* padded_rows, const float* kernel, float* y, int64_t C, int64_t O, int64_t w0,
-                  int64_t o0) {
+void ForwardBlock(const float* const* rows, int num_rows, int64_t K, int64_t step, const float* kernel, float* y,
+                  int64_t O, int64_t w0, int64_t o0) {
   Vec acc[MB][NV] = {};
-  const int64_t K = 3 * C;
-  for (int i = 0; i < 3; ++i) {
-    if (padded_rows[i] == nullptr) continue;
-    const float* r = padded_rows[i] + w0 * C;
+  for (int i = 0; i < num_rows; ++i) {
+    if (rows[i] == nullptr) continue;
+    const float* r = rows[i] + w0 * step;
     const float* k_row = kernel + i * K * O + o0;
     for (int64_t k = 0; k < K; ++k) {
       Vec wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = Load(k_row + k * O + v * kLanes);
       for (int m = 0; m < MB; ++m) {
-        const float xm = r[m * C + k];
+        const float xm = r[m * step + k];
         for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
       }
     }
@@ -226,14 +259,30 @@ constexpr int kPositionBlock = 12;  // 12 x 2 accumulators and 2 kernel vectors:
 constexpr int kPositionBlock = 6;   // 6 x 2 accumulators and 2 kernel vectors: 14 of 16 registers
 #endif
 
-template <int NV>
-void ForwardRow(const float* const* padded_rows, const float* kernel, float* y_row, int64_t W, int64_t C, int64_t O,
-                int64_t o0) {
-  int64_t w0 = 0;
-  for (; w0 + kPositionBlock <= W; w0 += kPositionBlock)
-    ForwardBlock<kPositionBlock, NV>(padded_rows, kernel, y_row, C, O, w0, o0);
-  for (; w0 + 4 <= W; w0 += 4) ForwardBlock<4, NV>(padded_rows, kernel, y_row, C, O, w0, o0);
-  for (; w0 < W; ++w0) ForwardBlock<1, NV>(padded_rows, kernel, y_row, C, O, w0, o0);
+// One output row of W positions and O channels (a multiple of the vector width).
+void ForwardRow(const float* const* rows, int num_rows, int64_t K, int64_t step, const float* kernel, float* y_row,
+                int64_t W, int64_t O) {
+  auto vectors = [&](auto nv, int64_t o0) {
+    constexpr int NV = decltype(nv)::value;
+    int64_t w0 = 0;
+    for (; w0 + kPositionBlock <= W; w0 += kPositionBlock)
+      ForwardBlock<kPositionBlock, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
+    for (; w0 + 4 <= W; w0 += 4) ForwardBlock<4, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
+    for (; w0 < W; ++w0) ForwardBlock<1, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
+  };
+  int64_t o0 = 0;
+  for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes) vectors(std::integral_constant<int, 2>(), o0);
+  for (; o0 < O; o0 += kLanes) vectors(std::integral_constant<int, 1>(), o0);
+}
+
+// Calls rows_of(begin, end) for parts [begin, end) of the rows [0, rows), shared by the pool's threads
+// (each row is written by one part: no sums across parts).
+template <typename RowsOf>
+void InRowParts(ffi::ThreadPool& thread_pool, int64_t rows, const RowsOf& rows_of) {
+  const int64_t threads = NumThreads(thread_pool);
+  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min(4 * threads, rows), 1, 64));
+  RunParts(thread_pool, threads, num_parts,
+           [&](int part) { rows_of(rows * part / num_parts, rows * (part + 1) / num_parts); });
 }
 
 ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
@@ -245,16 +294,13 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
   const int64_t H = xd[1], W = xd[2], C = xd[3], O = kd[3];
   if (O % kLanes != 0)
     return ffi::Error::InvalidArgument("conv3x3: out_channels must be a multiple of the vector width");
-  const int64_t rows = xd[0] * H;
-  const int64_t threads = NumThreads(thread_pool);
-  const int num_parts = static_cast<int>(std::clamp<int64_t>(std::min(4 * threads, rows), 1, 64));
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
-  RunParts(thread_pool, threads, num_parts, [&](int part) {
+  InRowParts(thread_pool, xd[0] * H, [&](int64_t begin, int64_t end) {
     // Three input rows with a zero pixel at either end, so that every output column reads 3C floats.
     std::vector<float> padded(3 * (W + 2) * C, 0.0f);
-    for (int64_t row = rows * part / num_parts; row < rows * (part + 1) / num_parts; ++row) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t h = row % H;
       const float* padded_rows[3];
       for (int i = 0; i < 3; ++i) {
@@ -265,10 +311,64 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
         std::memcpy(dst + C, xp + (row - h + h_in) * W * C, W * C * sizeof(float));
         padded_rows[i] = dst;
       }
-      float* y_row = yp + row * W * O;
-      int64_t o0 = 0;
-      for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes) ForwardRow<2>(padded_rows, kp, y_row, W, C, O, o0);
-      for (; o0 < O; o0 += kLanes) ForwardRow<1>(padded_rows, kp, y_row, W, C, O, o0);
+      ForwardRow(padded_rows, 3, 3 * C, C, kp, yp + row * W * O, W, O);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The 2x2 stride-2 transposed convolution's two gradients, with the kernel as two "row kernels" (one per
+// output row parity a, as ddpm_jax.models.layers.upconv2x2_matmul multiplies): output row 2h + a of image
+// b is x[b, h] (W x C) times row_kernels[a] (C x 2O), whose columns (b', o) are the output pixels
+// (2w + b', o) of input pixel w. Both read the output gradient dy (B, 2H, 2W, O) in place: its row 2h + a
+// holds input pixel w's 2O columns at [w * 2O, (w + 1) * 2O).
+//
+//   UpConv2x2WeightGrad(x, dy)            drow_kernels[a, c, k] = sum over b, h, w of x[b, h, w, c] * dy_a[b, h, w, k]
+//   UpConv2x2InputGrad(dy, row_kernels_t) dx[b, h, w, c] = sum over a, k of dy_a[b, h, w, k] * row_kernels_t[a, k, c]
+//
+// with dy_a[b, h, w, k] = dy[b, 2h + a, 2w + k / O, k % O] and row_kernels_t[a] = row_kernels[a]^T. XLA
+// computes the first as products contracting both operands' major axes after copying each parity's rows
+// out, at a fraction of its matmul rate.
+ffi::Error UpConv2x2WeightGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                   ffi::ResultBuffer<ffi::F32> drow_kernels) {
+  const auto xd = x.dimensions();
+  const auto dyd = dy.dimensions();
+  if (xd.size() != 4 || dyd.size() != 4 || xd[0] != dyd[0] || 2 * xd[1] != dyd[1] || 2 * xd[2] != dyd[2])
+    return ffi::Error::InvalidArgument("upconv2x2_weight_grad: x must be (B, H, W, C) and dy (B, 2H, 2W, O)");
+  const int64_t W = xd[2], C = xd[3], K = 2 * dyd[3];
+  if (K % kLanes != 0)
+    return ffi::Error::InvalidArgument("upconv2x2_weight_grad: 2 * out_channels must be a multiple of the vector width");
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  const Products p{C, K, C, K, K};
+  SumOverRows(thread_pool, xd[0] * xd[1], W, 2 * C * K, drow_kernels->typed_data(),
+              [&](float* target, int64_t row_begin, int64_t row_end) {
+    InChunks(W * (C + 2 * K) * int64_t{sizeof(float)}, row_begin, row_end, [&](int64_t begin, int64_t end) {
+      for (int a = 0; a < 2; ++a) {
+        auto row_pair = [&](int64_t row) { return RowPair{xp + row * W * C, dyp + (2 * row + a) * W * K, W}; };
+        OuterProducts(row_pair, p, begin, end, target + a * C * K);
+      }
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error UpConv2x2InputGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> dy,
+                                  ffi::Buffer<ffi::F32> row_kernels_t, ffi::ResultBuffer<ffi::F32> dx) {
+  const auto dyd = dy.dimensions();
+  const auto kd = row_kernels_t.dimensions();
+  if (dyd.size() != 4 || kd.size() != 3 || kd[0] != 2 || kd[1] != 2 * dyd[3] || dyd[1] % 2 || dyd[2] % 2)
+    return ffi::Error::InvalidArgument("upconv2x2_input_grad: dy must be (B, 2H, 2W, O) and row_kernels_t (2, 2O, C)");
+  const int64_t W = dyd[2] / 2, K = kd[1], C = kd[2];
+  if (C % kLanes != 0)
+    return ffi::Error::InvalidArgument("upconv2x2_input_grad: in_channels must be a multiple of the vector width");
+  const float* dyp = dy.typed_data();
+  const float* kp = row_kernels_t.typed_data();
+  float* dxp = dx->typed_data();
+  InRowParts(thread_pool, dyd[0] * (dyd[1] / 2), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* parity_rows[2] = {dyp + 2 * row * W * K, dyp + (2 * row + 1) * W * K};
+      ForwardRow(parity_rows, 2, K, K, kp, dxp + row * W * C, W, C);
     }
   });
   return ffi::Error::Success();
@@ -346,6 +446,8 @@ auto TwoArraysToOne() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2WeightGrad, UpConv2x2WeightGradImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2InputGrad, UpConv2x2InputGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ChannelMoments, ChannelMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 
 from ddpm_jax.models import cpu_kernels
 from ddpm_jax.models.layers import (
-    Conv3x3, Conv3x3Plan, batch_norm_matmul, batch_norm_sums_natively, conv3x3_plan, conv3x3_planned, conv3x3_xla,
+    Conv3x3, Conv3x3Plan, UpConv2x2, batch_norm_matmul, batch_norm_sums_natively, conv3x3_plan, conv3x3_planned,
+    conv3x3_xla, upconv2x2_uses_native,
 )
 
 needs_kernel = pytest.mark.skipif(
@@ -43,7 +45,8 @@ def _assert_same_conv(x, kernel):
 
 
 @needs_kernel
-@pytest.mark.parametrize("b, s, cin, cout", [(8, 32, 32, 32), (16, 28, 16, 16), (4, 16, 64, 128)])
+# (4, 28, 32, 16): more whole input vectors than output ones, the weight gradient's operands swapped.
+@pytest.mark.parametrize("b, s, cin, cout", [(8, 32, 32, 32), (16, 28, 16, 16), (4, 16, 64, 128), (4, 28, 32, 16)])
 def test_native_kernels_equal_xlas_at_the_unets_shapes(b, s, cin, cout):
     kx, kk, kd = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (b, s, s, cin))
@@ -76,6 +79,39 @@ def test_native_weight_grad_of_an_output_layer_equals_xlas_at_every_shape_and_ed
     kx, kd = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.normal(kx, (batch, height, width, 16 * in_blocks))
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, out_channels)))
+
+
+@needs_kernel
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), height=st.integers(1, 7), width=st.integers(1, 15), in_blocks=st.integers(1, 3),
+       out_channels=st.sampled_from([8, 16, 24, 40]), seed=st.integers(0, 2**16))
+def test_native_upconv_gradients_equal_flax_conv_transposes_at_every_shape(
+        batch, height, width, in_blocks, out_channels, seed):
+    # Widths up to 15: the input gradient's 12- and 4-pixel blocks and every remainder; 2O of one to five
+    # vectors: the weight gradient's two- and one-vector blocks.
+    kx, kp, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (batch, height, width, 16 * in_blocks))
+    reference = nn.ConvTranspose(out_channels, (2, 2), strides=(2, 2), padding="VALID")
+    params = reference.init(kp, x)
+    g = jax.random.normal(kg, (batch, 2 * height, 2 * width, out_channels))
+    assert upconv2x2_uses_native(x, out_channels)
+    lowered = jax.jit(jax.grad(lambda p, x_: jnp.sum(UpConv2x2(out_channels).apply(p, x_) * g), argnums=(0, 1)))
+    assert "ddpm_jax_upconv2x2_weight_grad" in lowered.lower(params, x).as_text()
+    ours, ref = (jax.vjp(lambda p, x_: module.apply(p, x_), params, x)
+                 for module in (UpConv2x2(out_channels), reference))
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max() + 1e-6),
+                 ours[1](g), ref[1](g))
+
+
+def test_upconv_gradients_are_native_only_where_auto_and_whole_vectors(monkeypatch):
+    x = jnp.zeros((2, 7, 7, 64))
+    assert not upconv2x2_uses_native(x, 4)  # 2O = 8: no whole vector
+    assert not upconv2x2_uses_native(jnp.zeros((2, 7, 7, 24)), 32)
+    assert not upconv2x2_uses_native(x, 32, "matmul") and not upconv2x2_uses_native(x, 32, "xla")
+    assert not upconv2x2_uses_native(x.astype(jnp.bfloat16), 32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not upconv2x2_uses_native(x, 32)
 
 
 N, X, M, T = "native", "xla", "matmul", "taps"
