@@ -436,6 +436,31 @@ ffi::Error ChannelMomentsImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
+// ExampleChannelSums(a)  sums[b, c] = sum over positions p of a[b, p, c], for a (B, ..., C) array: the
+// gradient of a per-example, per-channel bias (a block's time embedding), in one pass over a. XLA
+// computes it as a product with a vector of ones after copying a into (B, C, positions) order.
+ffi::Error ExampleChannelSumsImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> a,
+                                  ffi::ResultBuffer<ffi::F32> sums) {
+  const auto ad = a.dimensions();
+  if (ad.size() < 2) return ffi::Error::InvalidArgument("example_channel_sums: a must be (B, ..., C)");
+  const int64_t B = ad[0], C = ad[ad.size() - 1];
+  const int64_t positions = B * C == 0 ? 0 : a.element_count() / (B * C);
+  const float* ap = a.typed_data();
+  float* out = sums->typed_data();
+  const std::vector<float> no_shift(C, 0.0f);
+  InRowParts(thread_pool, B, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(C), unused(C);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(total.begin(), total.end(), 0.0);
+      // The second sum (of a * a) comes along unused: the pass is bound by reading a either way.
+      const float* example = ap + b * positions * C;
+      AccumulateMoments(example, example, no_shift.data(), C, 0, positions, total.data(), unused.data());
+      for (int64_t c = 0; c < C; ++c) out[b * C + c] = static_cast<float>(total[c]);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // The convolutions' handlers: XLA's thread pool, two float32 arrays in, one out.
 auto TwoArraysToOne() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<
@@ -448,6 +473,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2WeightGrad, UpConv2x2WeightGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2InputGrad, UpConv2x2InputGradImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ExampleChannelSums, ExampleChannelSumsImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<
+                                  ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ChannelMoments, ChannelMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

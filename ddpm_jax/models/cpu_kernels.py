@@ -45,9 +45,11 @@ WEIGHT_GRAD_TARGET = "ddpm_jax_conv3x3_weight_grad"
 MOMENTS_TARGET = "ddpm_jax_channel_moments"
 UPCONV_WEIGHT_GRAD_TARGET = "ddpm_jax_upconv2x2_weight_grad"
 UPCONV_INPUT_GRAD_TARGET = "ddpm_jax_upconv2x2_input_grad"
+EXAMPLE_SUMS_TARGET = "ddpm_jax_example_channel_sums"
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {CONV3X3_TARGET: "Conv3x3", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad", MOMENTS_TARGET: "ChannelMoments",
-           UPCONV_WEIGHT_GRAD_TARGET: "UpConv2x2WeightGrad", UPCONV_INPUT_GRAD_TARGET: "UpConv2x2InputGrad"}
+           UPCONV_WEIGHT_GRAD_TARGET: "UpConv2x2WeightGrad", UPCONV_INPUT_GRAD_TARGET: "UpConv2x2InputGrad",
+           EXAMPLE_SUMS_TARGET: "ExampleChannelSums"}
 # The kernels' widest vector is 16 floats; the channels they write must fill whole vectors.
 CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -186,6 +188,18 @@ def upconv2x2_input_grad(dy: jnp.ndarray, row_kernels: jnp.ndarray) -> jnp.ndarr
     b, h2, w2, _ = dy.shape
     out = jax.ShapeDtypeStruct((b, h2 // 2, w2 // 2, row_kernels.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(UPCONV_INPUT_GRAD_TARGET, out, vmap_method="sequential")(dy, row_kernels.swapaxes(1, 2))
+
+
+def example_channel_sums(a: jnp.ndarray) -> jnp.ndarray:
+    """Per example and channel, the sum over every other axis, in one parallel pass.
+
+    ``a`` ``(B, ..., C)`` float32 -> ``(B, C)`` float32, summed as :func:`channel_moments` sums
+    (float32 over blocks of 64 positions, float64 across blocks).
+    """
+    _require_kernels()
+    chex.assert_rank(a, {2, 3, 4, 5})
+    out = jax.ShapeDtypeStruct((a.shape[0], a.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(EXAMPLE_SUMS_TARGET, out, vmap_method="sequential")(a)
 
 
 def channel_moments(a: jnp.ndarray, b: jnp.ndarray, shift: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -362,22 +362,26 @@ def add_channel_bias(y: jnp.ndarray, bias: jnp.ndarray, impl: str = "auto") -> j
     return y + bias
 
 
-@jax.custom_vjp
-def _add_per_example_summed_by_matmul(h, v):
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _add_per_example_summed_by_matmul(h, v, native):
     return h + v[:, None, None, :]
 
 
-def _add_per_example_fwd(h, v):
+def _add_per_example_fwd(h, v, native):
     return h + v[:, None, None, :], None
 
 
-def _add_per_example_bwd(_, g):
+def _add_per_example_bwd(native, _, g):
     b, height, width, c = g.shape
-    # Per example and channel, the sum over the image: one batched matrix-vector product. Left to autodiff,
-    # XLA also folds it into the sum over the batch that the embedding layer's bias gradient takes, and
-    # computes that as a second pass over the whole activation gradient (a reduce-window, 4x slower).
-    ones = jnp.ones((height * width,), jnp.float32)
-    summed = jnp.einsum("bpc,p->bc", g.reshape(b, height * width, c).astype(jnp.float32), ones)
+    g32 = g.astype(jnp.float32)
+    # Per example and channel, the sum over the image. Left to autodiff, XLA also folds it into the sum over
+    # the batch that the embedding layer's bias gradient takes, and computes that as a second pass over the
+    # whole activation gradient (a reduce-window, 4x slower). As one batched matrix-vector product, XLA first
+    # copies g into (B, C, H*W) order; the native kernel reads it once as it is.
+    if native:
+        summed = cpu_kernels.example_channel_sums(g32)
+    else:
+        summed = jnp.einsum("bpc,p->bc", g32.reshape(b, height * width, c), jnp.ones((height * width,), jnp.float32))
     return g, summed.astype(g.dtype)
 
 
@@ -386,11 +390,12 @@ _add_per_example_summed_by_matmul.defvjp(_add_per_example_fwd, _add_per_example_
 
 def add_per_example_channel_bias(h: jnp.ndarray, v: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
     """``h + v[:, None, None, :]`` for ``h`` ``(B, H, W, C)``, ``v`` ``(B, C)`` (a block's time embedding); where
-    :func:`batch_norm_uses_matmul`, ``v``'s gradient (a sum over H and W) is a matrix product."""
+    :func:`batch_norm_uses_matmul`, ``v``'s gradient (a sum over H and W) is a matrix product, or where
+    :func:`batch_norm_sums_natively`, one pass of :func:`cpu_kernels.example_channel_sums`."""
     chex.assert_rank(h, 4)
     chex.assert_shape(v, (h.shape[0], h.shape[-1]))
     if batch_norm_uses_matmul(impl):
-        return _add_per_example_summed_by_matmul(h, v)
+        return _add_per_example_summed_by_matmul(h, v, batch_norm_sums_natively(impl))
     return h + v[:, None, None, :]
 
 

@@ -142,6 +142,19 @@ PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks
 
 
 @needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 9), height=st.integers(1, 12), width=st.integers(1, 12), channels=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_example_channel_sums_are_the_float64_sums_to_float32_rounding(batch, height, width, channels, seed):
+    # Up to 144 positions per example: one 64-position block or several, and remainders; any channel count.
+    a = np.random.default_rng(seed).normal(size=(batch, height, width, channels)).astype(np.float32) * 3 + 1
+    got = np.asarray(jax.jit(cpu_kernels.example_channel_sums)(a), np.float64)
+    expected = a.astype(np.float64).sum((1, 2))
+    assert got.shape == (batch, channels)
+    assert np.all(np.abs(got - expected) <= 1e-6 * np.abs(a).astype(np.float64).sum((1, 2)) + 1e-6)
+
+
+@needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 40), height=st.integers(1, 9), width=st.integers(1, 9), channels=st.integers(1, 70),
        seed=st.integers(0, 2**16))
