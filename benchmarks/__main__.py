@@ -24,8 +24,8 @@ leak between them. Rows:
   fusions, XLA's default vector width;
 - ``ours, glibc's malloc`` (train): without ``ddpm_jax/xla_cpu.py``'s allocator setting
   (``DDPM_JAX_KEEP_MALLOC=1``), so that each step's scratch buffer is mapped afresh, page faults and all;
-- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag and glibc's own
-  allocator settings, i.e. the code before the CPU work of issue 4;
+- ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag, glibc's own
+  allocator settings and JAX's rolled threefry loop on the CPU, i.e. the code before the CPU work of issue 4;
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
 - ``torch port, our malloc`` (train): the same, started with our allocator settings as glibc tunables
   (:data:`MALLOC_TUNABLES`), to show what they would do for the peer;
@@ -176,6 +176,7 @@ KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
 NO_NATIVE = {"DDPM_JAX_NATIVE_KERNELS": "0"}
 KEEP_MALLOC = {"DDPM_JAX_KEEP_MALLOC": "1"}
+KEEP_RNG = {"DDPM_JAX_KEEP_RNG_LOWERING": "1"}
 # ddpm_jax.xla_cpu.MALLOC_SETTINGS as glibc tunables (read at a process's start), for the torch port's process.
 # Written out rather than imported: importing ddpm_jax here would put its XLA flags into every child's
 # environment, the rows without them included (tests/machinery/test_benchmarks.py checks the two agree).
@@ -230,7 +231,7 @@ def plan(quick: bool, avx512: bool | None = None,
              ["train", *ours, "--batch", batch, "--steps", steps], KEEP_MALLOC),
             (preset, "train", "ours, before", "benchmarks.ours",
              ["train", *ours, "--conv-impl", "xla", "--batch", batch, "--steps", "2" if slow_before else steps],
-             {**KEEP_FLAGS, **KEEP_MALLOC}),
+             {**KEEP_FLAGS, **KEEP_MALLOC, **KEEP_RNG}),
             (preset, "train", "torch port", "benchmarks.peers",
              ["torch-train", *p["peer"], "--batch", batch, "--steps", steps, "--json"], {}),
             (preset, "train", "torch port, our malloc", "benchmarks.peers",
@@ -244,7 +245,7 @@ def plan(quick: bool, avx512: bool | None = None,
             (preset, "sample", "ours, no XLA flags", "benchmarks.ours", ["sample", *ours, "--n", "100"], KEEP_FLAGS),
             (preset, "sample", "ours, before", "benchmarks.ours",
              ["sample", *ours, "--conv-impl", "xla", "--n", "100"] + (["--steps-to-time", "3"] if slow_before else []),
-             {**KEEP_FLAGS, **KEEP_MALLOC}),
+             {**KEEP_FLAGS, **KEEP_MALLOC, **KEEP_RNG}),
             (preset, "sample", "torch port", "benchmarks.peers",
              ["torch-sample", *p["peer"], "--n", "100", "--json"] + (["--steps-to-time", "20"] if quick else []), {}),
             # Few-step sampling: our DDIM over 10 of the 100 steps; the torch port's loop over 10 steps (a

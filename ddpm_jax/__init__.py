@@ -15,6 +15,7 @@ from ddpm_jax import xla_cpu
 
 xla_cpu.apply_cpu_flags()  # before any device is used; see ddpm_jax/xla_cpu.py
 xla_cpu.keep_freed_memory()  # before XLA's threads first allocate; the same module says why
+xla_cpu.unroll_threefry_on_cpu()  # before any random draw is compiled; likewise
 
 from ddpm_jax import metrics  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint

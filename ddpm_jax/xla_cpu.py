@@ -43,6 +43,16 @@ it takes effect only for threads that have not allocated yet, so import
 ``ddpm_jax`` before any JAX computation; it is skipped where an accelerator
 plugin for JAX is installed (unless ``JAX_PLATFORMS=cpu``) and where the C
 library is not glibc.
+
+And one choice of JAX's (:func:`unroll_threefry_on_cpu`): on the CPU, JAX lowers its threefry
+hash, which draws every random number, as a loop over its five rounds (to compile faster;
+every other backend gets the rounds unrolled). XLA runs that loop as a ``while`` thunk per
+round with copies of the whole counter arrays between them: in a ``jax.profiler`` trace of
+the cpu preset's train step the noise's draw took 3.2 ms of 73. Registered with the unrolled
+rounds for the CPU too, the same bits come out (the same hash, only not looped), and the train
+step measured 5% faster (alternating processes, 3 rounds, 2-core Intel Xeon). It uses a JAX
+internal (the primitive and its generic lowering rule); where a JAX version lacks them nothing
+is changed. ``DDPM_JAX_KEEP_RNG_LOWERING=1`` keeps JAX's loop.
 """
 
 from __future__ import annotations
@@ -54,6 +64,13 @@ import os
 import platform
 import sys
 from importlib import metadata
+
+from jax.interpreters import mlir
+
+try:  # JAX internals: the threefry primitive and its unrolled lowering (see unroll_threefry_on_cpu)
+    from jax._src.random import threefry2x32 as _threefry
+except ImportError:
+    _threefry = None
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 VECTOR_FLAG = "--xla_cpu_prefer_vector_width=512"
@@ -143,3 +160,23 @@ def keep_freed_memory(environ=os.environ, libc=None) -> list[str]:
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1:  # mallopt returns 1 on success
             made.append(name)
     return made
+
+
+KEEP_RNG_LOWERING_ENV = "DDPM_JAX_KEEP_RNG_LOWERING"
+
+
+def unroll_threefry_on_cpu(environ=os.environ) -> bool:
+    """Lower JAX's threefry hash on the CPU with its rounds unrolled, as JAX does on other backends.
+
+    The same random bits either way (the module docstring says why it pays). Returns whether the
+    lowering was registered: not where ``DDPM_JAX_KEEP_RNG_LOWERING=1``, nor where this JAX version
+    lacks the internals it names. Call before the first random draw is compiled.
+    """
+    if environ.get(KEEP_RNG_LOWERING_ENV) == "1":
+        return False
+    primitive = getattr(_threefry, "threefry2x32_p", None)
+    unrolled = getattr(_threefry, "_threefry2x32_lowering_rule", None)
+    if primitive is None or unrolled is None:
+        return False
+    mlir.register_lowering(primitive, unrolled, platform="cpu", inline=False)
+    return True

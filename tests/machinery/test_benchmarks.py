@@ -42,7 +42,8 @@ def test_suite_plan_measures_every_peer_on_both_presets():
     assert envs["ours, no XLA flags"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
     assert envs["ours, no native kernels"] == {"DDPM_JAX_NATIVE_KERNELS": "0"}
     assert envs["ours, glibc's malloc"] == {"DDPM_JAX_KEEP_MALLOC": "1"}
-    assert envs["ours, before"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1", "DDPM_JAX_KEEP_MALLOC": "1"}
+    assert envs["ours, before"] == {"DDPM_JAX_KEEP_XLA_FLAGS": "1", "DDPM_JAX_KEEP_MALLOC": "1",
+                                    "DDPM_JAX_KEEP_RNG_LOWERING": "1"}
     assert envs["torch port, our malloc"] == {"GLIBC_TUNABLES": suite.MALLOC_TUNABLES}
     for preset in ("seed", "cpu"):
         assert {(preset, "train", "ours, glibc's malloc"), (preset, "train", "torch port, our malloc")} <= labels
