@@ -228,15 +228,15 @@ ffi::Error Conv3x3WeightGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F
 }
 
 // y[m][v] (MB output positions x NV vectors of output channels) stays in registers while the K
-// products of each of the num_rows input rows stream past: output position w0 + m of row i reads
+// products of each of the NR input rows stream past: output position w0 + m of row i reads
 // rows[i][(w0 + m) * step + k] for k in [0, K) against kernel[(i * K + k) * O + o] (a null row is outside
 // the image). The 3x3 convolution: three padded input rows, K = 3C, step C, so that output column w reads
 // x[b, h + i - 1, w - 1 .. w + 1, 0 .. C) in the kernel's (j, c) order.
-template <int MB, int NV>
-void ForwardBlock(const float* const* rows, int num_rows, int64_t K, int64_t step, const float* kernel, float* y,
-                  int64_t O, int64_t w0, int64_t o0) {
+template <int NR, int MB, int NV>
+void ForwardBlock(const float* const* rows, int64_t K, int64_t step, const float* kernel, float* y, int64_t O,
+                  int64_t w0, int64_t o0) {
   Vec acc[MB][NV] = {};
-  for (int i = 0; i < num_rows; ++i) {
+  for (int i = 0; i < NR; ++i) {
     if (rows[i] == nullptr) continue;
     const float* r = rows[i] + w0 * step;
     const float* k_row = kernel + i * K * O + o0;
@@ -259,16 +259,17 @@ constexpr int kPositionBlock = 12;  // 12 x 2 accumulators and 2 kernel vectors:
 constexpr int kPositionBlock = 6;   // 6 x 2 accumulators and 2 kernel vectors: 14 of 16 registers
 #endif
 
-// One output row of W positions and O channels (a multiple of the vector width).
-void ForwardRow(const float* const* rows, int num_rows, int64_t K, int64_t step, const float* kernel, float* y_row,
-                int64_t W, int64_t O) {
+// One output row of W positions and O channels (a multiple of the vector width) from NR input rows.
+template <int NR>
+void ForwardRow(const float* const* rows, int64_t K, int64_t step, const float* kernel, float* y_row, int64_t W,
+                int64_t O) {
   auto vectors = [&](auto nv, int64_t o0) {
     constexpr int NV = decltype(nv)::value;
     int64_t w0 = 0;
     for (; w0 + kPositionBlock <= W; w0 += kPositionBlock)
-      ForwardBlock<kPositionBlock, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
-    for (; w0 + 4 <= W; w0 += 4) ForwardBlock<4, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
-    for (; w0 < W; ++w0) ForwardBlock<1, NV>(rows, num_rows, K, step, kernel, y_row, O, w0, o0);
+      ForwardBlock<NR, kPositionBlock, NV>(rows, K, step, kernel, y_row, O, w0, o0);
+    for (; w0 + 4 <= W; w0 += 4) ForwardBlock<NR, 4, NV>(rows, K, step, kernel, y_row, O, w0, o0);
+    for (; w0 < W; ++w0) ForwardBlock<NR, 1, NV>(rows, K, step, kernel, y_row, O, w0, o0);
   };
   int64_t o0 = 0;
   for (; o0 + 2 * kLanes <= O; o0 += 2 * kLanes) vectors(std::integral_constant<int, 2>(), o0);
@@ -311,7 +312,7 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
         std::memcpy(dst + C, xp + (row - h + h_in) * W * C, W * C * sizeof(float));
         padded_rows[i] = dst;
       }
-      ForwardRow(padded_rows, 3, 3 * C, C, kp, yp + row * W * O, W, O);
+      ForwardRow<3>(padded_rows, 3 * C, C, kp, yp + row * W * O, W, O);
     }
   });
   return ffi::Error::Success();
@@ -368,7 +369,7 @@ ffi::Error UpConv2x2InputGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::
   InRowParts(thread_pool, dyd[0] * (dyd[1] / 2), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* parity_rows[2] = {dyp + 2 * row * W * K, dyp + (2 * row + 1) * W * K};
-      ForwardRow(parity_rows, 2, K, K, kp, dxp + row * W * C, W, C);
+      ForwardRow<2>(parity_rows, K, K, kp, dxp + row * W * C, W, C);
     }
   });
   return ffi::Error::Success();
