@@ -18,6 +18,8 @@
 //
 // over every position n of (..., C) arrays, in one parallel pass that reads a and b once. XLA computes
 // the same sums as single-threaded products with a vector of ones, after writing the products a * b out.
+// Further down: the 2x2 stride-2 transposed convolution's two gradients and per-example channel sums,
+// each with the comment that says what it computes.
 //
 // Built and loaded by ddpm_jax/models/cpu_kernels.py (with -O3 -march=native).
 

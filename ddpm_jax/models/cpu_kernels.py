@@ -1,4 +1,4 @@
-"""Native CPU kernels for the 3x3 convolution, its weight gradient and per-channel sums, built on first use.
+"""Native CPU kernels for the U-Net's convolutions, their gradients and per-channel sums, built on first use.
 
 XLA's CPU backend computes a 3x3 convolution's weight gradient as an Eigen
 convolution with an ``(H, W)`` "kernel" behind two layout transposes: 23-70
@@ -10,7 +10,11 @@ channels on large maps, where the file's second loop is faster
 (``python -m benchmarks.conv_shapes``). Both run as XLA FFI custom calls on
 XLA's own intra-op thread pool; :mod:`ddpm_jax.models.layers` decides per
 shape which convolution takes which. A third kernel, :func:`channel_moments`,
-takes BatchNorm's per-channel sums in one parallel pass over the activations.
+takes BatchNorm's per-channel sums in one parallel pass over the activations, and
+:func:`example_channel_sums` the time embedding's per-example ones. Two more compute
+the 2x2 stride-2 transposed convolution's gradients (:func:`upconv2x2_weight_grad`,
+:func:`upconv2x2_input_grad`), reading its output gradient in place where XLA copies
+each row parity out and contracts the products' major axes at a fraction of its rate.
 
 The source is compiled once per machine, compiler and jaxlib, with
 ``-O3 -march=native``, into ``$DDPM_JAX_CACHE_DIR`` (default

@@ -17,7 +17,9 @@ use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`) in the passes where
 they were measured faster (:func:`conv3x3_plan`): XLA computes the weight gradient
 of a 32x32 map at a quarter of the machine's matmul rate.
 The 2x2 stride-2 transposed convolution is likewise two matrix
-products (one per output row parity) interleaved by a concatenation, and
+products (one per output row parity) interleaved by a concatenation, whose
+gradients the native kernels compute where they are built
+(:func:`upconv2x2_uses_native`), and
 2x2 max-pooling gets a gradient that routes through a one-hot of each
 window's first maximum instead of XLA's packed reduce-window (same values,
 same gradient).
@@ -30,7 +32,8 @@ pair of these sums (and each convolution's bias gradient) is instead one
 parallel pass of :func:`cpu_kernels.channel_moments` that writes no product
 out (:func:`batch_norm_sums_natively`). Likewise the gradient of a block's time
 embedding, added per example and channel (:func:`add_per_example_channel_bias`):
-a batched matrix-vector product, where XLA would otherwise take the sum over the
+a batched matrix-vector product (natively, one pass of
+:func:`cpu_kernels.example_channel_sums`), where XLA would otherwise take the sum over the
 batch for the embedding layer's bias in a second pass over the whole activation
 gradient (3% of the seed U-Net's train step).
 
