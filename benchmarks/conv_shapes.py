@@ -79,7 +79,7 @@ def _native_passes(x, w, g) -> tuple:
     (the weight gradient's kernel swaps its operands where only the input's are)."""
     if not cpu_kernels.kernels_available():
         return None, None, None
-    fits = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    fits = cpu_kernels.whole_vectors
     runs = {"forward": fits(w.shape[-1]), "wgrad": fits(g.shape[-1]) or fits(x.shape[-1]), "igrad": fits(x.shape[-1])}
     return _planned_passes("native", x, w, g, [name for name in PASSES if runs[name]])
 

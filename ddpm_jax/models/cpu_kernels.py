@@ -59,6 +59,11 @@ CHANNEL_MULTIPLE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
+def whole_vectors(channels: int) -> bool:
+    """Whether ``channels`` fill whole vectors of :data:`CHANNEL_MULTIPLE`, as the channels a kernel writes must."""
+    return channels % CHANNEL_MULTIPLE == 0
+
+
 def _cache_dir() -> Path:
     if os.environ.get("DDPM_JAX_CACHE_DIR"):
         return Path(os.environ["DDPM_JAX_CACHE_DIR"])
@@ -157,7 +162,7 @@ def conv3x3_weight_grad(x: jnp.ndarray, dy: jnp.ndarray) -> jnp.ndarray:
     _require_kernels()
     chex.assert_rank((x, dy), 4)
     chex.assert_equal_shape_prefix((x, dy), 3)
-    if not x.shape[-1] % CHANNEL_MULTIPLE and (dy.shape[-1] % CHANNEL_MULTIPLE or x.shape[-1] > dy.shape[-1]):
+    if whole_vectors(x.shape[-1]) and (not whole_vectors(dy.shape[-1]) or x.shape[-1] > dy.shape[-1]):
         return jnp.flip(conv3x3_weight_grad(dy, x), (0, 1)).swapaxes(2, 3)
     kernel_shape = jax.ShapeDtypeStruct((3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, kernel_shape, vmap_method="sequential")(x, dy)

@@ -269,7 +269,7 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
         return Conv3x3Plan("dense", "matmul", "matmul")
     if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
-    whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    whole = cpu_kernels.whole_vectors
     # An output layer (one or two channels written, whole vectors read) takes both gradients natively:
     # the weight gradient with the kernel's operands swapped (cpu_kernels.conv3x3_weight_grad).
     output_layer = features <= 2 and whole(c) and h * w >= 49
@@ -466,7 +466,7 @@ def upconv2x2_uses_native(x: jnp.ndarray, features: int, impl: str = "auto") -> 
     them the weight gradients' products), natively 1.7.
     """
     _check_impl(impl)
-    whole = lambda channels: channels % cpu_kernels.CHANNEL_MULTIPLE == 0  # noqa: E731
+    whole = cpu_kernels.whole_vectors
     return (impl == "auto" and jax.default_backend() == "cpu" and x.dtype == jnp.float32
             and whole(x.shape[-1]) and whole(2 * features) and cpu_kernels.kernels_available())
 
