@@ -18,7 +18,8 @@
 //
 // over every position n of (..., C) arrays, in one parallel pass that reads a and b once. XLA computes
 // the same sums as single-threaded products with a vector of ones, after writing the products a * b out.
-// Further down: the 2x2 stride-2 transposed convolution's two gradients and per-example channel sums,
+// Further down: the forward pass and input gradient of small maps (8 pixels wide or less) blocked
+// across images, the 2x2 stride-2 transposed convolution's two gradients and per-example channel sums,
 // each with the comment that says what it computes.
 //
 // Built and loaded by ddpm_jax/models/cpu_kernels.py (with -O3 -march=native).
@@ -320,6 +321,180 @@ ffi::Error Conv3x3Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 
+// Small maps (8x8 pixels and less): a row holds too few pixels to fill a block of positions, and the
+// zero padding is a large share of the products (16% at 8x8, 31% at 4x4, 56% at 2x2).
+//
+//   Conv3x3AcrossImages(x, kernel)           the same y as Conv3x3(x, kernel)
+//   Conv3x3AcrossImagesInputGrad(dy, kernel)  dx = Conv3x3(dy, kernel flipped in space, channel axes swapped),
+//                                             the input gradient of Conv3x3(x, kernel), without the flipped
+//                                             kernel's copy
+//
+// A block of output positions is the same pixel of MB consecutive images, which share their valid
+// taps: each valid kernel row i is one run of K products, the input's taps (i, j0 .. j1) of that pixel
+// (contiguous in NHWC) against kernel rows (i, j0 .. j1, all c). The runs come in Conv3x3's order (i,
+// then j, then c) without the padding's zero products, so the sums are the same floats. The kernel is
+// first copied into panels of 16 output channels (each a (9C, 16) matrix, rows in (i, j, c) order), so
+// that a run reads each vector's kernel rows in one stream: in the (3, 3, C, O) kernel they are O floats
+// apart, a new page every few rows once O reaches 256. (XLA's transpose makes the same copy 10x slower,
+// and a sampling loop does not hoist it.)
+constexpr int64_t kPanelWidth = 16;
+
+struct TapRun {
+  int64_t x_offset, kernel_row, count;
+};
+
+template <int MB, int NV>
+void AcrossImagesBlock(const float* x, int64_t x_step, const TapRun* runs, int num_runs,
+                       const float* const* panel_columns, float* y, int64_t y_step) {
+  Vec acc[MB][NV] = {};
+  for (int r = 0; r < num_runs; ++r) {
+    const float* xr = x + runs[r].x_offset;
+    const float* k_run[NV];
+    for (int v = 0; v < NV; ++v) k_run[v] = panel_columns[v] + runs[r].kernel_row * kPanelWidth;
+    const int64_t K = runs[r].count;
+    for (int64_t k = 0; k < K; ++k) {
+      Vec wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Load(k_run[v] + k * kPanelWidth);
+      for (int m = 0; m < MB; ++m) {
+        const float xm = xr[m * x_step + k];
+        for (int v = 0; v < NV; ++v) acc[m][v] += xm * wv[v];
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) Store(y + m * y_step + v * kLanes, acc[m][v]);
+}
+
+// y (B, H, W, O) from x (B, H, W, C) and the kernel's panels (O / 16 of (9C, 16)), as described above.
+void AcrossImages(ffi::ThreadPool& thread_pool, const float* xp, int64_t B, int64_t H, int64_t W, int64_t C,
+                  const float* pp, int64_t O, float* yp) {
+  // Each pixel's runs: at most three kernel rows.
+  std::vector<TapRun> runs(3 * H * W);
+  std::vector<int> num_runs(H * W, 0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t j0 = w == 0 ? 1 : 0, j1 = w == W - 1 ? 1 : 2;
+      for (int64_t i = 0; i < 3; ++i) {
+        const int64_t h_in = h + i - 1;
+        if (h_in < 0 || h_in >= H) continue;
+        runs[3 * (h * W + w) + num_runs[h * W + w]++] =
+            TapRun{(h_in * W + w + j0 - 1) * C, (i * 3 + j0) * C, (j1 - j0 + 1) * C};
+      }
+    }
+  // Blocks of images: as many of kPositionBlock as fit, then of 4, then single images.
+  std::vector<std::pair<int64_t, int>> image_blocks;
+  for (int64_t b = 0; b < B;) {
+    const int mb = B - b >= kPositionBlock ? kPositionBlock : B - b >= 4 ? 4 : 1;
+    image_blocks.emplace_back(b, mb);
+    b += mb;
+  }
+  // Blocks of output channels: two vectors, then one for the rest.
+  std::vector<int64_t> channel_blocks;
+  for (int64_t o0 = 0; o0 < O; o0 += O - o0 >= 2 * kLanes ? 2 * kLanes : kLanes) channel_blocks.push_back(o0);
+  const int64_t items = H * W * static_cast<int64_t>(image_blocks.size());
+  const int64_t num_blocks = static_cast<int64_t>(channel_blocks.size());
+  const int64_t x_step = H * W * C, y_step = H * W * O;
+  // Parts split the items (pixels of image blocks) and the channel blocks. A part reads its blocks'
+  // panels once per item and its items' inputs once per channel block: split the items only as far as
+  // needed to keep a part's inputs in cache (~512 KiB), and the channel blocks the rest of the way, so
+  // that a large kernel on a small input (512 channels on 2x2 maps) is read about once, not once per part.
+  const int64_t threads = NumThreads(thread_pool);
+  const int64_t num_parts = std::clamp<int64_t>(4 * threads, 1, 64);
+  const int64_t x_bytes = B * x_step * static_cast<int64_t>(sizeof(float));
+  const int64_t item_parts =
+      std::clamp<int64_t>((x_bytes + (512 << 10) - 1) / (512 << 10), 1, std::min(num_parts, items));
+  const int64_t block_parts = std::clamp<int64_t>(num_parts / item_parts, 1, num_blocks);
+  RunParts(thread_pool, threads, static_cast<int>(item_parts * block_parts), [&](int part) {
+    const int64_t item_part = part % item_parts, block_part = part / item_parts;
+    const int64_t begin = items * item_part / item_parts, end = items * (item_part + 1) / item_parts;
+    auto vectors = [&](auto nv, int64_t o0) {
+      constexpr int NV = decltype(nv)::value;
+      const float* panel_columns[NV];
+      for (int v = 0; v < NV; ++v) {
+        const int64_t o = o0 + v * kLanes;
+        panel_columns[v] = pp + (o / kPanelWidth) * 9 * C * kPanelWidth + o % kPanelWidth;
+      }
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t pixel = item % (H * W);
+        const auto [b0, mb] = image_blocks[item / (H * W)];
+        const TapRun* pixel_runs = runs.data() + 3 * pixel;
+        const float* xb = xp + b0 * x_step;
+        float* yb = yp + b0 * y_step + pixel * O + o0;
+        if (mb == kPositionBlock)
+          AcrossImagesBlock<kPositionBlock, NV>(xb, x_step, pixel_runs, num_runs[pixel], panel_columns, yb, y_step);
+        else if (mb == 4)
+          AcrossImagesBlock<4, NV>(xb, x_step, pixel_runs, num_runs[pixel], panel_columns, yb, y_step);
+        else
+          AcrossImagesBlock<1, NV>(xb, x_step, pixel_runs, num_runs[pixel], panel_columns, yb, y_step);
+      }
+    };
+    for (int64_t blk = num_blocks * block_part / block_parts; blk < num_blocks * (block_part + 1) / block_parts;
+         ++blk) {
+      const int64_t o0 = channel_blocks[blk];
+      if (O - o0 >= 2 * kLanes)
+        vectors(std::integral_constant<int, 2>(), o0);
+      else
+        vectors(std::integral_constant<int, 1>(), o0);
+    }
+  });
+}
+
+// The panels of the kernel the convolution multiplies, (3, 3, C, O) as (9C, O), or with flipped set, of
+// that kernel flipped in space with its channel axes swapped: (9O, C), row (i, j, o), column c holding
+// kernel[2 - i, 2 - j, c, o]. Rows are read in order; the flipped copy writes each source row's floats 16
+// apart, within the (O, 16) block of one tap and panel, which stays in the first-level cache.
+std::vector<float> Panels(ffi::ThreadPool& thread_pool, const float* kp, int64_t C, int64_t O, bool flipped) {
+  std::vector<float> panels(9 * C * O);
+  float* pp = panels.data();
+  if (!flipped) {
+    InRowParts(thread_pool, 9 * C, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t p = 0; p < O / kPanelWidth; ++p)
+          std::memcpy(pp + (p * 9 * C + r) * kPanelWidth, kp + r * O + p * kPanelWidth, kPanelWidth * sizeof(float));
+    });
+  } else {
+    // Panel p covers columns c = 16p .. 16p + 15 of the (9O, C) matrix; (tap t, panel p) is one block.
+    InRowParts(thread_pool, 9 * (C / kPanelWidth), [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t t = block / (C / kPanelWidth), p = block % (C / kPanelWidth);
+        float* dst = pp + (p * 9 * O + t * O) * kPanelWidth;
+        for (int64_t l = 0; l < kPanelWidth; ++l) {
+          const float* src = kp + ((8 - t) * C + p * kPanelWidth + l) * O;
+          for (int64_t o = 0; o < O; ++o) dst[o * kPanelWidth + l] = src[o];
+        }
+      }
+    });
+  }
+  return panels;
+}
+
+// The handlers' checks: x (B, H, W, Cx) and a kernel (3, 3, C, O) whose channels the convolution reads
+// (C, or O with flipped) match x's and whose written channels fill panels.
+ffi::Error AcrossImagesHandler(ffi::ThreadPool& thread_pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& kernel,
+                               ffi::ResultBuffer<ffi::F32>& y, bool flipped) {
+  const auto xd = x.dimensions();
+  const auto kd = kernel.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[flipped ? 3 : 2] != xd[3])
+    return ffi::Error::InvalidArgument(flipped ? "conv3x3 input grad: dy must be (B, H, W, O) and kernel (3, 3, C, O)"
+                                               : "conv3x3: x must be (B, H, W, C) and kernel (3, 3, C, O)");
+  const int64_t written = flipped ? kd[2] : kd[3];
+  if (written % kPanelWidth != 0 || kPanelWidth % kLanes != 0)
+    return ffi::Error::InvalidArgument("conv3x3: the channels written must be a multiple of 16");
+  const std::vector<float> panels = Panels(thread_pool, kernel.typed_data(), kd[2], kd[3], flipped);
+  AcrossImages(thread_pool, x.typed_data(), xd[0], xd[1], xd[2], xd[3], panels.data(), written, y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Conv3x3AcrossImagesImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y) {
+  return AcrossImagesHandler(thread_pool, x, kernel, y, false);
+}
+
+ffi::Error Conv3x3AcrossImagesInputGradImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> dy,
+                                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx) {
+  return AcrossImagesHandler(thread_pool, dy, kernel, dx, true);
+}
+
 // The 2x2 stride-2 transposed convolution's two gradients, with the kernel as two "row kernels" (one per
 // output row parity a, as ddpm_jax.models.layers.upconv2x2_matmul multiplies): output row 2h + a of image
 // b is x[b, h] (W x C) times row_kernels[a] (C x 2O), whose columns (b', o) are the output pixels
@@ -473,6 +648,8 @@ auto TwoArraysToOne() {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3, Conv3x3Impl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3AcrossImages, Conv3x3AcrossImagesImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3AcrossImagesInputGrad, Conv3x3AcrossImagesInputGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3x3WeightGrad, Conv3x3WeightGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2WeightGrad, UpConv2x2WeightGradImpl, TwoArraysToOne());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UpConv2x2InputGrad, UpConv2x2InputGradImpl, TwoArraysToOne());

@@ -12,10 +12,12 @@ pixels as a dense layer over all pixels (:func:`conv3x3_dense`), or, where it
 writes one or two channels (an output layer), as one product with all nine taps
 followed by a shifted sum (:func:`conv3x3_taps`, 4-6x faster than XLA's there):
 the same sums of the same products, only in another order, so results agree to
-float32 rounding. Where a C++ compiler is at hand, the 3x3 convolutions of larger maps
+float32 rounding. Where a C++ compiler is at hand, the 3x3 convolutions
 use native CPU kernels (:mod:`ddpm_jax.models.cpu_kernels`) in the passes where
 they were measured faster (:func:`conv3x3_plan`): XLA computes the weight gradient
-of a 32x32 map at a quarter of the machine's matmul rate.
+of a 32x32 map at a quarter of the machine's matmul rate, and on maps of at most 8x8
+pixels it multiplies the zero padding (16% of the products at 8x8, 56% at 2x2), which
+the native kernel skips.
 The 2x2 stride-2 transposed convolution is likewise two matrix
 products (one per output row parity) interleaved by a concatenation, whose
 gradients the native kernels compute where they are built
@@ -209,6 +211,8 @@ def _planned_bwd(plan, residual, g):
         (x_grad,) = jax.linear_transpose(lambda x_: conv3x3_xla(x_, kernel), x)(g)
     elif plan.input_grad == "dense":
         x_grad = conv3x3_dense_transpose(g, kernel)
+    elif plan.input_grad == "native":
+        x_grad = cpu_kernels.conv3x3_input_grad(g, kernel)
     else:
         x_grad = _conv_by(plan.input_grad, g, flipped_kernel(kernel))
     if plan.weight_grad == "native":
@@ -228,24 +232,24 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
 
     ``'xla'`` and ``'matmul'`` impls: that form in every pass. ``'auto'`` on CPU picks
     per pass what ``python -m benchmarks.conv_shapes`` measured faster for both presets'
-    shapes. On maps of at most 2x2 pixels (where XLA's convolution is pathological) the
-    forward pass is :func:`conv3x3_dense`, the input gradient and the weight gradient the
-    im2col product (the dense form's input gradient, :func:`conv3x3_dense_transpose`,
-    contracts the matrix over its minor axis, which XLA's CPU matrix product runs at about a
-    quarter of the speed of the other way round). Elsewhere, where the native kernels are built
-    (:func:`cpu_kernels.kernels_available`) and the input is float32, a pass is native
-    where the channels it writes are whole vectors and:
+    shapes. Where the native kernels are built (:func:`cpu_kernels.kernels_available`) and the
+    input is float32, a pass is native where the channels it writes are whole vectors and:
 
-    - forward: maps of at least 14x14 with at most 64 output channels and at most
-      twice as many input channels;
-    - input gradient: maps of at least 7x7 with at most 64 output channels and no more
-      input channels than output channels;
+    - forward: maps at most :data:`cpu_kernels.SMALL_MAP_WIDTH` (8) pixels wide, where the
+      kernel blocks pixels across images and skips the zero padding, or maps of at least
+      14x14 with at most 64 output channels and at most twice as many input channels;
+    - input gradient: maps at most 8 pixels wide, or maps of at least 7x7 with at most 64
+      output channels and no more input channels than output channels;
     - weight gradient: maps of at least 7x7 with at most 128 input channels;
     - both gradients of an output layer (one or two output channels, whole vectors of input
       channels) on maps of at least 7x7: the native weight gradient then runs with its two
       operands swapped, the input gradient reads the one or two channels.
 
-    The other passes are XLA's, except where the convolution that computes them writes
+    On maps of at most 2x2 pixels (where XLA's convolution is pathological) the other passes
+    are, forward, :func:`conv3x3_dense` and, for the gradients, the im2col product (the dense
+    form's input gradient, :func:`conv3x3_dense_transpose`, contracts the matrix over its minor
+    axis, which XLA's CPU matrix product runs at about a quarter of the speed of the other way
+    round). Elsewhere they are XLA's, except where the convolution that computes them writes
     one or two channels (:func:`conv3x3_taps`; for the weight gradient: where the layer
     has one or two output channels), or else reads one or two channels (the im2col
     product, :func:`conv3x3_uses_matmul`): XLA is several times slower at both.
@@ -263,19 +267,23 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
 
     # (channels read, channels written) of the convolution behind each pass; the weight gradient's
     # taps form reads the input and writes nine copies of the output gradient's channels.
-    fallback = Conv3x3Plan(forward=by_channels(c, features), input_grad=by_channels(features, c),
-                           weight_grad=by_channels(c, features))
     if h <= 2 and w <= 2:
-        return Conv3x3Plan("dense", "matmul", "matmul")
+        fallback = Conv3x3Plan("dense", "matmul", "matmul")
+    else:
+        fallback = Conv3x3Plan(forward=by_channels(c, features), input_grad=by_channels(features, c),
+                               weight_grad=by_channels(c, features))
     if x.dtype != jnp.float32 or not cpu_kernels.kernels_available():
         return fallback
     whole = cpu_kernels.whole_vectors
+    # Maps whose rows are too short to fill a block of pixels: the native convolution blocks the same
+    # pixel across images there and skips the zero padding's products (cpu_kernels.conv3x3).
+    small = w <= cpu_kernels.SMALL_MAP_WIDTH
     # An output layer (one or two channels written, whole vectors read) takes both gradients natively:
     # the weight gradient with the kernel's operands swapped (cpu_kernels.conv3x3_weight_grad).
     output_layer = features <= 2 and whole(c) and h * w >= 49
     native = Conv3x3Plan(
-        forward=whole(features) and h * w >= 196 and features <= 64 and c <= 2 * features,
-        input_grad=output_layer or (whole(c) and h * w >= 49 and c <= features <= 64),
+        forward=whole(features) and (small or (h * w >= 196 and features <= 64 and c <= 2 * features)),
+        input_grad=output_layer or (whole(c) and (small or (h * w >= 49 and c <= features <= 64))),
         weight_grad=output_layer or (whole(features) and h * w >= 49 and c <= 128),
     )
     return Conv3x3Plan(*("native" if use else form for use, form in zip(native, fallback)))

@@ -38,8 +38,8 @@ def _assert_same_weight_grad(x, dy):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-5 * np.abs(reference).max() + 1e-6)
 
 
-def _assert_same_conv(x, kernel):
-    ours = np.asarray(jax.jit(cpu_kernels.conv3x3)(x, kernel))
+def _assert_same_conv(x, kernel, blocking="auto"):
+    ours = np.asarray(jax.jit(cpu_kernels.conv3x3, static_argnums=2)(x, kernel, blocking))
     reference = np.asarray(jax.jit(conv3x3_xla)(x, kernel))
     np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-5 * np.abs(reference).max() + 1e-6)
 
@@ -62,11 +62,53 @@ def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_an
         batch, height, width, in_channels, out_blocks, seed):
     # 1-pixel maps and 1-row images (only the centre taps see the image); widths up to 30: the forward
     # kernel's full 12-, 6- and 4-pixel blocks and every remainder; channel counts that leave a remainder
-    # after the weight gradient's 4-, 6- or 8-channel blocks; one to three vector blocks of outputs.
+    # after the weight gradient's 4-, 6- or 8-channel blocks; one to three vector blocks of outputs. The
+    # forward pass blocked both ways at every width.
     kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (batch, height, width, in_channels))
-    _assert_same_conv(x, jax.random.normal(kk, (3, 3, in_channels, 16 * out_blocks)))
+    kernel = jax.random.normal(kk, (3, 3, in_channels, 16 * out_blocks))
+    for blocking in ("rows", "images"):
+        _assert_same_conv(x, kernel, blocking)
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
+
+
+def _assert_blockings_agree(x, kernel, dy):
+    """Both blockings of the forward pass and of the input gradient give the same floats, and XLA's to rounding."""
+    for blocking in ("rows", "images"):
+        _assert_same_conv(x, kernel, blocking)
+    forward = [np.asarray(jax.jit(cpu_kernels.conv3x3, static_argnums=2)(x, kernel, b)) for b in ("rows", "images")]
+    np.testing.assert_array_equal(forward[0], forward[1])
+    input_grad = [np.asarray(jax.jit(cpu_kernels.conv3x3_input_grad, static_argnums=2)(dy, kernel, b))
+                  for b in ("rows", "images")]
+    np.testing.assert_array_equal(input_grad[0], input_grad[1])
+    reference = np.asarray(jax.vjp(lambda x_: conv3x3_xla(x_, kernel), x)[1](dy)[0])
+    np.testing.assert_allclose(input_grad[1], reference, rtol=0, atol=2e-5 * np.abs(reference).max() + 1e-6)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 30), height=st.integers(1, 8), width=st.integers(1, 8), in_blocks=st.integers(1, 3),
+       out_blocks=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_blocking_across_images_gives_the_row_blockings_floats_at_every_small_shape(
+        batch, height, width, in_blocks, out_blocks, seed):
+    # Batches up to 30: blocks of 12, 4 and 1 images; 1-pixel maps, 1-row and 1-column images (every
+    # pixel an edge); 16 to 80 channels written: blocks of two vectors and of one. Both sides whole
+    # vectors, as the input gradient writes the forward pass's input channels.
+    kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (batch, height, width, 16 * in_blocks))
+    kernel = jax.random.normal(kk, (3, 3, 16 * in_blocks, 16 * out_blocks)) * 0.1
+    _assert_blockings_agree(x, kernel, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
+
+
+@needs_kernel
+# The seed U-Net's small maps at a sampling batch: inputs of several hundred KiB to 3 MiB, split over
+# images and over channel blocks in different proportions.
+@pytest.mark.parametrize("b, s, cin, cout", [(100, 8, 128, 128), (100, 4, 512, 256), (100, 2, 512, 512)])
+def test_blocking_across_images_gives_the_row_blockings_floats_at_the_unets_small_maps(b, s, cin, cout):
+    kx, kk, kd = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(kx, (b, s, s, cin))
+    kernel = jax.random.normal(kk, (3, 3, cin, cout)) * 0.05
+    _assert_blockings_agree(x, kernel, jax.random.normal(kd, (b, s, s, cout)))
 
 
 @needs_kernel
@@ -123,19 +165,21 @@ PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks
     ((4, 16, 16, 256), 64, "auto", (X, X, X)),
     ((4, 28, 28, 1), 16, "auto", (N, T, N)),  # the first layer: its input gradient writes one channel
     ((4, 12, 12, 8), 32, "auto", (X, X, N)),  # under 14x14
-    ((4, 7, 7, 32), 64, "auto", (X, N, N)),
-    ((4, 8, 8, 128), 128, "auto", (X, X, N)),
-    ((4, 8, 8, 256), 128, "auto", (X, X, X)),
-    ((4, 4, 4, 128), 256, "auto", (X, X, X)),
+    # At most 8 pixels wide: the native convolution blocks pixels across images (both passes that write
+    # whole vectors); the weight gradient as before.
+    ((4, 7, 7, 32), 64, "auto", (N, N, N)),
+    ((4, 8, 8, 128), 128, "auto", (N, N, N)),
+    ((4, 8, 8, 256), 128, "auto", (N, N, X)),
+    ((4, 4, 4, 128), 256, "auto", (N, N, X)),
     ((4, 32, 32, 32), 1, "auto", (T, N, N)),  # an output layer: both gradients native, the weight gradient swapped
     ((4, 28, 28, 16), 2, "auto", (T, N, N)),
-    ((4, 6, 6, 32), 1, "auto", (T, M, T)),  # under 7x7: the input gradient reads one channel
+    ((4, 6, 6, 32), 1, "auto", (T, N, T)),  # under 7x7, but a small map: the input gradient native
     ((4, 28, 28, 8), 1, "auto", (T, M, T)),  # 8 input channels: no whole vector either way
     ((4, 32, 32, 1), 1, "auto", (T, T, T)),  # one channel in and out
     ((4, 3, 4, 2), 2, "auto", (T, T, T)),
-    ((4, 1, 4, 64), 64, "auto", (M, M, M)),  # a map of 4 pixels, not 2x2
-    ((4, 2, 2, 64), 64, "auto", ("dense", M, M)),  # the dense input gradient's product is transposed: slower
-    ((4, 1, 2, 512), 512, "auto", ("dense", M, M)),
+    ((4, 1, 4, 64), 64, "auto", (N, N, M)),  # a map of 4 pixels, not 2x2
+    ((4, 2, 2, 64), 64, "auto", (N, N, M)),  # 2x2: native where the kernels are built, else dense
+    ((4, 1, 2, 512), 512, "auto", (N, N, M)),
     ((4, 16, 16, 16), 32, "xla", (X, X, X)),
     ((4, 16, 16, 16), 32, "matmul", (M, M, M)),
 ]
