@@ -239,7 +239,7 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
       kernel blocks pixels across images and skips the zero padding, or maps of at least
       14x14 with at most 64 output channels and at most twice as many input channels;
     - input gradient: maps at most 8 pixels wide, or maps of at least 7x7 with at most 64
-      output channels and no more input channels than output channels;
+      output channels;
     - weight gradient: maps of at least 7x7 with at most 128 input channels;
     - both gradients of an output layer (one or two output channels, whole vectors of input
       channels) on maps of at least 7x7: the native weight gradient then runs with its two
@@ -283,7 +283,7 @@ def conv3x3_plan(x: jnp.ndarray, features: int, impl: str = "auto") -> Conv3x3Pl
     output_layer = features <= 2 and whole(c) and h * w >= 49
     native = Conv3x3Plan(
         forward=whole(features) and (small or (h * w >= 196 and features <= 64 and c <= 2 * features)),
-        input_grad=output_layer or (whole(c) and (small or (h * w >= 49 and c <= features <= 64))),
+        input_grad=output_layer or (whole(c) and (small or (h * w >= 49 and features <= 64))),
         weight_grad=output_layer or (whole(features) and h * w >= 49 and c <= 128),
     )
     return Conv3x3Plan(*("native" if use else form for use, form in zip(native, fallback)))

@@ -159,10 +159,10 @@ def test_upconv_gradients_are_native_only_where_auto_and_whole_vectors(monkeypat
 N, X, M, T = "native", "xla", "matmul", "taps"
 PLAN_CASES = [  # (input shape, features, impl, plan), from python -m benchmarks.conv_shapes (both presets)
     ((4, 16, 16, 16), 32, "auto", (N, N, N)),
-    ((4, 14, 14, 32), 16, "auto", (N, X, N)),  # twice as many input channels: native forward; XLA's input gradient
-    ((4, 28, 28, 32), 8, "auto", (X, X, X)),  # 8 output channels: no whole vector
-    ((4, 16, 16, 128), 64, "auto", (N, X, N)),
-    ((4, 16, 16, 256), 64, "auto", (X, X, X)),
+    ((4, 14, 14, 32), 16, "auto", (N, N, N)),  # twice as many input channels
+    ((4, 28, 28, 32), 8, "auto", (X, N, X)),  # 8 output channels: no whole vector but the input gradient's
+    ((4, 16, 16, 128), 64, "auto", (N, N, N)),
+    ((4, 16, 16, 256), 64, "auto", (X, N, X)),  # four times as many: XLA's forward pass
     ((4, 28, 28, 1), 16, "auto", (N, T, N)),  # the first layer: its input gradient writes one channel
     ((4, 12, 12, 8), 32, "auto", (X, X, N)),  # under 14x14
     # At most 8 pixels wide: the native convolution blocks pixels across images (both passes that write
