@@ -72,6 +72,14 @@ def test_native_kernels_equal_xlas_convolution_and_weight_grad_at_every_shape_an
     _assert_same_weight_grad(x, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
 
 
+def _random_conv(x_shape, out_channels, kernel_scale, seed):
+    """Normal x of ``x_shape``, a (3, 3, C, out_channels) kernel times ``kernel_scale``, and a normal dy."""
+    kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, x_shape)
+    kernel = jax.random.normal(kk, (3, 3, x_shape[-1], out_channels)) * kernel_scale
+    return x, kernel, jax.random.normal(kd, (*x_shape[:-1], out_channels))
+
+
 def _assert_blockings_agree(x, kernel, dy):
     """Both blockings of the forward pass and of the input gradient give the same floats, and XLA's to rounding."""
     for blocking in ("rows", "images"):
@@ -94,10 +102,7 @@ def test_blocking_across_images_gives_the_row_blockings_floats_at_every_small_sh
     # Batches up to 30: blocks of 12, 4 and 1 images; 1-pixel maps, 1-row and 1-column images (every
     # pixel an edge); 16 to 80 channels written: blocks of two vectors and of one. Both sides whole
     # vectors, as the input gradient writes the forward pass's input channels.
-    kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
-    x = jax.random.normal(kx, (batch, height, width, 16 * in_blocks))
-    kernel = jax.random.normal(kk, (3, 3, 16 * in_blocks, 16 * out_blocks)) * 0.1
-    _assert_blockings_agree(x, kernel, jax.random.normal(kd, (batch, height, width, 16 * out_blocks)))
+    _assert_blockings_agree(*_random_conv((batch, height, width, 16 * in_blocks), 16 * out_blocks, 0.1, seed))
 
 
 @needs_kernel
@@ -105,10 +110,7 @@ def test_blocking_across_images_gives_the_row_blockings_floats_at_every_small_sh
 # images and over channel blocks in different proportions.
 @pytest.mark.parametrize("b, s, cin, cout", [(100, 8, 128, 128), (100, 4, 512, 256), (100, 2, 512, 512)])
 def test_blocking_across_images_gives_the_row_blockings_floats_at_the_unets_small_maps(b, s, cin, cout):
-    kx, kk, kd = jax.random.split(jax.random.PRNGKey(5), 3)
-    x = jax.random.normal(kx, (b, s, s, cin))
-    kernel = jax.random.normal(kk, (3, 3, cin, cout)) * 0.05
-    _assert_blockings_agree(x, kernel, jax.random.normal(kd, (b, s, s, cout)))
+    _assert_blockings_agree(*_random_conv((b, s, s, cin), cout, 0.05, seed=5))
 
 
 @needs_kernel
