@@ -58,9 +58,9 @@ UPCONV_INPUT_GRAD_TARGET = "ddpm_jax_upconv2x2_input_grad"
 EXAMPLE_SUMS_TARGET = "ddpm_jax_example_channel_sums"
 # FFI target name -> the handler's symbol in the library.
 TARGETS = {CONV3X3_TARGET: "Conv3x3", CONV3X3_ACROSS_IMAGES_TARGET: "Conv3x3AcrossImages",
-           INPUT_GRAD_ACROSS_IMAGES_TARGET: "Conv3x3AcrossImagesInputGrad", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad", MOMENTS_TARGET: "ChannelMoments",
-           UPCONV_WEIGHT_GRAD_TARGET: "UpConv2x2WeightGrad", UPCONV_INPUT_GRAD_TARGET: "UpConv2x2InputGrad",
-           EXAMPLE_SUMS_TARGET: "ExampleChannelSums"}
+           INPUT_GRAD_ACROSS_IMAGES_TARGET: "Conv3x3AcrossImagesInputGrad", WEIGHT_GRAD_TARGET: "Conv3x3WeightGrad",
+           MOMENTS_TARGET: "ChannelMoments", UPCONV_WEIGHT_GRAD_TARGET: "UpConv2x2WeightGrad",
+           UPCONV_INPUT_GRAD_TARGET: "UpConv2x2InputGrad", EXAMPLE_SUMS_TARGET: "ExampleChannelSums"}
 # The kernels' widest vector is 16 floats; the channels they write must fill whole vectors.
 CHANNEL_MULTIPLE = 16
 # Maps at most this wide: conv3x3 blocks output pixels across images, not along a row.
