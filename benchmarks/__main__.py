@@ -49,14 +49,17 @@ library is not installed (diffusers) are skipped and marked so in the table and 
 
 The GPU suite (``--device gpu``; one GPU, measured in one short run): batch 1000
 for training and 1000 samples for sampling, 20 timed train steps (``--quick``: 5),
-torch peers with ``--device cuda``. In order of priority:
+torch peers with ``--device cuda``. In order of priority, for the seed preset (the report's network),
+the gpu preset (the same network, class-conditional with a conv head; ours and the port both measure the
+network alone) and the cpu preset:
 
-- seed preset: train, ours vs the torch port (float32); sampling 1000 x 100 steps;
-  few-step sampling (ours DDIM over 10 steps, the port's loop over 10 steps);
-  train in bfloat16 (``ours, bf16``: ``--compute-dtype bfloat16``; ``torch port,
-  bf16``: ``--amp bf16``, autocast); the guidance row at 1000 samples; diffusers'
-  rows (on the GPU, when installed);
-- cpu preset at the same batch: train and sample, ours vs the torch port.
+- train and sampling (1000 x 100 steps), ours in float32 and in bfloat16 (``ours, bf16``:
+  ``--compute-dtype bfloat16``) against the torch port in each of :data:`TORCH_VARIANTS`: as written
+  (float32, PyTorch's TF32 defaults), under bf16 autocast, in ``channels_last`` memory format, both, and
+  both under ``torch.compile`` (compilation in the untimed warm-up); the cpu preset's small network
+  against the plain port only;
+- seed preset: few-step sampling (ours DDIM over 10 steps, the port's loop over 10 steps), the guidance
+  row at 1000 samples, and diffusers' rows (when installed).
 
 The rows CPU work is about (``ours, no native kernels``, ``ours, 256-bit vectors``, ``ours, no XLA flags``,
 ``ours, before``) are not run:
@@ -183,7 +186,8 @@ KEEP_RNG = {"DDPM_JAX_KEEP_RNG_LOWERING": "1"}
 MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
 LABELS = ("ours", "ours, no native kernels", "ours, 256-bit vectors", "ours, no XLA flags", "ours, glibc's malloc",
           "ours, before", "torch port", "torch port, our malloc", "diffusers")
-GPU_LABELS = ("ours", "torch port", "diffusers", "ours, bf16", "torch port, bf16")
+GPU_LABELS = ("ours", "ours, bf16", "torch port", "torch port, bf16", "torch port, channels_last",
+              "torch port, channels_last + bf16", "torch port, compiled + bf16", "diffusers")
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
@@ -270,40 +274,75 @@ def plan(quick: bool, avx512: bool | None = None,
     return jobs
 
 
-def gpu_plan(quick: bool, compile_cache: str = XLA_CACHE) -> list[tuple[str, str, str, str, list[str], dict]]:
-    """The GPU suite's measurements, most wanted first (see the module's docstring)."""
-    steps = "5" if quick else str(GPU_STEPS)
-    n = batch = str(GPU_BATCH)
-    cuda = ["--device", "cuda", "--json"]
+# The PyTorch port's flags for each preset's network (the GPU suite also times the gpu preset, and its smoke
+# test the tiny one); and what each GPU row of the port runs with.
+PEER_FLAGS = {
+    **{preset: p["peer"] for preset, p in PRESETS.items()},
+    "gpu": ["--base-channels", "32", "--levels", "4", "--output-head", "conv", "--image-size", "32"],
+    "tiny": ["--base-channels", "4", "--levels", "1", "--output-head", "block", "--image-size", "28",
+             "--num-timesteps", "10"],
+}
+TORCH_VARIANTS = {  # label -> flags, in the order of the table; the strongest usual PyTorch settings last
+    "torch port": [],
+    "torch port, bf16": ["--amp", "bf16"],
+    "torch port, channels_last": ["--channels-last"],
+    "torch port, channels_last + bf16": ["--channels-last", "--amp", "bf16"],
+    "torch port, compiled + bf16": ["--channels-last", "--amp", "bf16", "--compile"],
+}
+
+
+GPU_PRESETS = ("seed", "gpu", "cpu")  # the GPU suite's, most wanted first
+
+
+def gpu_plan(quick: bool, compile_cache: str = XLA_CACHE, *, presets: tuple[str, ...] = GPU_PRESETS,
+             batch: int = GPU_BATCH, n: int = GPU_BATCH, steps: int | None = None, peer_device: str = "cuda",
+             diffusers: bool = True) -> list[tuple[str, str, str, str, list[str], dict]]:
+    """The GPU suite's measurements, most wanted first (see the module's docstring).
+
+    Per preset: our train step and sampler in float32 and bfloat16 against the torch port in each of
+    :data:`TORCH_VARIANTS`; the seed preset also few-step sampling, the guidance row and diffusers' rows
+    (``diffusers``). ``batch``, ``n``, ``steps`` and ``peer_device`` shrink it for a CPU smoke test
+    (:mod:`benchmarks.gpu_check` ``--smoke``)."""
+    steps = str(steps if steps is not None else 5 if quick else GPU_STEPS)
+    n, batch = str(n), str(batch)
+    peer_json = ["--device", peer_device, "--json"]
     # Ours: the shared compilation cache. Both: no CPU-backend XLA flag (the peers' JAX runs on the CPU).
     ours_env = {**KEEP_FLAGS, **({"JAX_COMPILATION_CACHE_DIR": compile_cache} if compile_cache else {})}
     peer_env = KEEP_FLAGS
+    bf16 = ["--compute-dtype", "bfloat16"]
     jobs = []
-    for preset in ("seed", "cpu"):
-        peer, ours, train = PRESETS[preset]["peer"], ["--preset", preset], ["--batch", batch, "--steps", steps]
+    for preset in presets:
+        peer, ours, train = PEER_FLAGS[preset], ["--preset", preset], ["--batch", batch, "--steps", steps]
+        variants = TORCH_VARIANTS if preset != "cpu" else {"torch port": []}  # the small network: one row each
         jobs += [
             (preset, "train", "ours", "benchmarks.ours", ["train", *ours, *train], ours_env),
-            (preset, "train", "torch port", "benchmarks.peers", ["torch-train", *peer, *train, *cuda], peer_env),
+            (preset, "train", "ours, bf16", "benchmarks.ours", ["train", *ours, *train, *bf16], ours_env),
+            *[(preset, "train", label, "benchmarks.peers", ["torch-train", *peer, *train, *flags, *peer_json],
+               peer_env) for label, flags in variants.items()],
             (preset, "sample", "ours", "benchmarks.ours", ["sample", *ours, "--n", n], ours_env),
-            (preset, "sample", "torch port", "benchmarks.peers", ["torch-sample", *peer, "--n", n, *cuda], peer_env),
+            (preset, "sample", "ours, bf16", "benchmarks.ours", ["sample", *ours, "--n", n, *bf16], ours_env),
+            *[(preset, "sample", label, "benchmarks.peers", ["torch-sample", *peer, "--n", n, *flags, *peer_json],
+               peer_env) for label, flags in variants.items()],
         ]
         if preset == "seed":
             jobs += [
                 (preset, "sample10", "ours", "benchmarks.ours",
                  ["sample", *ours, "--n", n, "--sample-steps", str(FEW_STEPS), "--method", "ddim"], ours_env),
-                (preset, "sample10", "torch port", "benchmarks.peers",
-                 ["torch-sample", *peer, "--n", n, "--num-timesteps", str(FEW_STEPS), *cuda], peer_env),
-                (preset, "train", "ours, bf16", "benchmarks.ours",
-                 ["train", *ours, *train, "--compute-dtype", "bfloat16"], ours_env),
-                (preset, "train", "torch port, bf16", "benchmarks.peers",
-                 ["torch-train", *peer, *train, "--amp", "bf16", *cuda], peer_env),
+                *[(preset, "sample10", label, "benchmarks.peers",
+                   ["torch-sample", *peer, "--n", n, "--num-timesteps", str(FEW_STEPS), *TORCH_VARIANTS[label],
+                    *peer_json], peer_env) for label in ("torch port", "torch port, channels_last + bf16")],
                 (preset, "guidance", "ours", "benchmarks.ours",
                  ["guidance", *ours, "--n", n, "--guidance-scale", "1"], ours_env),
-                (preset, "train", "diffusers", "benchmarks.peers", ["diffusers-train", *train, *cuda], peer_env),
-                (preset, "sample", "diffusers", "benchmarks.peers", ["diffusers-sample", "--n", n, *cuda], peer_env),
-                (preset, "sample10", "diffusers", "benchmarks.peers",
-                 ["diffusers-sample", "--n", n, "--inference-steps", str(FEW_STEPS), *cuda], peer_env),
             ]
+            if diffusers:
+                jobs += [
+                    (preset, "train", "diffusers", "benchmarks.peers", ["diffusers-train", *train, *peer_json],
+                     peer_env),
+                    (preset, "sample", "diffusers", "benchmarks.peers", ["diffusers-sample", "--n", n, *peer_json],
+                     peer_env),
+                    (preset, "sample10", "diffusers", "benchmarks.peers",
+                     ["diffusers-sample", "--n", n, "--inference-steps", str(FEW_STEPS), *peer_json], peer_env),
+                ]
     return jobs
 
 
@@ -424,7 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer timed steps, extrapolated sampling")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU suite where JAX's default backend is gpu, else the CPU suite")
-    p.add_argument("--only", nargs="+", choices=tuple(PRESETS), default=tuple(PRESETS))
+    p.add_argument("--only", nargs="+", choices=GPU_PRESETS, default=None,
+                   help="presets to measure (default: the CPU suite's seed and cpu; the GPU suite's seed, gpu and cpu)")
     p.add_argument("--timeout", type=float, default=None,
                    help=f"seconds per measurement (default 300; GPU suite {GPU_TIMEOUT:.0f})")
     p.add_argument("--budget", type=float, default=None,
@@ -449,7 +489,7 @@ def main(argv=None) -> int:
 
     if device == "gpu":
         peak = None
-        sizes = {preset: (GPU_BATCH, GPU_BATCH) for preset in PRESETS}
+        sizes = {preset: (GPU_BATCH, GPU_BATCH) for preset in GPU_PRESETS}
         jobs, labels = gpu_plan(args.quick, args.compile_cache), GPU_LABELS
         timeout = args.timeout or GPU_TIMEOUT
         budget = GPU_BUDGET if args.budget is None else args.budget
@@ -491,7 +531,8 @@ def main(argv=None) -> int:
 
     # The GPU suite rewrites its JSON after every measurement, so that a run cut off keeps what it measured.
     on_row = (lambda rows: write(rows, False)) if device == "gpu" else None
-    rows = run_jobs(jobs, args.only, timeout, budget, on_row=on_row)
+    only = args.only or (GPU_PRESETS if device == "gpu" else tuple(PRESETS))
+    rows = run_jobs(jobs, only, timeout, budget, on_row=on_row)
     print_tables(rows, peak, sizes, labels)
     write(rows, True)
     print(f"wrote {out} ({(time.perf_counter() - start) / 60:.1f} min)")

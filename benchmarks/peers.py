@@ -13,7 +13,8 @@ TF32 defaults, reported in the JSON):
   pool, scaled to [-1, 1] and padded with -1, the cosine schedule, eps-MSE,
   gradient clipping at norm 1 and Adam; sampling is Ho et al.'s Algorithm 2
   with x0 clipped to [-1, 1] and sigma_t^2 = beta_t. It answers "how fast is
-  the same model, written the usual way, in eager PyTorch?".
+  the same model, written the usual way, in eager PyTorch?", and with the
+  flags below "... with PyTorch's usual speed-ups?".
 * ``diffusers-*``: an off-the-shelf ``diffusers.UNet2DModel`` of about the
   same size (12,352,993 parameters, :data:`DIFFUSERS_UNET_CONFIG`) for 32x32
   one-channel images with ``DDPMScheduler(beta_schedule="squaredcos_cap_v2")``
@@ -33,19 +34,41 @@ so that one peer's allocator and thread pool do not colour the next::
     python -m benchmarks.peers torch-train --json --device cuda --amp bf16 --batch 1000
     python -m benchmarks.peers self-check        # asserts the parameter counts
 
-``--amp bf16`` (train commands only) runs the forward pass and the loss under
-``torch.autocast(device, dtype=torch.bfloat16)``, the usual PyTorch mixed precision
-(parameters, gradients and Adam stay float32), to compare with our
+``--amp bf16`` (torch-train, torch-sample, diffusers-train) runs the forward pass
+(and the loss) under ``torch.autocast(device, dtype=torch.bfloat16)``, the usual
+PyTorch mixed precision (parameters, gradients and Adam stay float32; the
+sampler's arithmetic is float32, eps cast to it), to compare with our
 ``--compute-dtype bfloat16``. ``--device cuda`` where PyTorch sees no CUDA device
 is refused with a one-line error.
+
+The strongest PyTorch port, for the ``torch-*`` commands (each off by default):
+
+* ``--channels-last``: the model's weights and its input in ``torch.channels_last``
+  memory format (NHWC in memory), the usual speed-up of convolutions on a GPU
+  (cuDNN's NHWC kernels, and on Tensor Cores with ``--amp bf16``).
+* ``--compile``: the model wrapped in ``torch.compile`` (TorchInductor), with
+  ``--compile-mode default|reduce-overhead|max-autotune`` (default: default;
+  the other two also capture CUDA graphs on a GPU). The optimizer step and the
+  sampler's arithmetic stay eager. Compilation happens in the untimed warm-up
+  (train: ``--warmup-steps``, at least 1 with ``--compile``, give 3 for CUDA
+  graphs; sample: three untimed forwards instead of one) and is reported as
+  ``compile_seconds``, the warm-up's first step or forward. If it fails (no C
+  compiler, an unsupported backend), the command exits with status 1 and one
+  line on stderr, ``error: torch.compile failed: ...``, and prints no JSON.
+
+For example, on the GPU::
+
+    python -m benchmarks.peers torch-train --device cuda --channels-last --amp bf16 --compile --batch 1000 --json
 
 Model flags: ``--base-channels --levels --output-head --image-size`` (the
 ``torch-*`` commands; ``--base-channels 16 --levels 2 --output-head conv
 --image-size 28`` is the ``cpu`` preset), ``--num-timesteps`` (T, default 100).
-With ``--json`` the last line of stdout is one JSON object, including
-``peak_rss_mb`` (the process's peak resident memory) and ``imports_rss_mb``
-(its peak before any model was built: torch, numpy and JAX, which is imported
-for the schedule's betas).
+With ``--json`` the last line of stdout is one JSON object, including ``amp``
+(``"bf16"`` or null; not for diffusers-sample), for the ``torch-*`` commands
+``channels_last`` (bool), ``compile`` (null or the mode) and ``compile_seconds``
+(null without ``--compile``), ``peak_rss_mb`` (the process's peak resident
+memory) and ``imports_rss_mb`` (its peak before any model was built: torch,
+numpy and JAX, which is imported for the schedule's betas).
 """
 
 from __future__ import annotations
@@ -221,6 +244,64 @@ def self_check() -> None:
 
 CPU = torch.device("cpu")
 DEVICES = ("cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` failed, when wrapping the model or compiling it in the warm-up's first call."""
+
+
+@contextlib.contextmanager
+def _compile_failures(compiled: bool):
+    """Within: with ``compiled``, any exception is re-raised as a one-line :class:`CompileError` (the cause chained).
+
+    Wraps only ``torch.compile`` and the untimed warm-up (where a compiled model is compiled), not the timed steps.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not compiled:
+            raise
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CompileError(f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__) from e
+
+
+def _prepare_port(
+    model: nn.Module, device: torch.device, channels_last: bool = False, compile_mode: str | None = None
+) -> nn.Module:
+    """``model`` on ``device``, its weights in channels-last format if asked, wrapped in ``torch.compile`` if asked.
+
+    ``compile_mode``: None (eager) or one of :data:`COMPILE_MODES`. ``torch.compile`` only wraps; the
+    compilation itself happens at the first call (run it within :func:`_compile_failures`).
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_mode is None:
+        return model
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}.")
+    with _compile_failures(True):
+        return torch.compile(model, mode=compile_mode)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    """The format the port's inputs are made ``.contiguous()`` in (a no-op for contiguous NCHW tensors)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _autocast(device: torch.device, amp: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory: ``torch.autocast(device, bfloat16)`` with ``amp``, else nothing."""
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+
+def _port_options(channels_last: bool, compile_mode: str | None, first_call_seconds: float) -> dict:
+    """The port's options for the JSON; ``compile_seconds``: the warm-up's first call, where compilation happens."""
+    return {
+        "channels_last": channels_last,
+        "compile": compile_mode,
+        "compile_seconds": first_call_seconds if compile_mode else None,
+    }
 
 
 def _setup_threads() -> int:
@@ -299,19 +380,23 @@ def _time_train(
     warmup_steps: int,
     device: torch.device = CPU,
     amp: bool = False,
+    compiled: bool = False,
 ) -> dict:
     """Time ``steps`` full train steps (batch drawn and preprocessed inside, as in our jitted step).
 
     ``model`` and ``loss_fn``'s tables must already be on ``device``. ``amp``: the
-    forward pass and loss under ``torch.autocast(device, bfloat16)``.
+    forward pass and loss under ``torch.autocast(device, bfloat16)``. ``compiled``:
+    ``model`` is ``torch.compile``'d, so it needs a warm-up step (where it is
+    compiled), and a failure there is a :class:`CompileError`.
     """
-    if steps < 1 or warmup_steps < 0 or batch < 1:
-        raise ValueError(f"need batch >= 1, steps >= 1 and warmup_steps >= 0, got {batch}, {steps}, {warmup_steps}.")
+    if steps < 1 or warmup_steps < int(compiled) or batch < 1:
+        raise ValueError(f"need batch >= 1, steps >= 1 and warmup_steps >= {int(compiled)} (1 with compile), "
+                         f"got {batch}, {steps}, {warmup_steps}.")
     setup = _setup_device(device)
     pool = _image_pool(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    autocast = _autocast(device, amp)
 
     def step() -> float:
         _sync(device)
@@ -327,7 +412,8 @@ def _time_train(
         _sync(device)
         return time.perf_counter() - t0
 
-    warmup = [step() for _ in range(warmup_steps)]
+    with _compile_failures(compiled):
+        warmup = [step() for _ in range(warmup_steps)]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timed = [step() for _ in range(steps)]
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -347,21 +433,35 @@ def _time_train(
 
 def _time_reverse_steps(
     reverse_step: Callable[[torch.Tensor, int], torch.Tensor],
-    warmup: Callable[[], object],
+    warmup: Callable[[torch.Tensor], object],
     x: torch.Tensor,
     timesteps: list[int],
     steps_to_time: int | None,
     device: torch.device = CPU,
+    compiled: bool = False,
 ) -> dict:
-    """Run the reverse steps (all, or the first ``steps_to_time``) and scale the time to all of them."""
+    """Run the reverse steps (all, or the first ``steps_to_time``) and scale the time to all of them.
+
+    ``warmup``: one untimed forward of ``x``, called once, or three times with ``compiled``
+    (compilation, then CUDA graphs' warm-up and recording in the modes that use
+    them); a failure there is then a :class:`CompileError`.
+    """
     num_steps = len(timesteps)
     timed_steps = num_steps if steps_to_time is None else max(1, min(steps_to_time, num_steps))
     with torch.inference_mode():
-        # One untimed forward: first-call allocations and oneDNN primitive
-        # creation (on a GPU: cuDNN's autotuning) are not part of the steady
-        # state (as compilation is excluded from our sampler's timing).
-        warmup()
-        _sync(device)
+        # An inference tensor, as every later x: a compiled model would recompile for the change.
+        x = x.clone()
+        # Untimed forwards: first-call allocations and oneDNN primitive
+        # creation (on a GPU: cuDNN's autotuning; with torch.compile: compilation)
+        # are not part of the steady state (as compilation is excluded from our sampler's timing).
+        warmup_seconds = []
+        with _compile_failures(compiled):
+            for _ in range(3 if compiled else 1):
+                _sync(device)
+                t0 = time.perf_counter()
+                warmup(x)
+                _sync(device)
+                warmup_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for i in timesteps[:timed_steps]:
             x = reverse_step(x, i)
@@ -375,6 +475,7 @@ def _time_reverse_steps(
         "extrapolated": timed_steps < num_steps,
         "steps_timed": timed_steps,
         "num_timesteps": num_steps,
+        "first_forward_seconds": warmup_seconds[0],
     }
 
 
@@ -394,22 +495,32 @@ def torch_train_throughput(
     num_timesteps: int = 100,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    channels_last: bool = False,
+    compile_mode: str | None = None,
 ) -> dict:
-    """Train images/s of :class:`TorchReportUNet` doing the work of our jitted train step."""
+    """Train images/s of :class:`TorchReportUNet` doing the work of our jitted train step.
+
+    ``channels_last``, ``compile_mode`` (None: eager): as :func:`_prepare_port`; ``amp``: bf16 autocast.
+    """
     device = torch.device(device)
     torch.manual_seed(0)
-    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0]).to(device)
+    model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0])
+    model = _prepare_port(model, device, channels_last, compile_mode)
+    memory_format = _memory_format(channels_last)
     tables = _schedule_tables(num_timesteps)
     sqrt_ab = torch.tensor(tables["sqrt_alpha_bars"], dtype=torch.float32, device=device)
     sqrt_1mab = torch.tensor(tables["sqrt_one_minus_alpha_bars"], dtype=torch.float32, device=device)
 
     def loss_fn(x0: torch.Tensor) -> torch.Tensor:
+        x0 = x0.contiguous(memory_format=memory_format)  # eps and x_t follow its format
         t = torch.randint(0, num_timesteps, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * eps
         return F.mse_loss(model(x_t, t), eps)
 
-    return _time_train(model, loss_fn, image_size, batch, steps, warmup_steps, device, amp)
+    timing = _time_train(model, loss_fn, image_size, batch, steps, warmup_steps, device, amp,
+                         compiled=compile_mode is not None)
+    return {**timing, **_port_options(channels_last, compile_mode, timing["first_step_seconds"])}
 
 
 def torch_sample_throughput(
@@ -421,34 +532,48 @@ def torch_sample_throughput(
     num_timesteps: int = 100,
     steps_to_time: int | None = None,
     device: torch.device | str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    compile_mode: str | None = None,
 ) -> dict:
     """Samples/s of Ho et al.'s ancestral sampler (Algorithm 2, sigma^2 = beta, x0 clipped) with the port.
 
     The schedule's per-step numbers are Python floats (kernel arguments on a GPU, no copies).
+    ``amp``: the forward pass under bf16 autocast, eps cast to float32 for the sampler's arithmetic;
+    ``channels_last``, ``compile_mode`` (None: eager): as :func:`_prepare_port`.
     """
     device = torch.device(device)
     setup = _setup_device(device)
     torch.manual_seed(0)
     model = TorchReportUNet(base_channels, levels, output_head=output_head, in_channels=DATA_SHAPE[0])
-    model = model.to(device).eval()
+    model = _prepare_port(model, device, channels_last, compile_mode).eval()
+    autocast = _autocast(device, amp)
     tables = {k: v.tolist() for k, v in _schedule_tables(num_timesteps).items()}
     x = torch.randn(n, DATA_SHAPE[0], image_size, image_size, device=device)
+    x = x.contiguous(memory_format=_memory_format(channels_last))  # the sampler's arithmetic keeps its format
+
+    def eps_at(x: torch.Tensor, i: int) -> torch.Tensor:
+        with autocast():
+            eps = model(x, torch.full((n,), i, dtype=torch.int64, device=device))
+        return eps.float()  # a no-op without amp
 
     def reverse_step(x: torch.Tensor, i: int) -> torch.Tensor:
-        eps = model(x, torch.full((n,), i, dtype=torch.int64, device=device))
+        eps = eps_at(x, i)
         x0 = ((x - tables["sqrt_one_minus_alpha_bars"][i] * eps) / tables["sqrt_alpha_bars"][i]).clamp(-1.0, 1.0)
         mean = tables["coef1"][i] * x0 + tables["coef2"][i] * x
         return mean + math.sqrt(tables["betas"][i]) * torch.randn_like(x) if i > 0 else mean
 
     timing = _time_reverse_steps(
         reverse_step,
-        lambda: model(x, torch.full((n,), num_timesteps - 1, dtype=torch.int64, device=device)),
+        lambda x: eps_at(x, num_timesteps - 1),
         x,
         list(range(num_timesteps - 1, -1, -1)),
         steps_to_time,
         device,
+        compiled=compile_mode is not None,
     )
-    return {**timing, "params": count_params(model), **setup, "n": n}
+    return {**timing, "params": count_params(model), **setup, "n": n, "amp": "bf16" if amp else None,
+            **_port_options(channels_last, compile_mode, timing["first_forward_seconds"])}
 
 
 def _diffusers_unet_and_scheduler(num_timesteps: int):
@@ -483,7 +608,7 @@ def diffusers_sample_throughput(n: int, num_timesteps: int = 100, steps_to_time:
 
     timing = _time_reverse_steps(
         reverse_step,
-        lambda: unet(x, int(scheduler.timesteps[0])),
+        lambda x: unet(x, int(scheduler.timesteps[0])),
         x,
         [int(t) for t in scheduler.timesteps],
         steps_to_time,
@@ -525,7 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where model, data and noise live (cuda: the first GPU, synchronized before every clock read)")
     p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="train commands: forward pass and loss under torch.autocast(device, bfloat16)")
+                   help="torch-*, diffusers-train: forward pass (and loss) under torch.autocast(device, bfloat16)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch-*: model and input in torch.channels_last memory format")
+    p.add_argument("--compile", action="store_true",
+                   help="torch-*: the model wrapped in torch.compile, compiled in the untimed warm-up")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile's mode, with --compile (default: default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--levels", type=int, default=4)
@@ -533,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, help="torch-* only; diffusers-* always use 32")
     p.add_argument("--batch", type=int, default=128, help="train batch")
     p.add_argument("--steps", type=int, default=5, help="timed train steps")
-    p.add_argument("--warmup-steps", type=int, default=1, help="untimed train steps before them")
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="untimed train steps before them (at least 1 with --compile; 3 for CUDA graphs)")
     p.add_argument("--n", type=int, default=100, help="samples drawn at once")
     p.add_argument("--steps-to-time", type=int, default=None,
                    help="time only this many reverse steps and extrapolate to T (default: all T)")
@@ -543,15 +675,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _measure(args: argparse.Namespace) -> dict:
+    """The measurement ``args`` ask for (a :class:`CompileError` where torch.compile fails)."""
+    device, amp = torch.device(args.device), args.amp == "bf16"
+    port = {"amp": amp, "channels_last": args.channels_last,
+            "compile_mode": (args.compile_mode or "default") if args.compile else None}
+    model = {"base_channels": args.base_channels, "levels": args.levels, "output_head": args.output_head,
+             "image_size": args.image_size}
+    if args.what == "self-check":
+        self_check()
+        return {"ok": True, "report_params": REPORT_PARAMS, "cpu_preset_params": CPU_PRESET_PARAMS}
+    if args.what == "torch-train":
+        return {**model, **torch_train_throughput(**model, batch=args.batch, steps=args.steps,
+                                                  warmup_steps=args.warmup_steps,
+                                                  num_timesteps=args.num_timesteps, device=device, **port)}
+    if args.what == "torch-sample":
+        return {**model, **torch_sample_throughput(**model, n=args.n, num_timesteps=args.num_timesteps,
+                                                   steps_to_time=args.steps_to_time, device=device, **port)}
+    if args.what == "diffusers-train":
+        return {"unet_config": DIFFUSERS_UNET_CONFIG,
+                **diffusers_train_throughput(args.batch, args.steps, args.num_timesteps, args.warmup_steps,
+                                             device=device, amp=amp)}
+    return {"unet_config": DIFFUSERS_UNET_CONFIG,
+            **diffusers_sample_throughput(args.n, args.num_timesteps, args.steps_to_time,
+                                          args.inference_steps, device=device)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         why = "it was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
         p.error(f"--device cuda: this PyTorch ({torch.__version__}) sees no CUDA device ({why}); use --device cpu.")
-    if args.amp != "none" and not args.what.endswith("-train"):
-        p.error(f"--amp {args.amp} applies to torch-train and diffusers-train only.")
-    device, amp = torch.device(args.device), args.amp == "bf16"
+    if args.amp != "none" and args.what not in ("torch-train", "torch-sample", "diffusers-train"):
+        p.error(f"--amp {args.amp} applies to torch-train, torch-sample and diffusers-train only.")
+    for flag, given in (("--channels-last", args.channels_last), ("--compile", args.compile)):
+        if given and not args.what.startswith("torch-"):
+            p.error(f"{flag} applies to torch-train and torch-sample only.")
+    if args.compile_mode and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} needs --compile.")
+    if args.compile and args.what == "torch-train" and args.warmup_steps < 1:
+        p.error("--compile needs --warmup-steps >= 1 (the model is compiled in the untimed warm-up).")
     versions = {"torch": torch.__version__}
     if args.what.startswith("diffusers"):
         import diffusers
@@ -560,27 +724,13 @@ def main(argv: list[str] | None = None) -> int:
     # The libraries alone (torch, numpy, jax for the betas, diffusers) take a
     # few hundred MB; reported so that the model's own memory can be told apart.
     imports_rss_mb = _peak_rss_mb()
-
-    model = {"base_channels": args.base_channels, "levels": args.levels, "output_head": args.output_head,
-             "image_size": args.image_size}
-    if args.what == "self-check":
-        self_check()
-        result: dict = {"ok": True, "report_params": REPORT_PARAMS, "cpu_preset_params": CPU_PRESET_PARAMS}
-    elif args.what == "torch-train":
-        result = {**model, **torch_train_throughput(**model, batch=args.batch, steps=args.steps,
-                                                    warmup_steps=args.warmup_steps,
-                                                    num_timesteps=args.num_timesteps, device=device, amp=amp)}
-    elif args.what == "torch-sample":
-        result = {**model, **torch_sample_throughput(**model, n=args.n, num_timesteps=args.num_timesteps,
-                                                     steps_to_time=args.steps_to_time, device=device)}
-    elif args.what == "diffusers-train":
-        result = {"unet_config": DIFFUSERS_UNET_CONFIG,
-                  **diffusers_train_throughput(args.batch, args.steps, args.num_timesteps, args.warmup_steps,
-                                               device=device, amp=amp)}
-    else:
-        result = {"unet_config": DIFFUSERS_UNET_CONFIG,
-                  **diffusers_sample_throughput(args.n, args.num_timesteps, args.steps_to_time,
-                                                args.inference_steps, device=device)}
+    try:
+        result = _measure(args)
+    except CompileError as e:
+        # One line, as the suite reads a failed row's last stderr line; no JSON for a measurement that did not run.
+        print(f"error: torch.compile failed: {e}", file=sys.stderr)
+        return 1
+    device = torch.device(args.device)
     if device.type == "cuda":
         # The caching allocator's peak: tensors only, as JAX's peak_bytes_in_use in benchmarks/ours.py.
         result["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -27,6 +27,11 @@ Presets:
   in a plain convolution instead of the report's one-channel final block (which
   alone left the loss 1.6x higher and the samples unreadable at this size),
   unconditional, cosine T=100, 3,000 steps at batch 64: about 6 minutes.
+* ``gpu``: the default where JAX sees a GPU: the report's U-Net (32x32, 32 base channels, 4
+  levels) made class-conditional with a zero-initialized convolutional head, trained 5,000 steps at
+  batch 1000 (5M images; about 2 minutes of training at the ~40,000 images/s measured for this
+  network on one H200), sampled with classifier-free guidance at w = 1. ``python -m
+  benchmarks.gpu_check`` trains and measures it (docs/gpu.md).
 * ``seed``: the report's setup: its 12,552,848-parameter U-Net on MNIST padded
   to 32x32, cosine schedule with T=100, batch 1000, 2000 epochs (a GPU run;
   8 hours on the report's RTX 4070).
@@ -58,7 +63,7 @@ from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, R
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
 from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state
 
-PRESETS: tuple[str, ...] = ("cpu", "quick", "seed", "ddpm", "cifar10", "tiny")
+PRESETS: tuple[str, ...] = ("cpu", "gpu", "quick", "seed", "ddpm", "cifar10", "tiny")
 # What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
 # labels drawn from the training label frequencies, then guided ('label_prior'), or the null label ('null').
 UNCONDITIONAL_MODES = ("label_prior", "null")
@@ -196,7 +201,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         # The sweep's lowest FID for this network: w = 0.5 (11.3 at 5,000 samples) against 34.3 at w = 1,
         # which over-sharpens a network trained this long (README, "Quality per CPU minute").
         c.sampling.guidance_scale = 0.5
-    elif preset == "seed":
+    elif preset in ("seed", "gpu"):
         c.data.image_size = 32
         c.model.base_channels = 32
         c.model.levels = 4
@@ -207,6 +212,15 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         c.train.warmup_steps = 500
         c.train.log_every = 100
         c.train.checkpoint_every = 5000
+        if preset == "gpu":
+            # The report's network with what the CPU sweep found to buy quality per minute (class-conditional,
+            # guided, a convolutional head), trained on 5M images (docs/gpu.md).
+            c.model.output_head = "conv"
+            c.model.num_classes = 10
+            c.train.num_steps = 5000
+            c.train.checkpoint_every = 1000
+            c.sampling.batch_size = 1000
+            c.sampling.guidance_scale = 1.0
     elif preset == "ddpm":
         # The quick preset's data, schedule and training, with Ho et al.'s U-Net in place of the report's.
         c.model.name = "ddpm_unet"
@@ -345,6 +359,56 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+_DDPM_UNET = ("model.name='ddpm_unet'", lambda c: c.model.name == "ddpm_unet")
+_REPORT_UNET = ("model.name='report_unet'", lambda c: c.model.name == "report_unet")
+_LINEAR = ("diffusion.schedule='linear'", lambda c: c.diffusion.schedule == "linear")
+_COSINE = ("diffusion.schedule='cosine'", lambda c: c.diffusion.schedule == "cosine")
+_CONDITIONAL = ("a class-conditional network (model.num_classes > 0, --class-conditional)",
+                lambda c: int(c.model.get("num_classes", 0)) > 0)
+# Fields read only under a condition: (what the condition says, whether a config meets it).
+READ_ONLY_WHEN = {
+    **{f"model.{f}": _DDPM_UNET for f in ("channel_mult", "num_res_blocks", "attention_resolutions", "dropout",
+                                          "num_heads", "norm_groups")},
+    "model.time_embed_dim": _REPORT_UNET,
+    "model.output_head": _REPORT_UNET,
+    "sampling.batchnorm": ("a BatchNorm network (model.name='report_unet')", _REPORT_UNET[1]),
+    "diffusion.beta_start": _LINEAR,
+    "diffusion.beta_end": _LINEAR,
+    "diffusion.cosine_s": _COSINE,
+    "diffusion.max_beta": _COSINE,
+    "train.hybrid_lambda": ("model.learn_variance=True", lambda c: bool(c.model.get("learn_variance", False))),
+    "train.min_snr_gamma": ("train.loss_weighting='min_snr'", lambda c: c.train.get("loss_weighting") == "min_snr"),
+    "train.p_uncond": _CONDITIONAL,
+    "sampling.guidance_scale": _CONDITIONAL,
+    "sampling.unconditional": _CONDITIONAL,
+}
+
+
+def _field(config, dotted: str):
+    node = config
+    for name in dotted.split("."):
+        node = node.get(name) if hasattr(node, "get") else None
+    return tuple(node) if isinstance(node, list) else node
+
+
+def check_field_read(config: ml_collections.ConfigDict, field: str) -> None:
+    """Refuse ``field`` (dotted) if nothing this config builds reads it (``model.dropout`` of the report's
+    U-Net, which has no dropout): ValueError naming the field, what reads it and the preset."""
+    condition, reads = READ_ONLY_WHEN.get(field, (None, lambda c: True))
+    if not reads(config):
+        raise ValueError(f"{field}={_field(config, field)!r} is read only with {condition}, which this config "
+                         f"(preset {config.get('preset')}) is not; drop the setting, or change what reads it.")
+
+
+def check_fields_read(config: ml_collections.ConfigDict) -> None:
+    """:func:`check_field_read` of every field set away from its preset's value (fields at their preset's
+    value are never refused; the command line also refuses a ``--set`` of an unread field to any value)."""
+    preset = get_config(config.preset) if config.get("preset") in PRESETS else _base()
+    for field in READ_ONLY_WHEN:
+        if _field(config, field) != _field(preset, field):
+            check_field_read(config, field)
+
+
 def validate_config(config: ml_collections.ConfigDict, num_examples: int | None = None) -> None:
     """Check every field of a config before any compute; raise ValueError naming the field, the value and
     what is allowed. Ends by tracing the network abstractly (no arrays are made), so a combination of
@@ -405,8 +469,11 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     require(is_int(native, 1, size), "data.native_size", native,
              f"the images' own height and width, at most data.image_size={size}")
     class_names = tuple(config.data.get("class_names", ()))
-    require(not class_names or (all(isinstance(n, str) for n in class_names) and len(class_names) == num_classes),
-             "data.class_names", class_names, f"empty, or {num_classes} names, one per class (written by training)")
+    # An unconditional network on labelled images keeps their class names for evaluation (its histogram, FID).
+    require(not class_names or (all(isinstance(n, str) for n in class_names)
+                                and (len(class_names) == num_classes or (not num_classes and len(class_names) >= 2))),
+             "data.class_names", class_names,
+             f"empty, or one name per class{f' ({num_classes})' if num_classes else ''} (written by training)")
     require(isinstance(config.data.get("random_flip", False), bool), "data.random_flip",
              config.data.get("random_flip"), "True or False")
     require(is_int(config.data.max_train_examples, 0), "data.max_train_examples", config.data.max_train_examples,
@@ -470,6 +537,7 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
     require(is_int(s.strip_samples, 1, 100), "sampling.strip_samples", s.strip_samples, "an integer in 1..100")
     require(is_int(s.strip_every, 1, d.num_timesteps), "sampling.strip_every", s.strip_every,
              f"an integer in 1..diffusion.num_timesteps={d.num_timesteps}")
+    check_fields_read(config)
     _check_network_builds(config)
 
 

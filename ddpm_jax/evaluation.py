@@ -7,6 +7,8 @@ themselves are the pure functions of :mod:`ddpm_jax.metrics`.
   batch saved to disk so a killed evaluation resumes where it stopped.
 - :func:`measure`: FID against reference features, the digit histogram, KL to
   uniform, the unreadable rate, precision and recall.
+- :func:`sample_and_measure`: both for one checkpoint, with its BatchNorm statistics as
+  trained or recalibrated (:mod:`ddpm_jax.batchnorm_stats`).
 - :func:`cached_features`: feature-network activations of a real image set,
   cached per (network, images) so the reference statistics are computed once.
 - :func:`save_histogram_plot`, :func:`save_least_confident`: the PNGs.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -26,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ddpm_jax import metrics, plotting
+from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
 from ddpm_jax.denoiser import denoiser_fn
@@ -164,6 +168,46 @@ def measure(
     return result
 
 
+def sample_and_measure(
+    checkpoint: DiffusionCheckpoint,
+    network: FeatureNetwork,
+    reference_features: np.ndarray,
+    n: int,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    batchnorm: str = "running",
+    train_images: np.ndarray | None = None,
+    train_labels: np.ndarray | None = None,
+    threshold: float = metrics.UNREADABLE_THRESHOLD,
+    progress: bool = False,
+    **sample_kwargs,
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Draw ``n`` samples of ``checkpoint`` (:func:`draw_samples` with ``key``) and :func:`measure` them.
+
+    ``batchnorm``: ``'running'`` or ``'batch'`` as :func:`ddpm_jax.sample` takes it, or
+    ``'recalibrated'``: the statistics recomputed for the sampling weights over ``train_images``
+    (and ``train_labels`` for a class-conditional network) first
+    (:func:`ddpm_jax.batchnorm_stats.recalibrate_batch_stats`, with a key folded from ``key``).
+    Returns ``(metrics, samples, probs)``: :func:`measure`'s dict plus ``sampling_seconds`` (the
+    recalibration included), the uint8 samples ``(n, H, W, C)`` and their class probabilities.
+    """
+    start = time.perf_counter()
+    if batchnorm == "recalibrated":
+        if train_images is None:
+            raise ValueError("batchnorm='recalibrated' needs train_images to recompute the statistics over.")
+        conditional = int(checkpoint.config.model.get("num_classes", 0)) > 0
+        checkpoint = recalibrate_batch_stats(checkpoint, train_images, jax.random.fold_in(key, 2**31 - 1),
+                                             labels=train_labels if conditional else None)
+        batchnorm = "running"
+    samples = draw_samples(checkpoint, key, n, batch_size=min(batch_size, n), progress=progress,
+                           batchnorm=batchnorm, **sample_kwargs)
+    seconds = time.perf_counter() - start
+    probs, features = network(samples)
+    return {**measure(probs, features, reference_features, threshold=threshold), "sampling_seconds": seconds}, \
+        samples, probs
+
+
 def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` samples with the lowest top-class probability, least confident first."""
     return np.argsort(probs.max(axis=-1), kind="stable")[:k]
@@ -210,6 +254,59 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
     # Below the x label: further down when rotated class names sit between them.
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if class_names is None else -0.36), ncol=2,
               frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def save_histogram_beside(result: dict, reference: dict[str, int], path: str, title: str = "",
+                          reference_label: str = "the report's Figure 6") -> None:
+    """Per 100 samples: each digit's readable samples and the unreadable ones ('?'), beside another count of the
+    same form (``reference``: digit or '?' -> count, e.g. the report's 100 samples counted by eye)."""
+    names = [*result["histogram"], "?"]
+    n = result["num_samples"]
+    unreadable = result["unreadable_histogram"]
+    ours = [(result["histogram"][d] - unreadable[d]) / n * 100 for d in names[:-1]] + [result["unreadable_rate"] * 100]
+    theirs = np.array([reference.get(d, 0) for d in names], float)
+    theirs = theirs / theirs.sum() * 100
+    x = np.arange(len(names))
+    fig = Figure(figsize=(7, 3.6), dpi=120)
+    ax = fig.subplots()
+    ax.bar(x - 0.2, theirs, width=0.4, color="#dd8452", label=reference_label)
+    ax.bar(x + 0.2, ours, width=0.4, color="#4c72b0", label=f"ours ({n:,} samples, per 100)")
+    for xi, value in zip(x, ours):
+        ax.text(xi + 0.2, value + 0.4, f"{value:.1f}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, names)
+    ax.set_xlabel("digit the sample reads as ('?': unreadable)")
+    ax.set_ylabel("per 100 samples")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def save_learning_curve(curve: dict, path: str) -> None:
+    """FID and the unreadable rate against images seen (log axis), one line per measured setting, with the
+    real-data floor; ``curve`` as :mod:`experiments.learning_curve` writes it."""
+    fig = Figure(figsize=(9, 3.6), dpi=120)
+    ax_fid, ax_unreadable = fig.subplots(1, 2)
+    settings = [m["setting"] for m in curve["points"][0]["measurements"]]
+    for setting in settings:
+        rows = [(p["images_seen"], m) for p in curve["points"] for m in p["measurements"] if m["setting"] == setting]
+        xs = [x for x, _ in rows]
+        ax_fid.plot(xs, [m["fid"] for _, m in rows], marker="o", label=setting)
+        ax_unreadable.plot(xs, [m["unreadable_rate"] * 100 for _, m in rows], marker="o", label=setting)
+    floor = curve["floor"]
+    ax_fid.axhline(floor["fid"], color="0.4", linestyle="--", linewidth=1, label="real images (floor)")
+    ax_unreadable.axhline(floor["unreadable_rate"] * 100, color="0.4", linestyle="--", linewidth=1,
+                          label="real images")
+    for ax, label in ((ax_fid, "FID"), (ax_unreadable, "unreadable (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training images seen")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_fid.set_yscale("log")
+    ax_fid.legend(fontsize=6, frameon=False)
+    fig.suptitle(f"{curve['preset']} preset, {curve['num_samples']:,} samples per point", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -262,6 +262,7 @@ def train_and_evaluate(
     idx_dir: str | None = None,
     progress: bool = True,
     stop_at: int | None = None,
+    time_limit: float | None = None,
 ) -> TrainState:
     """Train (or resume) a run in ``workdir``.
 
@@ -276,7 +277,10 @@ def train_and_evaluate(
         into the run's config (``data.channels``, ``data.native_size``).
       labels: their int ``(N,)`` classes, needed with ``images`` for a class-conditional
         network (``model.num_classes > 0``); loaded with the images when those are.
-      stop_at: stop after this step (as if interrupted there), for tests of resumption.
+      stop_at: stop after this step, a checkpoint saved there; the run keeps its length
+        (``train.num_steps``) and learning-rate schedule, so calling again continues it.
+      time_limit: stop after the first step that ends this many seconds into the loop (compilation
+        included), a checkpoint saved there; as ``stop_at``, calling again continues the run.
 
     Returns:
       The final train state.
@@ -302,11 +306,11 @@ def train_and_evaluate(
     is_main = jax.process_index() == 0  # several processes: process 0 alone writes files (and holds the lock)
     # One process per workdir: a second one would clean up the first's checkpoint in flight.
     with WorkdirLock(workdir, what="training") if is_main else contextlib.nullcontext():
-        return _train_locked(config, workdir, images, labels, batching, progress, stop_at)
+        return _train_locked(config, workdir, images, labels, batching, progress, stop_at, time_limit)
 
 
 def _train_locked(config, workdir: str, images, labels, batching: Batching, progress: bool,
-                  stop_at: int | None) -> TrainState:
+                  stop_at: int | None, time_limit: float | None = None) -> TrainState:
     """The run of :func:`train_and_evaluate`, while holding the workdir's lock: resume or start, then the loop."""
     schedule = schedule_from_config(config)  # built once: the step and its probe take it
     t, mesh = config.train, batching.mesh
@@ -360,6 +364,7 @@ def _train_locked(config, workdir: str, images, labels, batching: Batching, prog
         progress=progress,
         desc="training",
         is_main=is_main,
+        time_limit=time_limit,
     )
 
 

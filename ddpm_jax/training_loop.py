@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.guard import NonFiniteGuard
@@ -217,6 +218,18 @@ class _NoSignals:
     signum = None
 
 
+def _past(deadline: float | None, done: int, log_every: int) -> bool:
+    """Whether the loop's time is up after step ``done``. One process asks its own clock after every
+    step; several processes ask process 0's at log steps only, so that all of them stop at the same step."""
+    if deadline is None:
+        return False
+    if jax.process_count() == 1:
+        return time.perf_counter() >= deadline
+    if log_every < 1 or done % log_every:
+        return False
+    return bool(multihost_utils.broadcast_one_to_all(time.perf_counter() >= deadline))
+
+
 def run_training(
     state,
     step_fn: Callable,
@@ -239,8 +252,13 @@ def run_training(
     smoothing: float = 0.1,
     is_main: bool = True,
     orders: EpochOrders | None = None,
+    time_limit: float | None = None,
 ):
     """Step ``state`` with ``step_fn(state, *data)`` from its ``step`` to ``end``; return the last state.
+
+    With ``time_limit`` (seconds), the loop also ends after the first step that finishes that long
+    after the loop began, saving a checkpoint there as at ``end``: a time-boxed run that the same
+    call resumes. The returned state's ``step`` says where it stopped.
 
     With ``orders`` (:class:`EpochOrders`), ``step_fn`` and ``probe_fn`` also get the epoch's order
     of the step they draw a batch for: ``step_fn(state, *data, order)``.
@@ -265,6 +283,7 @@ def run_training(
     if progress and is_main and start < end:
         bar = progress_bar(total=end, initial=start, unit="step", desc=desc, dynamic_ncols=True, smoothing=smoothing)
     last_time, last_step = time.perf_counter(), start
+    deadline = None if time_limit is None else last_time + time_limit
     compile_seconds = None
     stops = StopSignals() if manager is not None else contextlib.nullcontext(_NoSignals())
     try:
@@ -273,6 +292,7 @@ def run_training(
                 extra = () if orders is None else (orders.at(step),)
                 state, metrics = step_fn(state, *data, *extra)
                 done = step + 1
+                out_of_time = _past(deadline, done, log_every)
                 if guard is not None:
                     guard.push(done, metrics)  # checks the step before this one, which has finished by now
                 if logger is not None and is_main:
@@ -283,7 +303,7 @@ def run_training(
                     jax.block_until_ready(metrics["loss"])
                     compile_seconds = time.perf_counter() - last_time
                     last_time, last_step = time.perf_counter(), done
-                if logger is not None and is_main and (done % log_every == 0 or done == end):
+                if logger is not None and is_main and (done % log_every == 0 or done == end or out_of_time):
                     if guard is not None:
                         guard.drain()
                     now = time.perf_counter()
@@ -296,7 +316,8 @@ def run_training(
                     last_time, last_step = now, done
                     if bar is not None and postfix is not None and record["loss"] is not None:
                         bar.set_postfix(**postfix(record, rate))
-                if manager is not None and (done % checkpoint_every == 0 or done == end or stop.signum is not None):
+                if manager is not None and (done % checkpoint_every == 0 or done == end or out_of_time
+                                            or stop.signum is not None):
                     good, loss = True, None
                     if guard is not None and probe_fn is not None:
                         # Only a state known good is saved: every array finite, its loss on the next batch sane.
@@ -311,6 +332,8 @@ def run_training(
                     latest = manager.latest_step()
                     raise TrainingInterrupted(stop.signum, done, None if latest is None else
                                               ckpt_lib.step_directory(manager, latest), latest)
+                if out_of_time:
+                    break
     finally:
         if bar is not None:
             bar.close()

@@ -134,7 +134,9 @@ def evaluation_data(config, args: argparse.Namespace):
             "the class histogram, the unreadable rate and precision/recall need one. What can be measured: the "
             f"model's bits/dim on these images (python -m experiments.likelihood --workdir {args.workdir} "
             f"--image-dir {args.image_dir}), and the figures its training wrote (samples.png, reverse_process.png).")
-    made_from = data_lib.fingerprint(folder.images, folder.labels)
+    # As training took it: an unconditional network's fingerprint is of the images alone.
+    conditional = int(config.model.get("num_classes", 0)) > 0
+    made_from = data_lib.fingerprint(folder.images, *((folder.labels,) if conditional else ()))
     if config.data.get("fingerprint") and made_from != config.data.fingerprint:
         raise ValueError(f"{args.image_dir} is not the folder this run was trained on (its images' fingerprint "
                          f"{made_from}, the run's {config.data.fingerprint}); pass the same folder.")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 
 from ddpm_jax import data as data_lib
 from ddpm_jax import image_folder as image_folder_lib
+from ddpm_jax.configs import check_field_read
 from ddpm_jax.feature_network import default_cache_dir
 from ddpm_jax.options import SAMPLING_METHODS
 from ddpm_jax.schedules import SPACINGS
@@ -24,6 +26,8 @@ def apply_override(config, assignment: str) -> None:
     # Shown as typed, unless it holds a newline or other control character, which would break the one-line error.
     shown_field, shown_raw = (t if t.isprintable() else repr(t) for t in (field, raw))
     *parents, leaf = field.strip().split(".")
+    if not parents and leaf == "preset":
+        raise ValueError(f"--set {shown_field}: the preset is chosen with --preset, not set as a field.")
     node = config
     for name in parents:
         if name not in node or not hasattr(node[name], "keys"):
@@ -31,6 +35,10 @@ def apply_override(config, assignment: str) -> None:
         node = node[name]
     if leaf not in node:
         raise ValueError(f"--set {shown_field}: unknown field {leaf!r}; allowed here: {', '.join(sorted(node.keys()))}.")
+    if hasattr(node[leaf], "keys"):
+        raise ValueError(f"--set {shown_field}: {'.'.join((*parents, leaf))} is a section; set one of its fields, "
+                         f"e.g. --set {'.'.join((*parents, leaf))}.{sorted(node[leaf].keys())[0]}=...; fields: "
+                         f"{', '.join(sorted(node[leaf].keys()))}.")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -45,6 +53,29 @@ def apply_override(config, assignment: str) -> None:
     node[leaf] = value
 
 
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """``--time-limit``'s value in seconds: a number with an optional unit s, m or h (a bare number is minutes)."""
+    text = text.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "m")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; e.g. 90s, 10m or 1.5h") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite duration > 0, e.g. 90s, 10m or 1.5h")
+    return value
+
+
+def check_overrides_read(config, assignments: list[str]) -> None:
+    """Refuse a ``--set`` of a field that nothing the final config builds reads, whatever its value
+    (:func:`ddpm_jax.configs.check_field_read`); after every flag and what the data decided are applied."""
+    for assignment in assignments:
+        check_field_read(config, assignment.split("=", 1)[0].strip())
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:

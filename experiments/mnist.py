@@ -4,7 +4,9 @@ Or on Fashion-MNIST or CIFAR-10 (``--dataset``), or on a folder of your own imag
 (``--image-dir DIR``, see :mod:`ddpm_jax.image_folder`). Parses flags, loads the data
 (before anything is written), calls :func:`ddpm_jax.train.train_and_evaluate` (a run already in
 ``--workdir`` resumes from its latest checkpoint), then draws the run's figures
-from its last checkpoint (:func:`ddpm_jax.figures.write_figures`). Exit status: 0
+from its last checkpoint (:func:`ddpm_jax.figures.write_figures`). ``--time-limit 10m`` or ``--stop-at STEP``
+time-box a long run: it stops there with a checkpoint, its length and learning-rate schedule unchanged, and
+the same command continues it. Exit status: 0
 done; 2 a bad flag, config value, dataset, image folder or workdir, a workdir in use by another
 process, or a damaged checkpoint that cannot be replaced (one ``error:`` line);
 3 a NaN/Inf loss or update, or a diverging loss (see ``train.on_nonfinite`` and
@@ -30,15 +32,16 @@ from ddpm_jax import training_loop as training_loop_lib
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.figures import write_figures
 from ddpm_jax.workdir import check_workdir, prepare_workdir
-from experiments.flags import apply_override
+from experiments.flags import apply_override, check_overrides_read, duration_seconds
 
 
 EXIT_NONFINITE = 3  # 2: bad flags, config or data; 128 + N: stopped by signal N after saving
 
 
-def default_preset() -> str:
-    """The report's setup where a GPU is present; the small CPU preset otherwise."""
-    return "seed" if jax.default_backend() == "gpu" else "cpu"
+def default_preset(backend: str | None = None) -> str:
+    """The preset a run gets without ``--preset``: ``gpu`` where JAX's default backend (or ``backend``)
+    is a GPU, ``cpu`` otherwise. The report's own setup is ``--preset seed``."""
+    return "gpu" if (backend or jax.default_backend()) == "gpu" else "cpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,10 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--idx-dir", default=None,
                    help="read the dataset from its four standard IDX files in this folder instead of TFDS")
     p.add_argument("--preset", default=None, choices=configs_lib.PRESETS,
-                   help="config preset (default: 'seed' on a GPU, 'cpu' otherwise)")
+                   help="config preset (default: 'gpu' on a GPU, 'cpu' otherwise; 'seed' is the report's setup)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="total training steps (config train.num_steps)")
     length.add_argument("--epochs", type=float, default=None, help="total training epochs, converted to steps")
+    p.add_argument("--time-limit", type=duration_seconds, default=None, metavar="DURATION",
+                   help="stop after this much training (e.g. 90s, 10m, 1.5h; a bare number is minutes, compilation "
+                        "included), saving a checkpoint; the run keeps its length and learning-rate schedule, so "
+                        "the same command continues it")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this step, saving a checkpoint (as --time-limit: the same command continues)")
     p.add_argument("--batch-size", type=int, default=None, help="config train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (config train.learning_rate)")
     p.add_argument("--seed", type=int, default=None, help="config seed")
@@ -152,6 +161,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.stop_at is not None and args.stop_at < 1:
+            raise ValueError(f"--stop-at {args.stop_at}: must be a step >= 1.")
         if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
             raise ValueError(f"--epochs {args.epochs}: must be a finite number > 0 (it is converted to steps).")
         config = build_config(args)
@@ -160,11 +171,13 @@ def main(argv=None) -> int:
         if config.dataset != data_lib.IMAGE_FOLDER:
             data_lib.dataset_info(config.dataset)  # an unknown name, before anything is loaded
         configs_lib.validate_config(config)
+        check_overrides_read(config, args.overrides)
         check_workdir(args.workdir)  # a bad workdir is named before the data is read
         # The data is read (and refused) before anything is written.
         images, labels = load_training_data(config, args)
         fit_config_to_data(config, labels, args.class_conditional)
-        configs_lib.validate_config(config)
+        check_overrides_read(config, args.overrides)
+        configs_lib.validate_config(config, num_examples=min(len(images), config.data.max_train_examples or len(images)))
         prepare_workdir(args.workdir)
     except (ValueError, data_lib.DatasetNotFoundError) as e:  # IDXFormatError and ImageFolderError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
@@ -180,11 +193,17 @@ def main(argv=None) -> int:
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
     try:
-        train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
-                                     progress=not args.no_progress)
+        state = train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
+                                             progress=not args.no_progress, stop_at=args.stop_at,
+                                             time_limit=args.time_limit)
+        if int(state.step) < config.train.num_steps:
+            why = f"--time-limit {args.time_limit:g} s" if args.stop_at is None or int(state.step) < args.stop_at \
+                else f"--stop-at {args.stop_at}"
+            print(f"stopped at step {int(state.step):,} of {config.train.num_steps:,} ({why}), checkpoint saved; "
+                  "the same command continues the run", flush=True)
         if jax.process_index() == 0:  # one process draws the figures, from what was saved
             checkpoint = load_checkpoint(args.workdir)
-            if checkpoint.step == config.train.num_steps:
+            if checkpoint.step == int(state.step):
                 write_figures(checkpoint, args.workdir, progress=not args.no_progress)
     except (ValueError, OSError) as e:  # OSError: the disk filled up, a folder vanished mid-run
         print(f"error: {e}", file=sys.stderr)

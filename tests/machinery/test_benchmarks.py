@@ -112,6 +112,25 @@ def test_gpu_plan_runs_the_peers_on_cuda_at_a_gpu_batch():
     assert "JAX_COMPILATION_CACHE_DIR" not in suite.gpu_plan(quick=True, compile_cache="")[0][5]
 
 
+def test_gpu_plan_measures_every_torch_variant_on_both_u_net_presets_in_both_precisions():
+    jobs = suite.gpu_plan(quick=False)
+    by_row = {(preset, task, label): args for preset, task, label, _, args, _ in jobs}
+    for preset in ("seed", "gpu"):
+        for task, command in (("train", "torch-train"), ("sample", "torch-sample")):
+            assert by_row[(preset, task, "ours, bf16")][-2:] == ["--compute-dtype", "bfloat16"]
+            for label, flags in suite.TORCH_VARIANTS.items():
+                args = by_row[(preset, task, label)]
+                assert args[0] == command and all(flag in args for flag in flags)
+                assert args[1:1 + len(suite.PEER_FLAGS[preset])] == suite.PEER_FLAGS[preset]
+    assert "--compile" in by_row[("seed", "train", "torch port, compiled + bf16")]
+    assert suite.PEER_FLAGS["gpu"][suite.PEER_FLAGS["gpu"].index("--output-head") + 1] == "conv"
+    # The small network against the plain port only.
+    assert {label for preset, _, label in by_row if preset == "cpu"} == {"ours", "ours, bf16", "torch port"}
+    small = suite.gpu_plan(quick=True, presets=("tiny",), batch=8, n=8, steps=1, peer_device="cpu", diffusers=False)
+    assert all(args[args.index("--device") + 1] == "cpu" for _, _, _, module, args, _ in small
+               if module == "benchmarks.peers")
+
+
 def test_run_jobs_skips_missing_diffusers_and_jobs_past_the_budget(monkeypatch, capsys):
     jobs = [job for job in suite.plan(quick=True) if job[0] == "seed"]
     ran = []

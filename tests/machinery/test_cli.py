@@ -49,18 +49,31 @@ def test_epochs_are_converted_to_whole_steps(tmp_path, idx_dir):
          "'none' for a learned-variance network"),
         (["--set", "sampling.unconditional=prior"], "sampling.unconditional='prior' is not allowed"),
         (["--set", "sampling.batchnorm=mixed"], "sampling.batchnorm='mixed' is not allowed: running or batch"),
+        # Fields nothing reads: refused by name, with what reads them and the preset, at any value.
+        (["--set", "model.dropout=0.5"], "model.dropout=0.5 is read only with model.name='ddpm_unet', which this "
+                                         "config (preset tiny) is not"),
+        (["--set", "model.attention_resolutions=(7,)"], "model.attention_resolutions=(7,) is read only with"),
+        (["--set", "diffusion.beta_end=0.02"], "read only with diffusion.schedule='linear'"),
+        (["--set", "train.p_uncond=0.2"], "read only with a class-conditional network"),
+        (["--preset", "ddpm", "--set", "model.output_head=conv"], "read only with model.name='report_unet'"),
+        (["--set", "preset=cifar10"], "the preset is chosen with --preset, not set as a field"),
+        (["--set", "model=3"], "model is a section; set one of its fields"),
     ],
 )
 def test_bad_config_values_get_one_line_and_exit_status_2(flags, message, capsys, tmp_path):
     assert mnist.main(["--preset", "tiny", "--workdir", str(tmp_path)] + flags) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_batch_larger_than_the_dataset_is_refused(tmp_path, idx_dir, capsys):
-    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(tmp_path), "--batch-size", "41"]) == 2
+def test_batch_larger_than_the_dataset_is_refused_and_leaves_no_workdir(tmp_path, idx_dir, capsys):
+    workdir = tmp_path / "run"
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--batch-size", "41"]) == 2
     assert "train.batch_size=41 is not allowed: at most the 40 training images" in capsys.readouterr().err
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--batch-size", "9",
+                       "--set", "data.max_train_examples=8"]) == 2
+    assert "at most the 8 training images" in capsys.readouterr().err and not workdir.exists()
 
 
 def test_missing_dataset_names_both_ways_to_get_mnist(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import ddpm_jax
+from ddpm_jax.configs import PRESETS, get_config, validate_config
 from ddpm_jax.image_folder import ImageFolderError, find_images, load_image_folder
 from experiments import evaluate, likelihood, mnist
 
@@ -163,3 +164,26 @@ def test_grey_and_rgb_load_with_and_without_class_subfolders(tmp_path, rgb, clas
         assert folder.class_names == ("flat", "round") and sorted(folder.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     else:
         assert folder.labels is None and folder.class_names == ()
+
+
+def test_every_preset_accepts_a_labelled_folders_class_names():
+    for preset in PRESETS:
+        config = get_config(preset)
+        config.data.class_names = ("a", "b", "c")
+        if config.model.num_classes:  # a conditional network gets one label per class (experiments.mnist)
+            config.model.num_classes = 3
+        validate_config(config)
+
+
+def test_an_unconditional_preset_trains_on_a_labelled_folder_and_keeps_its_classes_for_evaluation(
+        rgb_classes, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert mnist.main(["--preset", "tiny", "--image-dir", str(rgb_classes), "--steps", "2", "--batch-size", "4",
+                       "--set", "data.image_size=16", "--set", "sampling.grid_size=2",
+                       "--workdir", str(workdir), "--no-progress"]) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["num_classes"] == 0 and config["data"]["class_names"] == ["bars", "squares"]
+    # Measured against the folder's held-out tenth, by its class names.
+    assert evaluate.main(["--workdir", str(workdir), "--image-dir", str(rgb_classes), "--num-samples", "4",
+                          "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert json.loads((workdir / "eval.json").read_text())["class_names"] == ["bars", "squares"]

@@ -1,6 +1,10 @@
-"""The PyTorch peers of benchmarks/peers.py: the port matches ReportUNet (counts, shapes, outputs)."""
+"""The PyTorch peers of benchmarks/peers.py: the port matches ReportUNet (counts, shapes, outputs); its options
+(channels-last memory format, bf16 autocast, torch.compile) keep the function and report themselves."""
 
+import copy
 import json
+import math
+import shutil
 import subprocess
 import sys
 
@@ -136,6 +140,7 @@ def test_device_defaults_to_cpu(capsys):
                        "--num-timesteps", "5"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["device"] == "cpu" and r["amp"] is None and r["threads"] >= 1 and "device_peak_mb" not in r
+    assert r["channels_last"] is False and r["compile"] is None and r["compile_seconds"] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -156,5 +161,142 @@ def test_amp_bf16_train_step_and_its_scope():
     train = peers.torch_train_throughput(4, 2, "conv", 28, batch=2, steps=1, warmup_steps=0, num_timesteps=5,
                                          amp=True)
     assert train["amp"] == "bf16" and train["device"] == "cpu" and train["train_images_per_s"] > 0
-    with pytest.raises(SystemExit):
-        peers.main(["torch-sample", "--amp", "bf16"])
+    for refused in (["diffusers-sample", "--amp", "bf16"], ["diffusers-train", "--channels-last"],
+                    ["diffusers-sample", "--compile"], ["self-check", "--compile"]):
+        with pytest.raises(SystemExit):
+            peers.main(refused)
+
+
+# A model small enough for a few seconds a run on a 2-core CPU (compiled: see test_compile_on_the_cpu).
+TINY = ["--base-channels", "4", "--levels", "1", "--output-head", "conv", "--image-size", "28", "--num-timesteps", "3"]
+TINY_RUNS = {"torch-train": ["torch-train", "--json", *TINY, "--batch", "4", "--steps", "1"],
+             "torch-sample": ["torch-sample", "--json", *TINY, "--n", "4"]}
+
+
+def _json_row(capsys, argv):
+    assert peers.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    model = peers.TorchReportUNet(base_channels=4, levels=2)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 1.5)  # so that eval mode uses them
+    fast = peers._prepare_port(copy.deepcopy(model), peers.CPU, channels_last=True)
+    assert fast.down[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.down[0].conv1.weight.is_contiguous()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 99])
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    for train in (False, True):
+        with torch.no_grad():
+            ours, theirs = model.train(train)(x, t), fast.train(train)(x_last, t)
+        np.testing.assert_allclose(theirs.numpy(), ours.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"train={train}")
+
+
+@pytest.mark.parametrize("what", sorted(TINY_RUNS))
+def test_channels_last_and_bf16_from_the_command_line(what, capsys):
+    r = _json_row(capsys, [*TINY_RUNS[what], "--channels-last", "--amp", "bf16"])
+    rate = r["train_images_per_s" if what == "torch-train" else "samples_per_s"]
+    assert r["channels_last"] is True and r["amp"] == "bf16"
+    assert r["compile"] is None and r["compile_seconds"] is None
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_amp_bf16_sample_autocasts_the_forward_pass_only(monkeypatch):
+    dtypes = []
+    forward = peers.TorchReportUNet.forward
+
+    def recording_forward(self, x, t):
+        out = forward(self, x, t)
+        dtypes.append((x.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(peers.TorchReportUNet, "forward", recording_forward)
+    sample = peers.torch_sample_throughput(4, 1, "block", 8, n=2, num_timesteps=3, amp=True)
+    assert sample["amp"] == "bf16" and math.isfinite(sample["samples_per_s"]) and sample["samples_per_s"] > 0
+    # The model ran under autocast; the sampler's arithmetic stayed float32 (each step's x, fed to the next forward).
+    assert len(dtypes) == 1 + 3 and set(dtypes) == {(torch.float32, torch.bfloat16)}
+    assert peers.torch_sample_throughput(4, 1, "block", 8, n=2, num_timesteps=2)["amp"] is None
+
+
+def _check_compile_error(capsys, argv, message):
+    assert peers.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no JSON for a run that did not happen
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: torch.compile failed: ")
+    assert message in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("what", sorted(TINY_RUNS))
+@pytest.mark.parametrize("when", ["wrapping", "first call"])
+def test_compile_failure_is_a_one_line_error(what, when, monkeypatch, capsys):
+    class FailsWhenCalled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            raise RuntimeError("no backend for this\nsecond line of the message")
+
+    def failing_compile(model, mode=None):
+        if when == "wrapping":
+            raise RuntimeError("no backend for this\nsecond line of the message")
+        return FailsWhenCalled(model)
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    _check_compile_error(capsys, [*TINY_RUNS[what], "--compile"], "RuntimeError: no backend for this")
+    # Without --compile the same failure is a bug, not a compile failure: it is not turned into a one-line error.
+    monkeypatch.setattr(peers.TorchReportUNet, "forward", FailsWhenCalled.forward)
+    with pytest.raises(RuntimeError, match="no backend"):
+        peers.main(TINY_RUNS[what])
+
+
+def test_compile_flags_and_their_scope(capsys):
+    parse = peers.build_parser().parse_args
+    assert parse(["torch-train"]).compile is False and parse(["torch-train"]).compile_mode is None
+    assert parse(["torch-sample", "--compile", "--compile-mode", "max-autotune"]).compile_mode == "max-autotune"
+    for refused in (["torch-train", "--compile-mode", "reduce-overhead"], ["torch-train", "--compile-mode", "fast"],
+                    ["torch-train", "--compile", "--warmup-steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            peers.main(refused)
+        assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        peers.torch_train_throughput(4, 1, "conv", 28, batch=2, steps=1, warmup_steps=0, compile_mode="default")
+
+
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    """Dynamo without earlier tests' compiled code, and a recompilation as an error (one would land in the timing)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    yield
+    torch._dynamo.reset()
+
+
+# The smallest network (no pooling level): compiling it cold (an empty Inductor cache) took 18-25 s for torch-sample
+# and 19-35 s for torch-train on a 2-core CPU (Inductor's C++ kernels, most of it a fixed ~20 s the first time in a
+# process); 2-3 s each with Inductor's on-disk cache warm.
+TINY_COMPILED = {"torch-train": ["torch-train", "--json", *TINY, "--levels", "0", "--batch", "4", "--steps", "2"],
+                 "torch-sample": ["torch-sample", "--json", *TINY, "--levels", "0", "--image-size", "8", "--n", "4"]}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor's CPU backend needs a C++ compiler (g++)")
+@pytest.mark.parametrize("what", sorted(TINY_COMPILED))
+def test_compile_on_the_cpu(what, capsys, fresh_dynamo):
+    r = _json_row(capsys, [*TINY_COMPILED[what], "--compile", "--channels-last"])
+    rate = r["train_images_per_s" if what == "torch-train" else "samples_per_s"]
+    assert r["compile"] == "default" and r["channels_last"] is True and math.isfinite(rate) and rate > 0
+    first = r["first_step_seconds" if what == "torch-train" else "first_forward_seconds"]
+    assert r["compile_seconds"] == first > 0
+
+
+def test_a_real_compile_failure_is_a_one_line_error(monkeypatch, tmp_path, capsys, fresh_dynamo):
+    import torch._inductor.config  # noqa: F401 (torch.compile imports it lazily)
+
+    # No C++ compiler for Inductor, and an empty cache (so that nothing compiled before can stand in);
+    # base channels 3: kernels no earlier test compiled in this process.
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    argv = [*TINY_COMPILED["torch-sample"], "--base-channels", "3", "--compile"]
+    _check_compile_error(capsys, argv, "C++ compiler")
