@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -254,6 +255,10 @@ def _copy(source: Path, out: str, name: str) -> None:
         shutil.copyfile(source, Path(out) / name)
 
 
+def _hours(hours: float | None) -> str:
+    return "unknown (no training rate logged)" if hours is None else f"{hours:.2f} h"
+
+
 def summary_markdown(record: dict) -> str:
     """The Markdown summary: the gpu preset against its goals, the seed curve, the speed table, the versions."""
     lines = [f"# GPU check, {record['date']}", "",
@@ -291,7 +296,7 @@ def summary_markdown(record: dict) -> str:
     if curve:
         lines += ["## seed preset (the report's network) on its learning curve", "",
                   f"{curve.get('images_per_s') or 0:,.0f} training images/s; the rest of its "
-                  f"{curve['total_images']:,} images: {curve.get('rest_of_run_hours') or float('nan'):.2f} h.", "",
+                  f"{curve['total_images']:,} images: {_hours(curve.get('rest_of_run_hours'))}.", "",
                   "| images seen | setting | FID | unreadable | KL to uniform |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {p['images_seen']:,} | {m['setting']} | {m['fid']:.2f} | {m['unreadable_rate']:.2%} | "
                   f"{m['kl_to_uniform']:.4f} |" for p in curve["points"] for m in p["measurements"]]
@@ -326,6 +331,10 @@ def main(argv=None) -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     if not parts <= set(PARTS):
         print(f"error: --parts {args.parts}: choose from {', '.join(PARTS)}.", file=sys.stderr)
+        return 2
+    if not (args.smoke or args.idx_dir or args.data_dir or importlib.util.find_spec("tensorflow_datasets")):
+        print("error: no MNIST to train on: give --idx-dir DIR (the four MNIST IDX files) or --data-dir (TFDS, "
+              "which is not installed here).", file=sys.stderr)
         return 2
     probe = {"backend": "cpu"} if args.smoke else detect_backend()
     if not args.smoke and probe.get("backend") != "gpu":

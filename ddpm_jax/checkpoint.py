@@ -34,6 +34,7 @@ from ddpm_jax.manifest import (  # noqa: F401  (the errors are raised through th
     ConfigRefusedError,
     finish_manifests,
 )
+from ddpm_jax.options import check_count
 from ddpm_jax.schedules import DiffusionSchedule
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -352,6 +353,12 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
       A :class:`DiffusionCheckpoint` (params, ema_params, batch_stats, config, step, and
       ``identity``: the digest of its verified files), on this process's first device.
     """
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise TypeError(f"workdir must be a path (str or os.PathLike), got {type(workdir).__name__}.")
+    if step is not None:  # None: the newest intact checkpoint
+        step = check_count("step", step, 0)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     if not os.path.isdir(directory):
         raise FileNotFoundError(

@@ -31,7 +31,7 @@ from ddpm_jax.noisy_classifier import check_classifier_matches, log_prob_fn
 from ddpm_jax.progress import progress_bar
 from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler, make_dpm_solver_sampler
 from ddpm_jax.schedules import DiffusionSchedule
-from ddpm_jax.options import SamplingOptions, check_count, sampling_options
+from ddpm_jax.options import SamplingOptions, check_count, check_key, sampling_options
 
 # How labels steer sampling: a class-conditional network's own conditioning with classifier-free
 # guidance (Ho & Salimans 2022), or a noise-aware classifier's gradient (Dhariwal & Nichol 2021).
@@ -172,6 +172,7 @@ def sample(
             "variables use ddpm_jax.sampling.make_ancestral_sampler with your model and schedule."
         )
     n = check_count("n", n, 1)
+    key = check_key(key)
     if batch_size is not None:
         check_count("batch_size", batch_size, 1)
     check_count("return_every", return_every, 0)
@@ -248,7 +249,10 @@ def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndar
     int32 ``(n,)``, or None where it draws none (an unconditional network, or
     ``sampling.unconditional='null'``). For reading a grid, or counting what was asked for.
     """
-    return _prior_labels(params.config, key, n, None, None)
+    if not isinstance(params, DiffusionCheckpoint):
+        raise TypeError(f"prior_labels(params, key, n) takes what ddpm_jax.load_checkpoint(workdir) returns, got "
+                        f"{type(params).__name__}.")
+    return _prior_labels(params.config, check_key(key), check_count("n", n, 1), None, None)
 
 
 def _frozen(config) -> ml_collections.FrozenConfigDict:

@@ -15,8 +15,9 @@ Labels come from the layout:
   for class-conditional training and evaluation.
 
 Anything else is refused with one line naming the problem (:class:`ImageFolderError`):
-a missing or empty folder, a file that cannot be read as an image, images both
-directly in ``DIR`` and in class subfolders.
+a missing or empty folder, a file that cannot be read as an image, an image of more than
+:data:`MAX_PIXELS` pixels, images both directly in ``DIR`` and in class subfolders. Linked
+folders are followed (each real folder once); files that are not regular files are skipped.
 
 Returns the same ``uint8`` NHWC arrays the dataset loaders of :mod:`ddpm_jax.data` do.
 """
@@ -35,6 +36,9 @@ from ddpm_jax.progress import progress_bar
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "ImageFolderError", "find_images", "load_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The largest image read (width x height): 64 megapixels, 8000 x 8000, below PIL's own decompression-bomb
+# guard (about 179 megapixels), so a huge file is refused by name before it is decoded into memory.
+MAX_PIXELS = 64 * 10**6
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -59,13 +63,24 @@ class ImageFolder:
 
 
 def find_images(directory: str | os.PathLike) -> list[Path]:
-    """The PNG and JPEG files under ``directory``, recursively, in sorted path order (hidden files skipped)."""
+    """The PNG and JPEG files under ``directory``, recursively, in sorted path order.
+
+    Hidden files and folders are skipped, and so is anything with an image's name that is not a regular
+    file (a FIFO, socket or device would block or fail the reader), before anything is read. Linked folders
+    are followed (a class folder may be a link), each real folder once, so a link back up the tree ends
+    there instead of looping.
+    """
     root = Path(directory)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # reached again through a link: a loop, or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES) and (Path(dirpath) / f).is_file()]
     return found
 
 
@@ -88,6 +103,11 @@ def _read(path: Path, image_size: int) -> np.ndarray:
     """One image, center-cropped to a square and resized: uint8 ``(S, S, 3)``, and whether it was grey."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:  # judged from the header, before decoding
+                raise ImageFolderError(
+                    f"{path}: {width}x{height} pixels is over the {MAX_PIXELS:,} an --image-dir image may have; "
+                    "downscale it first (training resizes every image to data.image_size anyway).")
             image.load()  # decode now: a truncated file fails here, not later
             grey = image.mode in _GREY_MODES
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float greys: scale to 8 bits
@@ -95,7 +115,9 @@ def _read(path: Path, image_size: int) -> np.ndarray:
                 top = 65535.0 if values.max() > 255 else 255.0
                 image = Image.fromarray(np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8))
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except ImageFolderError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise ImageFolderError(f"{path}: cannot be read as an image ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}).") from None
     if min(rgb.size) < 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from ddpm_jax.configs import BATCHNORM_MODES, is_number
@@ -17,10 +18,27 @@ from ddpm_jax.schedules import SPACINGS
 
 
 def check_count(name: str, value, least: int) -> int:
-    """``value`` as an int if it is an integer (numpy's too, never a bool) >= ``least``; else ValueError."""
+    """``value`` as an int if it is an integer >= ``least`` (Python's, numpy's, or a 0-d integer array, JAX's
+    too; never a bool); else ValueError naming ``name`` and the value."""
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(value.dtype, np.integer):
+        value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
+        shown = repr(value) if len(repr(value)) <= 60 else f"{type(value).__name__} {repr(value)[:40]}..."
+        raise ValueError(f"{name} must be an integer >= {least}, got {shown}.")
     return int(value)
+
+
+def check_key(key, name: str = "key") -> jax.Array:
+    """``key`` if it is a JAX PRNG key (``jax.random.key(0)``, or the raw uint32 ``(2,)`` of
+    ``jax.random.PRNGKey(0)``); else TypeError naming ``name`` and how to make one."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
+    if not (typed or raw):
+        shown = f"{type(key).__name__}" + (f" {key!r}" if isinstance(key, (int, float, str)) else
+                                           f" of shape {getattr(key, 'shape', '?')}")
+        raise TypeError(f"{name} must be a JAX PRNG key, e.g. jax.random.PRNGKey(0) or jax.random.key(0); "
+                        f"got {shown}.")
+    return key
 
 
 # Ho et al.'s Algorithm 2 (respaced when K < T), Song et al.'s DDIM, Lu et al.'s DPM-Solver++ (multistep,

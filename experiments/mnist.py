@@ -98,6 +98,8 @@ def build_config(args: argparse.Namespace):
         config.model.num_classes = 10
     for assignment in args.overrides:
         apply_override(config, assignment)
+    if args.image_dir is not None and config.dataset != data_lib.IMAGE_FOLDER:
+        raise ValueError(f"--image-dir and --set dataset={config.dataset} both name the training data; give one.")
     if args.steps is not None:
         config.train.num_steps = args.steps
     if args.batch_size is not None:

@@ -2,6 +2,7 @@
 subfolders), trains on it, samples from it, and refuses bad data with one line, exit status 2, nothing written."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 import ddpm_jax
 from ddpm_jax.configs import PRESETS, get_config, validate_config
+from ddpm_jax import image_folder
 from ddpm_jax.image_folder import ImageFolderError, find_images, load_image_folder
 from experiments import evaluate, likelihood, mnist
 
@@ -187,3 +189,47 @@ def test_an_unconditional_preset_trains_on_a_labelled_folder_and_keeps_its_class
     assert evaluate.main(["--workdir", str(workdir), "--image-dir", str(rgb_classes), "--num-samples", "4",
                           "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
     assert json.loads((workdir / "eval.json").read_text())["class_names"] == ["bars", "squares"]
+
+
+def test_linked_class_folders_are_followed_each_real_folder_once(tmp_path):
+    rng = np.random.default_rng(3)
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "images"
+    for i in range(3):
+        _save(elsewhere / "bars" / f"b{i}.png", _shapes(rng, 20, False, 1))
+        _save(root / "squares" / f"s{i}.png", _shapes(rng, 20, False, 0))
+    (root / "bars").symlink_to(elsewhere / "bars", target_is_directory=True)
+    (root / "squares" / "loop").symlink_to(root, target_is_directory=True)  # a link back up the tree
+    folder = load_image_folder(root, 12)
+    assert folder.class_names == ("bars", "squares") and [int(y) for y in folder.labels] == [0] * 3 + [1] * 3
+
+
+def test_files_that_are_not_regular_files_are_skipped_before_any_read(tmp_path):
+    root = tmp_path / "images"
+    _save(root / "a.png", np.zeros((8, 8)))
+    os.mkfifo(root / "pipe.png")  # opening it to read would wait for a writer forever
+    assert [p.name for p in find_images(root)] == ["a.png"]
+    assert load_image_folder(root, 8).images.shape == (1, 8, 8, 1)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_name_before_decoding(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    _save(root / "small.png", np.zeros((8, 8)))
+    _save(root / "big.png", np.zeros((30, 40)))
+    monkeypatch.setattr(image_folder, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageFolderError, match=r"big.png: 40x30 pixels is over the 1,000 an --image-dir image may have") as info:
+        load_image_folder(root, 8)
+    assert "\n" not in str(info.value)
+
+
+def test_the_pixel_limit_lies_below_pils_own_decompression_bomb_error():
+    # PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS: ours refuses first, by name.
+    assert image_folder.MAX_PIXELS < 2 * Image.MAX_IMAGE_PIXELS
+
+
+def test_image_dir_is_never_silently_replaced_by_a_dataset_field(rgb_classes, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert mnist.main(["--preset", "tiny", "--image-dir", str(rgb_classes), "--set", "dataset=cifar10",
+                       "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert "--image-dir and --set dataset=cifar10 both name the training data" in err and err.count("\n") == 1
+    assert not workdir.exists()

@@ -1,5 +1,7 @@
 """What ``sample()`` accepts: its options checked once, with what is allowed, and the three-argument call kept."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,39 @@ def test_unnamed_method_and_spacing_default_to_ancestral_for_all_steps_and_the_m
         ddpm_jax.sample(checkpoint, key, 2, steps=4),
         ddpm_jax.sample(checkpoint, key, 2, steps=4, method="sde_dpm_solver++", order=2, spacing="trailing"))
     ddpm_jax.sample(checkpoint, key, 2, steps=1)  # every K works with the default method
+
+
+@pytest.mark.parametrize("n", [np.int64(2), jnp.int32(2), np.array(2)])
+def test_numpy_and_jax_integer_scalars_are_counts(checkpoint, n):
+    assert ddpm_jax.sample(checkpoint, jax.random.PRNGKey(0), n, steps=2).shape[0] == 2
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda c: ddpm_jax.sample(c, 0, 2), TypeError, "key must be a JAX PRNG key, e.g. jax.random.PRNGKey(0)"),
+    (lambda c: ddpm_jax.sample(c, "seed", 2), TypeError, "got str 'seed'"),
+    (lambda c: ddpm_jax.sample(c, jax.random.PRNGKey(0), -1), ValueError, "n must be an integer >= 1, got -1"),
+    (lambda c: ddpm_jax.sample(c, jax.random.PRNGKey(0), 2.0), ValueError, "n must be an integer >= 1, got 2.0"),
+    (lambda c: ddpm_jax.sample(c, jax.random.PRNGKey(0), jnp.float32(2)), ValueError, "n must be an integer"),
+    (lambda c: ddpm_jax.prior_labels(c, 0, 2), TypeError, "key must be a JAX PRNG key"),
+    (lambda c: ddpm_jax.prior_labels(c, jax.random.PRNGKey(0), 1.5), ValueError, "n must be an integer >= 1"),
+    (lambda c: ddpm_jax.prior_labels({}, jax.random.PRNGKey(0), 1), TypeError, "takes what ddpm_jax.load_checkpoint"),
+])
+def test_public_arguments_of_the_wrong_type_get_one_line_naming_them(checkpoint, call, error, message):
+    with pytest.raises(error, match=re.escape(message)) as info:
+        call(checkpoint)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"step": "4"}, ValueError, "step must be an integer >= 0, got '4'"),
+    ({"step": 4.0}, ValueError, "step must be an integer >= 0, got 4.0"),
+    ({"step": -1}, ValueError, "step must be an integer >= 0, got -1"),
+    ({"weights": "best"}, ValueError, "weights must be 'ema' or 'raw'"),
+])
+def test_load_checkpoint_refuses_a_step_or_weights_of_the_wrong_kind_before_reading(
+        trained_tiny_run, kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        ddpm_jax.load_checkpoint(str(trained_tiny_run), **kwargs)
+    assert ddpm_jax.load_checkpoint(str(trained_tiny_run), step=np.int64(4)).step == 4
+    with pytest.raises(TypeError, match="workdir must be a path"):
+        ddpm_jax.load_checkpoint(4)
