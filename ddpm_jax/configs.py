@@ -182,7 +182,10 @@ def _base() -> ml_collections.ConfigDict:
     # or with each sampled batch's own statistics ('batch'); see sample(batchnorm=).
     c.sampling.batchnorm = "running"
     c.sampling.classifier_scale = 32.0
-    c.sampling.grid_size = 10  # the grid PNG is grid_size x grid_size samples
+    c.sampling.grid_size = 10  # the grid PNG is grid_size x grid_size samples (at most; see figure_share)
+    # The most the end-of-run figures may cost, as a share of the training's network evaluations: a short run's
+    # grid shrinks (to no less than 2x2) so that drawing it never takes longer than a tenth of the training.
+    c.sampling.figure_share = 0.1
     c.sampling.strip_samples = 4  # rows of the reverse-process figure
     c.sampling.strip_every = 10  # one column every strip_every steps
     return c
@@ -534,6 +537,9 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
              " or ".join(UNCONDITIONAL_MODES))
     require(is_int(s.batch_size, 1, 100_000), "sampling.batch_size", s.batch_size, "an integer in 1..100000")
     require(is_int(s.grid_size, 1, 100), "sampling.grid_size", s.grid_size, "an integer in 1..100")
+    share = s.get("figure_share", 0.1)
+    require(is_number(share, 0.0, lo_open=True), "sampling.figure_share", share,
+             "a finite share > 0 of the training's network evaluations (default 0.1)")
     require(is_int(s.strip_samples, 1, 100), "sampling.strip_samples", s.strip_samples, "an integer in 1..100")
     require(is_int(s.strip_every, 1, d.num_timesteps), "sampling.strip_every", s.strip_every,
              f"an integer in 1..diffusion.num_timesteps={d.num_timesteps}")
@@ -606,6 +612,17 @@ def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = No
     num_timesteps = config.diffusion.num_timesteps
     return spaced_timesteps(num_timesteps, steps or num_timesteps, spacing,
                             betas=_betas(config) if spacing == "logsnr" else None)
+
+
+def figure_grid_size(config: ml_collections.ConfigDict) -> int:
+    """The side of the end-of-run sample grid: ``sampling.grid_size``, shrunk for a short run so that the grid's
+    network evaluations (side^2 samples x T steps) stay within ``sampling.figure_share`` of the training's
+    (``train.num_steps`` x ``train.batch_size`` images, each a forward and a backward pass, about 3 evaluations);
+    never below 2 (or ``grid_size``, if smaller)."""
+    s, t = config.sampling, config.train
+    budget = float(s.get("figure_share", 0.1)) * 3 * int(t.num_steps) * int(t.batch_size)
+    fits = int((budget / int(config.diffusion.num_timesteps)) ** 0.5)
+    return max(min(int(s.grid_size), 2), min(int(s.grid_size), fits))
 
 
 def output_multiple(model_config) -> int:

@@ -218,6 +218,12 @@ def least_confident(probs: np.ndarray, k: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+def as_text(name: str) -> str:
+    """``name`` as matplotlib draws it literally: a ``$`` escaped, so a class folder named ``$x^$`` is a label,
+    not math text that fails to parse when the figure is drawn."""
+    return str(name).replace("$", r"\$")
+
+
 def save_histogram_plot(result: dict, path: str, floor: dict | None = None, title: str = "",
                         class_names: tuple[str, ...] | None = None) -> None:
     """Bar chart of the class histogram (the report's Figure 6: digits), unreadable samples hatched.
@@ -245,7 +251,7 @@ def save_histogram_plot(result: dict, path: str, floor: dict | None = None, titl
         ax.set_xticks(digits)
         ax.set_xlabel("digit (the classifier's most likely label)")
     else:
-        ax.set_xticks(digits, class_names, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(digits, [as_text(n) for n in class_names], rotation=30, ha="right", fontsize=7)
         ax.set_xlabel("class (the classifier's most likely label)")
     ax.set_ylabel(f"% of {n:,} samples")
     ax.set_ylim(0, max(share.max(), uniform) * 1.25)
@@ -326,7 +332,7 @@ def save_least_confident(images_u8: np.ndarray, probs: np.ndarray, path: str, k:
             ax.imshow(images_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255)
         else:
             ax.imshow(images_u8[i])
-        name = probs[i].argmax() if class_names is None else class_names[probs[i].argmax()]
+        name = probs[i].argmax() if class_names is None else as_text(class_names[probs[i].argmax()])
         ax.set_title(f"{name}: {probs[i].max():.2f}", fontsize=7 if class_names is None else 5, pad=2)
     kind = "digit" if class_names is None else "class"
     fig.suptitle(f"least confident samples (likeliest {kind}: its probability)", fontsize=8)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ddpm_jax import plotting
 from ddpm_jax.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import figure_grid_size
 from ddpm_jax.generate import sample
 
 
@@ -23,21 +24,24 @@ def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool 
     and ``sampling.json`` (how long the grid took) into ``workdir``; for a class-conditional
     network also ``samples_by_class.png``, one row per class.
 
-    ``checkpoint`` is a :class:`ddpm_jax.DiffusionCheckpoint`; the samples use
+    The grid is ``sampling.grid_size`` on a side, smaller for a short run
+    (:func:`ddpm_jax.configs.figure_grid_size`: at most ``sampling.figure_share`` of the training's
+    network evaluations). ``checkpoint`` is a :class:`ddpm_jax.DiffusionCheckpoint`; the samples use
     the key ``PRNGKey(config.seed + 1)``, so the figures are reproducible. They
     use the checkpoint's EMA weights; ``samples_raw.png`` is the same grid (same
     noise) from the last step's raw weights, to show what the average buys.
     """
     config = checkpoint.config
     grid_key, strip_key = jax.random.split(jax.random.PRNGKey(config.seed + 1))
-    n_grid = config.sampling.grid_size**2
+    side = figure_grid_size(config)  # sampling.grid_size, smaller for a short run (sampling.figure_share)
+    n_grid = side**2
     t0 = time.perf_counter()
     grid = np.asarray(sample(checkpoint, grid_key, n_grid, progress=progress))
     seconds = time.perf_counter() - t0
-    plotting.save_grid(grid, os.path.join(workdir, "samples.png"), nrow=config.sampling.grid_size)
+    plotting.save_grid(grid, os.path.join(workdir, "samples.png"), nrow=side)
     if checkpoint.weights_used == "ema":
         raw = np.asarray(sample(checkpoint, grid_key, n_grid, weights="raw"))
-        plotting.save_grid(raw, os.path.join(workdir, "samples_raw.png"), nrow=config.sampling.grid_size)
+        plotting.save_grid(raw, os.path.join(workdir, "samples_raw.png"), nrow=side)
     _, frames = sample(checkpoint, strip_key, config.sampling.strip_samples, return_every=config.sampling.strip_every)
     plotting.save_reverse_process(
         np.asarray(frames),
@@ -51,9 +55,9 @@ def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool 
         json.dump(info, f, indent=2)
     num_classes = int(config.model.get("num_classes", 0))
     if num_classes:  # one row per class, chosen rather than cherry-picked, at the config's guidance scale
-        digits = np.repeat(np.arange(num_classes), config.sampling.grid_size)
+        digits = np.repeat(np.arange(num_classes), side)
         by_class = np.asarray(sample(checkpoint, grid_key, len(digits), labels=digits))
-        plotting.save_grid(by_class, os.path.join(workdir, "samples_by_class.png"), nrow=config.sampling.grid_size)
+        plotting.save_grid(by_class, os.path.join(workdir, "samples_by_class.png"), nrow=side)
         info["guidance_scale"] = float(config.sampling.guidance_scale)
     also = " (EMA weights; samples_raw.png: the raw weights)" if checkpoint.weights_used == "ema" else ""
     if num_classes:

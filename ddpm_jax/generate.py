@@ -192,14 +192,15 @@ def sample(
             )
     options = sampling_options(config, steps=steps, method=method, eta=eta, variance=variance, mean=mean,
                                batchnorm=batchnorm, order=order, spacing=spacing)
+    # Before anything of size n is drawn (the prior's labels included).
+    _check_fits_in_memory(n, config.data.image_size, int(config.data.get("channels", 1)), return_every,
+                          options.steps or config.diffusion.num_timesteps)
     if labels is None:
         labels = _prior_labels(config, key, n, unconditional, classifier)
     elif unconditional is not None:
         raise ValueError("unconditional= says what to draw when no labels are given; drop it, or drop labels=.")
     conditioning, scale, classifier_scale = _resolve_guidance(config, n, labels, guidance, guidance_scale, classifier)
     labels = None if labels is None else np.broadcast_to(np.asarray(labels, dtype=np.int32), (n,))
-    _check_fits_in_memory(n, config.data.image_size, int(config.data.get("channels", 1)), return_every,
-                          options.steps or config.diffusion.num_timesteps)
     native = int(config.data.get("native_size", 28))  # the padding to data.image_size is cropped away
     batch = min(batch_size or config.sampling.batch_size, n)
     shards = parallel.num_shards(parallel.make_mesh())  # the mesh _compiled_sampler splits the batch over
@@ -252,7 +253,9 @@ def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndar
     if not isinstance(params, DiffusionCheckpoint):
         raise TypeError(f"prior_labels(params, key, n) takes what ddpm_jax.load_checkpoint(workdir) returns, got "
                         f"{type(params).__name__}.")
-    return _prior_labels(params.config, check_key(key), check_count("n", n, 1), None, None)
+    n = check_count("n", n, 1)
+    _check_fits_in_memory(n, 1, 1, 0, 1)  # the labels alone, as int32 (four bytes each, as one float pixel)
+    return _prior_labels(params.config, check_key(key), n, None, None)
 
 
 def _frozen(config) -> ml_collections.FrozenConfigDict:

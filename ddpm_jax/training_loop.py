@@ -191,10 +191,14 @@ class TrainingInterrupted(Exception):
 
 class StopSignals:
     """Within ``with``, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) set ``signum`` instead of
-    killing the process, so the loop can finish its step and save first. Outside the main thread (where
-    Python cannot install handlers) it does nothing."""
+    killing the process, so the loop can finish its step and save first; or, with ``on_signal``, call it
+    with the signal's number (which may raise, to stop work that has nothing to save). Outside the main
+    thread (where Python cannot install handlers) it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal: Callable[[int], None] | None = None):
+        self._on_signal = on_signal
 
     def __enter__(self):
         self.signum = None
@@ -204,6 +208,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        if self._on_signal is not None:
+            self.signum = signum
+            self._on_signal(signum)
+            return
         if self.signum is None:
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping", flush=True)
         self.signum = signum

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 import jax
@@ -86,6 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     dist.add_argument("--num-processes", type=int, default=None, help="default: $JAX_NUM_PROCESSES")
     dist.add_argument("--process-id", type=int, default=None, help="default: $JAX_PROCESS_ID")
     return p.parse_args(argv)
+
+
+class FiguresInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the end-of-run figures were being drawn."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+def _stop_drawing(signum: int) -> None:
+    raise FiguresInterrupted(signum)
 
 
 def build_config(args: argparse.Namespace):
@@ -206,7 +219,8 @@ def main(argv=None) -> int:
         if jax.process_index() == 0:  # one process draws the figures, from what was saved
             checkpoint = load_checkpoint(args.workdir)
             if checkpoint.step == int(state.step):
-                write_figures(checkpoint, args.workdir, progress=not args.no_progress)
+                with training_loop_lib.StopSignals(on_signal=_stop_drawing):
+                    write_figures(checkpoint, args.workdir, progress=not args.no_progress)
     except (ValueError, OSError) as e:  # OSError: the disk filled up, a folder vanished mid-run
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -216,6 +230,10 @@ def main(argv=None) -> int:
     except training_loop_lib.TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum  # the shell's convention for "ended by signal N"
+    except FiguresInterrupted as e:
+        print(f"stopped by {e.name} while drawing the figures; the run itself is saved in {args.workdir}. Rerun the "
+              "same command to draw them.", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

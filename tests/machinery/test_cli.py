@@ -87,3 +87,35 @@ def test_unknown_preset_is_refused_by_the_parser(capsys):
         mnist.parse_args(["--preset", "huge"])
     assert exit_info.value.code == 2
     assert "cpu" in capsys.readouterr().err
+
+
+def test_a_signal_while_drawing_the_figures_ends_with_the_usual_message(tmp_path, idx_dir, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    def interrupted_figures(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the figures")
+
+    monkeypatch.setattr(mnist, "write_figures", interrupted_figures)
+    workdir = tmp_path / "run"
+    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "2",
+                       "--no-progress"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM while drawing the figures; the run itself is saved" in err and err.count("\n") == 1
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+
+
+@pytest.mark.parametrize("preset, steps, side", [("cpu", 9000, 10), ("cpu", 50, 3), ("seed", 10, 5), ("tiny", 4, 2),
+                                                 ("seed", 1, 2)])
+def test_the_figures_grid_shrinks_to_a_tenth_of_a_short_runs_work(preset, steps, side):
+    from ddpm_jax.configs import figure_grid_size, get_config
+
+    # cpu, 50 steps: 0.1 x 3 x 50 x 64 = 960 evaluations, over T = 100 steps: 9.6 samples, a 3x3 grid.
+    # seed, 10 steps: 0.1 x 3 x 10 x 1000 / 100 = 30 samples, 5x5. Never below 2x2.
+    config = get_config(preset)
+    config.train.num_steps = steps
+    assert figure_grid_size(config) == side

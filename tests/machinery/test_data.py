@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 import sys
 import time
 import types
@@ -325,3 +326,26 @@ def test_tensorflow_is_imported_with_gpus_hidden(monkeypatch, already_initialise
     monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
     assert data._import_tensorflow_without_gpus() is fake_tf
     assert calls == [([], "GPU")]
+
+
+@pytest.mark.parametrize("failure", [socket.timeout("timed out"), OSError(101, "Network is unreachable"),
+                                     socket.gaierror(-3, "Temporary failure in name resolution")])
+def test_an_unprepared_dataset_without_the_network_is_refused_in_seconds(tmp_path, monkeypatch, failure, capsys):
+    pytest.importorskip("tensorflow_datasets")
+    asked = []
+
+    def no_connection(address, timeout=None):
+        asked.append((address, timeout))
+        raise failure
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFoundError, match=r"preparing it needs a download from storage.googleapis.com, "
+                                                   r"which is out of reach") as info:
+        load_mnist_tfds("train", data_dir=tmp_path)
+    assert time.perf_counter() - start < 15 and asked == [(("storage.googleapis.com", 443), 5.0)]
+    assert "--idx-dir" in str(info.value) and not any(tmp_path.iterdir())
+    from experiments import mnist
+
+    assert mnist.main(["--preset", "tiny", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "run")]) == 2
+    assert "out of reach" in capsys.readouterr().err and not (tmp_path / "run").exists()

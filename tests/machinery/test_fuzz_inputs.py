@@ -120,9 +120,9 @@ NUMBERS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["0", "-1", "1", "nan", "inf", "-inf", "1e999", "", "abc", "0x10", "3.5"]),
 )
-FLAGS = st.sampled_from(["--steps", "--epochs", "--batch-size", "--lr", "--seed"])
+FLAGS = st.sampled_from(["--steps", "--epochs", "--batch-size", "--lr", "--seed", "--stop-at", "--time-limit"])
 FIELD_OF = {"--steps": "train.num_steps", "--epochs": "--epochs", "--batch-size": "train.batch_size",
-            "--lr": "train.learning_rate", "--seed": "seed"}
+            "--lr": "train.learning_rate", "--seed": "seed", "--stop-at": "--stop-at", "--time-limit": "--time-limit"}
 
 
 @FUZZ
