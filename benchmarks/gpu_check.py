@@ -13,12 +13,12 @@ each part finds the whole card free:
    test split's rate + 1 point, KL to uniform at most 0.01.
 2. **bfloat16 against float32** (``--parts ...,precision``, not in the default): the gpu preset trained
    again with ``model.compute_dtype=bfloat16``, the same length, measured at its default scale.
-3. **The report's network on its learning curve**: ``python -m experiments.learning_curve --preset
-   seed --points 1M,4M,16M`` with running and recalibrated BatchNorm statistics, its training
-   time-limited to what the budget leaves for it (``--curve-seconds``).
-4. **The speed table** (:func:`benchmarks.__main__.gpu_plan`): ours in float32 and bfloat16 against the
+3. **The speed table** (:func:`benchmarks.__main__.gpu_plan`): ours in float32 and bfloat16 against the
    torch port as written, under bf16 autocast, in ``channels_last``, and compiled, seed and gpu
-   presets, until ``--budget`` is spent (rows not started then are marked skipped).
+   presets, for ``--speed-seconds`` (150; rows not started by then are marked skipped).
+4. **The report's network on its learning curve**: ``python -m experiments.learning_curve --preset
+   seed --points 1M,4M,16M`` with running and recalibrated BatchNorm statistics, its training
+   time-limited to what ``--budget`` (480 s) leaves for it, at least a minute (``--curve-seconds``).
 
 Writes to ``--out`` at most 8 files: ``gpu_check.json`` (everything, rewritten after each part, so a
 run cut off keeps what it measured), ``summary.md`` (the tables the README's GPU section shows),
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.__main__ import KEEP_FLAGS, _versions, detect_backend, gpu_plan, run_jobs
+from benchmarks.__main__ import GPU_PRESETS, KEEP_FLAGS, _versions, detect_backend, gpu_plan, run_jobs
 from ddpm_jax.data import IDX_FILES, load_mnist_idx
 
 GOAL_MINUTES = 5.0
@@ -69,6 +69,8 @@ SMOKE_PRESET = ["--steps", "2", "--batch-size", "8", *SMOKE_NETWORK, "--set", "t
 SMOKE_CURVE = ["--steps", "4", "--batch-size", "8", *SMOKE_NETWORK, "--points", "16,32"]
 SMOKE_EVAL = ["--num-samples", "16", "--classifier-epochs", "1"]
 SMOKE_CURVE_SECONDS = 90.0
+SMOKE_SPEED_SECONDS = 600.0  # every smoke row runs
+SPEED_ORDER = ("train", "sample", "sample10", "guidance")
 # The smoke test's speed rows: our train step and sampler, and the port's train step in its strongest form.
 # (torch.compile's own compile, tens of seconds on two cores, is tested in tests/paper/test_peers.py.)
 SMOKE_SPEED_ROWS = (("train", "ours"), ("train", "torch port, channels_last + bf16"), ("sample", "ours"))
@@ -81,10 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     p.add_argument("--workdir", default="/tmp/ddpm-jax-gpu-check", help="runs, caches (default: %(default)s)")
     p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds for the whole check; the speed table starts no row after it (default: %(default)s)")
+                   help="seconds for the whole check: the seed curve gets what the other parts leave of it "
+                        "(default: %(default)s)")
+    p.add_argument("--speed-seconds", type=float, default=150.0,
+                   help="the speed table starts no row after this many seconds of it (default: %(default)s)")
     p.add_argument("--curve-seconds", type=float, default=None,
-                   help="seconds for the seed learning curve (default: what the budget leaves, less 150 s for the "
-                        "speed table, at least 60)")
+                   help="seconds for the seed learning curve, measurements included (default: what the budget "
+                        "leaves after the other parts, at least 60)")
     p.add_argument("--num-samples", type=int, default=10_000, help="samples per measurement (default: %(default)s)")
     p.add_argument("--guidance-scales", default="1,0.5,2",
                    help="w to measure the gpu preset at; the first should be its default (default: %(default)s)")
@@ -216,13 +221,19 @@ def curve_part(args, data: list[str], work: Path, log: Path, seconds: float) -> 
     return result
 
 
-def speed_part(args, budget: float) -> dict:
-    """The GPU suite's rows (toy sizes on the CPU with --smoke) until ``budget`` seconds are spent."""
-    if args.smoke:
-        jobs = [job for job in gpu_plan(True, "", presets=("tiny",), batch=8, n=8, steps=1, peer_device="cpu",
+def speed_jobs(smoke: bool) -> list:
+    """The speed table's measurements: the GPU suite's, the train rows of both U-Net presets first, then their
+    samplers, then the rest, diffusers' last; with ``smoke``, :data:`SMOKE_SPEED_ROWS` of the tiny preset on the CPU."""
+    if smoke:
+        return [job for job in gpu_plan(True, "", presets=("tiny",), batch=8, n=8, steps=1, peer_device="cpu",
                                         diffusers=False) if job[1:3] in SMOKE_SPEED_ROWS]
-    else:
-        jobs = gpu_plan(False)
+    return sorted(gpu_plan(False), key=lambda job: (job[2] == "diffusers", SPEED_ORDER.index(job[1]),
+                                                    GPU_PRESETS.index(job[0])))
+
+
+def speed_part(args, budget: float) -> dict:
+    """:func:`speed_jobs` until ``budget`` seconds are spent."""
+    jobs = speed_jobs(args.smoke)
     presets = tuple(dict.fromkeys(job[0] for job in jobs))
     rows = run_jobs(jobs, presets, 150.0, max(budget, 0.0))
     return {"rows": rows, "budget_seconds": budget, "summary": speed_summary(rows)}
@@ -362,14 +373,14 @@ def main(argv=None) -> int:
     if "precision" in parts:
         record["precision"] = precision_part(args, data, work, log)
         save()
+    if "speed" in parts:  # before the curve, which takes whatever time is left
+        record["speed"] = speed_part(args, SMOKE_SPEED_SECONDS if args.smoke else args.speed_seconds)
+        record["speed"]["summary"] = speed_summary(record["speed"]["rows"], probe.get("device_kind") or "")
+        save()
     if "curve" in parts:
         left = args.budget - (time.perf_counter() - start)
-        seconds = args.curve_seconds or max(60.0, left - 150.0)
-        record["curve"] = curve_part(args, data, work, log, SMOKE_CURVE_SECONDS if args.smoke else seconds)
-        save()
-    if "speed" in parts:
-        record["speed"] = speed_part(args, args.budget - (time.perf_counter() - start))
-        record["speed"]["summary"] = speed_summary(record["speed"]["rows"], probe.get("device_kind") or "")
+        seconds = SMOKE_CURVE_SECONDS if args.smoke else args.curve_seconds or max(60.0, left)
+        record["curve"] = curve_part(args, data, work, log, seconds)
         save()
     record["complete"] = True
     save()

@@ -193,3 +193,15 @@ def test_summary_shows_the_goals_precision_curve_and_speed_as_measured():
     assert "| 1,000,000 | running | 90.00 | 30.00% | 0.1000 |" in text and "predicts FID 4.00" in text
     assert "| seed train | 80,000 (ours, bf16) | 50,000 (torch port, compiled + bf16) | 1.60 | 80.0 | 8.1% |" in text
     assert "skipped (budget): seed train diffusers" in text
+
+
+def test_the_speed_table_times_both_u_nets_training_first_against_every_torch_variant():
+    jobs = gpu_check.speed_jobs(smoke=False)
+    tasks = [task for _, task, label, *_ in jobs if label != "diffusers"]
+    assert tasks == sorted(tasks, key=gpu_check.SPEED_ORDER.index)  # train, then sample, then the rest
+    assert {label for *_, label, _, _, _ in jobs[-3:]} == {"diffusers"}
+    first = [(preset, label) for preset, task, label, *_ in jobs if task == "train"][:14]
+    for preset in ("seed", "gpu"):
+        for label in ("ours", "ours, bf16", "torch port", "torch port, bf16", "torch port, channels_last",
+                      "torch port, channels_last + bf16", "torch port, compiled + bf16"):
+            assert (preset, label) in first
