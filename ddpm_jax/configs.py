@@ -488,14 +488,14 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
                                  and sum(frequencies) > 0), "data.label_frequencies", frequencies,
              f"empty, or {num_classes} shares >= 0, one per class (written by training)")
 
-    require(is_int(t.batch_size, 1, 1_000_000), "train.batch_size", t.batch_size, "an integer >= 1")
+    require(is_int(t.batch_size, 1, 1_000_000), "train.batch_size", t.batch_size, "an integer in 1..1000000")
     if num_examples is not None:
         require(t.batch_size <= num_examples, "train.batch_size", t.batch_size,
                  f"at most the {num_examples} training images")
     require(is_int(t.num_steps, 1, MAX_STEPS), "train.num_steps", t.num_steps, f"an integer in 1..{MAX_STEPS}")
     require(is_number(t.learning_rate, 0.0, lo_open=True), "train.learning_rate", t.learning_rate,
              "a finite number > 0 (the cpu preset: 2e-3)")
-    require(is_int(t.warmup_steps, 0, MAX_STEPS), "train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    require(is_int(t.warmup_steps, 0, MAX_STEPS), "train.warmup_steps", t.warmup_steps, f"an integer in 0..{MAX_STEPS}")
     require(is_number(t.grad_clip_norm, 0.0), "train.grad_clip_norm", t.grad_clip_norm,
              "a finite norm > 0, or 0 for no clipping")
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):

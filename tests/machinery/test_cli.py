@@ -36,6 +36,7 @@ def test_epochs_are_converted_to_whole_steps(tmp_path, idx_dir):
         (["--set", "diffusion.schedule=quadratic"], "linear, cosine"),
         (["--lr", "0"], "learning_rate"),
         (["--batch-size", "0"], "batch_size"),
+        (["--batch-size", "2000000"], "train.batch_size=2000000 is not allowed: an integer in 1..1000000"),
         (["--set", "model.levels=3"], "image_size"),
         (["--set", "model.chanels=3"], "unknown field 'chanels'"),
         (["--set", "modle.levels=3"], "unknown config section 'modle'"),
