@@ -249,7 +249,7 @@ def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_oth
     assert "--guidance-scale applies to a class-conditional run" in capsys.readouterr().err
 
 
-def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch):
+def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
     from ddpm_jax import data
 
