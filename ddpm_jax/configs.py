@@ -614,6 +614,11 @@ def sampling_timesteps(config: ml_collections.ConfigDict, steps: int | None = No
                             betas=_betas(config) if spacing == "logsnr" else None)
 
 
+def num_training_images(config: ml_collections.ConfigDict, available: int) -> int:
+    """How many of ``available`` images a run trains on: ``data.max_train_examples`` of them, or all (0)."""
+    return min(available, config.data.max_train_examples or available)
+
+
 def figure_grid_size(config: ml_collections.ConfigDict) -> int:
     """The side of the end-of-run sample grid: ``sampling.grid_size``, shrunk for a short run so that the grid's
     network evaluations (side^2 samples x T steps) stay within ``sampling.figure_share`` of the training's

@@ -154,8 +154,7 @@ def main(argv=None) -> int:
                                                            idx_dir=args.idx_dir)
         test_images, test_labels = data_lib.load_dataset(config.dataset, "test", data_dir=args.data_dir,
                                                          idx_dir=args.idx_dir)
-        configs_lib.validate_config(config, num_examples=min(len(train_images),
-                                                             config.data.max_train_examples or len(train_images)))
+        configs_lib.validate_config(config, num_examples=configs_lib.num_training_images(config, len(train_images)))
         prepare_workdir(args.workdir)  # once the data is read and judged: a refused run leaves nothing behind
     except (ValueError, data_lib.DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -192,14 +192,14 @@ def main(argv=None) -> int:
         images, labels = load_training_data(config, args)
         fit_config_to_data(config, labels, args.class_conditional)
         check_overrides_read(config, args.overrides)
-        configs_lib.validate_config(config, num_examples=min(len(images), config.data.max_train_examples or len(images)))
+        num_images = configs_lib.num_training_images(config, len(images))
+        configs_lib.validate_config(config, num_examples=num_images)
         prepare_workdir(args.workdir)
     except (ValueError, data_lib.DatasetNotFoundError) as e:  # IDXFormatError and ImageFolderError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.epochs is not None:
-        n = min(len(images), config.data.max_train_examples or len(images))
-        steps = args.epochs * n / config.train.batch_size  # a float: huge epochs give inf, not an int overflow
+        steps = args.epochs * num_images / config.train.batch_size  # a float: huge epochs give inf, not an int overflow
         if not steps <= configs_lib.MAX_STEPS:
             print(f"error: --epochs {args.epochs}: {steps:,.0f} steps at batch {config.train.batch_size}; "
                   f"at most {configs_lib.MAX_STEPS:,} (the step counter is an int32).", file=sys.stderr)
