@@ -29,7 +29,9 @@ from pathlib import Path
 
 import jax
 
-import ddpm_jax  # noqa: F401  (applies ddpm_jax/xla_cpu.py's flag, as the project runs)
+import ddpm_jax  # noqa: E402
+
+ddpm_jax.cpu.configure()  # ddpm_jax/cpu.py's settings, as the command-line programs make them
 from ddpm_jax.models import cpu_kernels
 from ddpm_jax.models.layers import Conv3x3Plan, conv3x3_plan, conv3x3_planned
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import cpu
 from ddpm_jax import parallel
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
@@ -188,6 +189,7 @@ def _device_peak_mb() -> float | None:
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("train", "sample", "guidance"))
     p.add_argument("--preset", default="seed")

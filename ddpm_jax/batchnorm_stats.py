@@ -9,7 +9,7 @@ them with the weights that will sample, averaged over many batches of noised
 training images at mixed timesteps (the batches training normalized with),
 is Wu & Johnson's "precise BatchNorm" (2021, "Rethinking 'Batch' in
 BatchNorm", sec. 3). ``python -m experiments.batchnorm_check`` measures what
-it buys; ``python -m experiments.evaluate --batchnorm recalibrated`` samples
+it buys; ``ddpm-jax-evaluate --batchnorm recalibrated`` samples
 with it.
 """
 

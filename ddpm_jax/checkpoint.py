@@ -26,7 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpm_jax import manifest as manifest_lib
-from ddpm_jax.configs import config_from_dict, create_train_state, schedule_from_config
+from ddpm_jax.configs import config_from_dict, create_train_state, schedule_from_config, summary
 from ddpm_jax.denoiser import expected_variables
 from ddpm_jax.manifest import (  # noqa: F401  (the errors are raised through this module too)
     CheckpointDamagedError,
@@ -36,6 +36,7 @@ from ddpm_jax.manifest import (  # noqa: F401  (the errors are raised through th
 )
 from ddpm_jax.options import check_count
 from ddpm_jax.schedules import DiffusionSchedule
+from ddpm_jax.train_state import count_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -105,6 +106,11 @@ class DiffusionCheckpoint:
     @property
     def schedule(self) -> DiffusionSchedule:
         return schedule_from_config(self.config)
+
+    def __repr__(self) -> str:
+        """One line (the arrays would be hundreds of thousands of characters): step, weights, what was trained."""
+        return (f"DiffusionCheckpoint(step {self.step:,}, {count_params(self.params):,} parameters, "
+                f"{self.weights_used.upper() if self.weights_used == 'ema' else 'raw'} weights; {summary(self.config)})")
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:
@@ -338,7 +344,7 @@ def checkpoint_loss(manager: ocp.CheckpointManager, step: int | None) -> float |
 
 
 def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema") -> DiffusionCheckpoint:
-    """Load what :func:`ddpm_jax.sample` needs from a run directory.
+    """Load a trained run from its directory; returns the :class:`DiffusionCheckpoint` that :func:`ddpm_jax.sample` takes.
 
     Args:
       workdir: the ``--workdir`` of a training run.
@@ -363,7 +369,7 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "ema")
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"no checkpoints in {workdir!r} (looked for {directory}); train one with "
-            f"`python -m experiments.mnist --workdir {workdir}`."
+            f"`ddpm-jax-train --workdir {workdir}` (`python -m experiments.mnist` in the repository)."
         )
     manager = read_only_manager(workdir)
     try:

@@ -71,6 +71,54 @@ UNCONDITIONAL_MODES = ("label_prior", "null")
 BATCHNORM_MODES = ("running", "batch")
 
 
+def summary(config) -> str:
+    """One line on what a config trains: preset, network, data, schedule and length; returns that text."""
+    model, data, train, diffusion = config.model, config.data, config.train, config.diffusion
+    classes = int(model.get("num_classes", 0))
+    size = int(data.get("image_size", 28))
+    return (f"preset {config.get('preset', '?')!r}: {model.get('name', '?')} (base {model.get('base_channels', '?')}, "
+            f"levels {model.get('levels', '?')}{f', {classes} classes' if classes else ''}) on "
+            f"{config.get('dataset', 'mnist')} {size}x{size}x{int(data.get('channels', 1))}, "
+            f"T={diffusion.get('num_timesteps', '?')} {diffusion.get('schedule', '?')}, "
+            f"{int(train.get('num_steps', 0)):,} steps at batch {train.get('batch_size', '?')}")
+
+
+def parameter_count(config) -> int:
+    """The number of parameters of the network ``config.model`` describes; returns it without computing any weight."""
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(model_input_shape(config, 1)),
+                                               jnp.zeros((1,), jnp.int32), train=False))
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"])))
+
+
+def preset_table() -> str:
+    """The presets' defaults as a Markdown table (the README's, checked by a test); returns the table's text."""
+    rows = ["| preset | network | parameters | data | diffusion | batch | steps | learning rate | classes, guidance w |",
+            "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for preset in PRESETS:
+        c = get_config(preset)
+        size, classes = int(c.data.image_size), int(c.model.num_classes)
+        m = c.model
+        network = (f"`{m.name}`, {m.base_channels} x {tuple(m.channel_mult)} channels" if m.name == "ddpm_unet" else
+                   f"`{m.name}`, base {m.base_channels}, {m.levels} level{'s' if m.levels > 1 else ''}, "
+                   f"{m.output_head} head")
+        rows.append(
+            f"| `{preset}` | {network} | {parameter_count(c):,} | {c.dataset} at {size}x{size} | "
+            f"{c.diffusion.schedule}, T={c.diffusion.num_timesteps} | {c.train.batch_size:,} | {c.train.num_steps:,} | "
+            f"{c.train.learning_rate:g} | {f'{classes}, w = {c.sampling.guidance_scale:g}' if classes else 'none'} |")
+    return "\n".join(rows)
+
+
+class Config(ml_collections.ConfigDict):
+    """A run's config: an ``ml_collections.ConfigDict`` whose repr is one line (:func:`summary`).
+
+    ``print(config)`` still shows every field, as YAML.
+    """
+
+    def __repr__(self) -> str:
+        return f"Config({summary(self)}; print() shows every field)"
+
+
 def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = "cpu"
@@ -192,7 +240,7 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-    """A fresh config for ``preset`` (one of :data:`PRESETS`)."""
+    """A preset's config; returns a fresh :class:`~ddpm_jax.configs.Config` for ``preset`` (one of :data:`PRESETS`)."""
     c = _base()
     c.preset = preset
     if preset == "quick":
@@ -276,7 +324,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
         c.sampling.strip_every = 5
     else:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}.")
-    return c
+    return Config(c)
 
 
 def get_classifier_config(image_shape: tuple[int, int, int] = (28, 28, 1),
@@ -685,7 +733,7 @@ def diffusion_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTran
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array | None = None) -> TrainState:
-    """A fresh train state of the diffusion model a config describes: initialized network, optimizer, step 0."""
+    """Build the diffusion model a config describes; returns a fresh TrainState (initialized network, optimizer, step 0)."""
     model = build_model(config.model)
     key = jax.random.PRNGKey(config.seed) if key is None else key
     init_key, run_key = jax.random.split(key)

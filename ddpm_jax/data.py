@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import math
 import os
 import socket
@@ -413,12 +414,21 @@ def _unreachable(host: str, port: int, timeout: float = DOWNLOAD_PROBE_SECONDS) 
     return None
 
 
+TFDS_EXTRA = "pip install 'ddpm-jax[tfds]'"  # what brings TensorFlow (pyproject.toml's optional `tfds` extra)
+
+
+def _tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def _import_tensorflow_without_gpus():
     """Import TensorFlow with every GPU hidden from it.
 
     TFDS needs TensorFlow to prepare MNIST (PNG encoding) and to read tfrecord
     files. Left alone, TF would reserve nearly all GPU memory at its first op
     and starve JAX, so GPUs are hidden before TFDS gets to touch TF.
+    TensorFlow is optional (the ``tfds`` extra); callers check
+    :func:`_tensorflow_installed` first and say how to get it.
     """
     import tensorflow as tf
 
@@ -532,6 +542,11 @@ def load_mnist_tfds(
                 raise not_found(
                     f"it is not prepared in {builder.data_dir} and download=False."
                 )
+            if not _tensorflow_installed():  # one line: the missing piece and the two ways on
+                raise DatasetNotFoundError(
+                    f"{title} is not prepared in {builder.data_dir}, and preparing it through TensorFlow Datasets "
+                    f"needs TensorFlow, which is not installed: {TFDS_EXTRA}, or pass --idx-dir DIR with the "
+                    f"four {title} IDX files.")
             unreachable = _unreachable(*info.download_host)
             if unreachable:
                 raise not_found(f"it is not prepared in {builder.data_dir}, and preparing it needs a download from "
@@ -553,6 +568,10 @@ def load_mnist_tfds(
     if source is not None:
         return _read_data_source(source, info.image_shape)
 
+    if not _tensorflow_installed():
+        raise DatasetNotFoundError(
+            f"{title} in {builder.data_dir} is stored as tfrecord, which only TensorFlow reads, and TensorFlow is not "
+            f"installed: {TFDS_EXTRA}, or pass --idx-dir DIR with the four {title} IDX files.")
     _import_tensorflow_without_gpus()
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     images = np.asarray(arrays["image"], dtype=np.uint8).reshape(-1, *info.image_shape)

@@ -33,7 +33,7 @@ def _check_batch(x: jnp.ndarray, t: jnp.ndarray) -> None:
 
 
 def q_sample(schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
-    """Draw x_t ~ q(x_t | x_0) in closed form (Ho et al. 2020, eq. 4; report eq. 6).
+    """Draw x_t ~ q(x_t | x_0) in closed form (Ho et al. 2020, eq. 4; report eq. 6); returns x_t shaped like ``x_0``.
 
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``.
 
@@ -55,7 +55,7 @@ def q_sample(schedule: DiffusionSchedule, x0: jnp.ndarray, t: jnp.ndarray, noise
 
 
 def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
-    """Invert q_sample for x_0 given a noise estimate: ``(x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
+    """Invert q_sample for x_0 given a noise estimate; returns ``(x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)``."""
     _check_batch(x_t, t)
     chex.assert_equal_shape([x_t, eps])
     return (x_t - extract(schedule.sqrt_one_minus_alpha_bars, t, x_t.ndim) * eps) / extract(
@@ -64,7 +64,7 @@ def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: jnp.ndarray, t: jnp.nd
 
 
 def q_posterior_mean(schedule: DiffusionSchedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    """Mean of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7)."""
+    """Mean of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7); returns an array shaped like ``x_t``."""
     _check_batch(x_t, t)
     chex.assert_equal_shape([x0, x_t])
     return extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(
@@ -79,7 +79,7 @@ def p_mean(
     eps: jnp.ndarray,
     mean_type: MeanType = "x0_clip",
 ) -> jnp.ndarray:
-    """Mean of the reverse step p(x_{t-1} | x_t) from the network's noise estimate.
+    """Mean of the reverse step p(x_{t-1} | x_t) from the network's noise estimate; returns an array shaped like ``x_t``.
 
     ``'x0_clip'`` (default, as in Ho et al.'s released code): predict x_0 from
     eps, clip it to [-1, 1], and take the posterior mean q(x_{t-1} | x_t, x_0).
@@ -101,7 +101,7 @@ def p_mean(
 
 
 def p_variance(schedule: DiffusionSchedule, variance_type: VarianceType, log: bool = False) -> jnp.ndarray:
-    """The fixed reverse variances sigma_t^2 (``log``: log sigma_t^2), shape ``(T,)``.
+    """The fixed reverse variances sigma_t^2; returns them (``log``: log sigma_t^2) with shape ``(T,)``.
 
     ``'beta'``: sigma_t^2 = beta_t (the upper bound on the reverse variance);
     ``'beta_tilde'``: sigma_t^2 = beta-tilde_t, the posterior variance (the lower bound),
@@ -165,7 +165,7 @@ def p_mean_variance(
     variance_type: VarianceType = "beta",
     mean_type: MeanType = "x0_clip",
 ) -> ReverseStep:
-    """The reverse step p(x_{t-1} | x_t) from the network's ``output`` at ``x_t``: mean, log-variance and x_0.
+    """The reverse step p(x_{t-1} | x_t) from the network's ``output`` at ``x_t``; returns a ReverseStep (mean, log-variance, std, x_0).
 
     The one place a network's output becomes a Gaussian, for every variance type, as
     improved-diffusion's ``p_mean_variance``: the ancestral sampler draws from it and the

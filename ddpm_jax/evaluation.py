@@ -1,6 +1,6 @@
 """Evaluate a trained model: draw samples, measure them, compare with real data, plot.
 
-The machinery behind ``python -m experiments.evaluate``; the metrics
+The machinery behind ``ddpm-jax-evaluate`` (:mod:`ddpm_jax.cli.evaluate`); the metrics
 themselves are the pure functions of :mod:`ddpm_jax.metrics`.
 
 - :func:`draw_samples`: ``n`` samples as uint8, batch by batch, each finished
@@ -33,7 +33,8 @@ from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
 from ddpm_jax.denoiser import denoiser_fn
-from ddpm_jax.feature_network import FeatureNetwork, default_cache_dir
+from ddpm_jax import cache
+from ddpm_jax.feature_network import FeatureNetwork
 from ddpm_jax.generate import sample
 from ddpm_jax.likelihood import bits_per_dim, vlb_terms
 from ddpm_jax.progress import progress_bar
@@ -100,7 +101,7 @@ def cached_features(
     network: FeatureNetwork, images_u8: np.ndarray, cache_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(probs, features)`` of a real image set, cached under the network's name and the images' hash."""
-    directory = Path(cache_dir or default_cache_dir()).expanduser() / "features"
+    directory = Path(cache_dir or cache.cache_dir()).expanduser() / "features"
     path = directory / f"{network.name}-{fingerprint(images_u8)}.npz"
     if network.name != "uncached" and path.exists():
         with np.load(path) as cached:

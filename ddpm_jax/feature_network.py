@@ -7,7 +7,7 @@ images) and saved. The cache entry's name is a hash of the classifier config
 and of the training images and labels, so a different dataset or config never
 picks up a stale network. Its test accuracy is stored with it.
 
-Cache location: ``$DDPM_JAX_CACHE`` if set, else ``~/.cache/ddpm_jax``.
+Cache location: :func:`ddpm_jax.cache.cache_dir` (``$DDPM_JAX_CACHE_DIR``, else ``~/.cache/ddpm_jax``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from ddpm_jax import cache
 from ddpm_jax.checkpoint import on_local_device
 from ddpm_jax.configs import get_classifier_config
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess, random_flip
@@ -40,10 +41,6 @@ from ddpm_jax.training_loop import EpochOrder, EpochOrders, MetricLogger, batch_
 _PARAMS, _META = "params", "meta"
 _DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM = 0, 1, 2, 3
 
-
-def default_cache_dir() -> Path:
-    """``$DDPM_JAX_CACHE``, else ``~/.cache/ddpm_jax``."""
-    return Path(os.environ.get("DDPM_JAX_CACHE") or Path.home() / ".cache" / "ddpm_jax")
 
 
 def build_classifier(model_config) -> MNISTClassifier | ResNetClassifier:
@@ -279,13 +276,13 @@ def load_or_train_feature_network(
     log: Callable[[str], None] = print,
     num_classes: int = 10,
 ) -> FeatureNetwork:
-    """The feature network for this training set: from the cache, or trained now and cached.
+    """Load this training set's feature network from the cache, or train and cache it; returns the :class:`FeatureNetwork`.
 
     Args:
       train_images, train_labels: the training split (uint8 ``(N, H, W, C)``, int ``(N,)``),
         the same data the diffusion model trains on.
       test_images, test_labels: the split its accuracy is measured on (the full test split).
-      cache_dir: where trained networks live (default :func:`default_cache_dir`).
+      cache_dir: where trained networks live (default :func:`ddpm_jax.cache.cache_dir`).
       config: the classifier config (default :func:`ddpm_jax.configs.get_classifier_config` for the
         images' shape and ``num_classes``).
       progress: progress bar while training.
@@ -299,7 +296,7 @@ def load_or_train_feature_network(
     train_fp = fingerprint(train_images, train_labels)
     test_fp = fingerprint(test_images, test_labels)
     name = "classifier-" + hashlib.sha256((config_json + train_fp).encode()).hexdigest()[:12]
-    directory = Path(cache_dir or default_cache_dir()).expanduser().absolute() / name
+    directory = Path(cache_dir or cache.cache_dir()).expanduser().absolute() / name
     restored = _restore(directory, config)
     frozen = ml_collections.FrozenConfigDict(config.to_dict())
     if restored is not None:

@@ -1,6 +1,6 @@
 """The figures of a trained run: the report's sample grid and reverse-process strip, drawn from a checkpoint.
 
-Called by ``python -m experiments.mnist`` once a run has reached its last step (and by
+Called by ``ddpm-jax-train`` (:mod:`ddpm_jax.cli.train`) once a run has reached its last step (and by
 anyone holding a :class:`ddpm_jax.DiffusionCheckpoint`); training itself draws nothing.
 """
 
@@ -20,9 +20,10 @@ from ddpm_jax.generate import sample
 
 
 def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool = False) -> dict:
-    """Write ``samples.png`` (the report's Figure 4), ``reverse_process.png`` (its Figure 5)
-    and ``sampling.json`` (how long the grid took) into ``workdir``; for a class-conditional
-    network also ``samples_by_class.png``, one row per class.
+    """Draw a run's figures into ``workdir``; returns what ``sampling.json`` records (how long the grid took).
+
+    The figures: ``samples.png`` (the report's Figure 4), ``reverse_process.png`` (its Figure 5) and,
+    for a class-conditional network, ``samples_by_class.png``, one row per class.
 
     The grid is ``sampling.grid_size`` on a side, smaller for a short run
     (:func:`ddpm_jax.configs.figure_grid_size`: at most ``sampling.figure_share`` of the training's

@@ -96,7 +96,7 @@ def sample(
     schedule: DiffusionSchedule | None = None,
     progress: bool = False,
 ):
-    """Draw ``n`` images by ancestral sampling (Ho et al. 2020, Algorithm 2).
+    """Draw ``n`` images by ancestral sampling (Ho et al. 2020, Algorithm 2); returns ``(n, H, W, C)`` float32 in [-1, 1].
 
     Args:
       params: what :func:`ddpm_jax.load_checkpoint` returns (a
@@ -113,8 +113,8 @@ def sample(
         p(y | x_t, t) of ``classifier`` (Dhariwal & Nichol 2021); on a class-conditional network
         it guides the conditional prediction.
       guidance_scale: w, or s for classifier guidance (0: no guidance; w = 0 is plain conditional
-        sampling); default from the config: ``sampling.guidance_scale`` (1) or
-        ``sampling.classifier_scale`` (32), the lowest FIDs of ``python -m experiments.guidance``.
+        sampling); default from the config: ``sampling.guidance_scale`` or
+        ``sampling.classifier_scale`` (each preset's value: :func:`ddpm_jax.configs.preset_table`).
       classifier: a noise-aware classifier trained on this run's schedule
         (:func:`ddpm_jax.noisy_classifier.load_noisy_classifier`), for classifier guidance.
       unconditional: a class-conditional network without ``labels``: ``'label_prior'`` draws
@@ -241,11 +241,11 @@ def _check_fits_in_memory(n: int, size: int, channels: int, return_every: int, s
             f"sample(n={n:,}{f', return_every={return_every}' if return_every else ''}) would need "
             f"{need / 2**30:.1f} GiB for its results, more than the {available / 2**30:.1f} GiB available. Draw "
             "batches of fewer images with separate keys (jax.random.fold_in(key, i)), or use "
-            "ddpm_jax.evaluation.draw_samples / python -m experiments.evaluate, which stream to disk.")
+            "ddpm_jax.evaluation.draw_samples / ddpm-jax-evaluate, which stream to disk.")
 
 
 def prior_labels(params: DiffusionCheckpoint, key: jax.Array, n: int) -> np.ndarray | None:
-    """The digits ``sample(params, key, n)`` draws for a class-conditional network given no labels.
+    """The digits ``sample(params, key, n)`` draws for a class-conditional network given no labels; returns int32 ``(n,)``.
 
     int32 ``(n,)``, or None where it draws none (an unconditional network, or
     ``sampling.unconditional='null'``). For reading a grid, or counting what was asked for.
@@ -308,7 +308,7 @@ def _resolve_guidance(config, n: int, labels, guidance, guidance_scale, classifi
         if not num_classes:
             raise ValueError(
                 "labels were given, but this network was trained without them (model.num_classes=0) and no "
-                "classifier was given. Either train a class-conditional network (python -m experiments.mnist "
+                "classifier was given. Either train a class-conditional network (ddpm-jax-train "
                 "--class-conditional) or steer this one with a noise-aware classifier: classifier="
                 "ddpm_jax.noisy_classifier.load_noisy_classifier(...) (python -m experiments.noisy_classifier "
                 "--workdir RUN trains one).")

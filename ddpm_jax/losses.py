@@ -43,7 +43,7 @@ def min_snr_weights(schedule: DiffusionSchedule, t: jnp.ndarray, gamma: float) -
 def l_simple(
     schedule: DiffusionSchedule, eps_fn: EpsWithAuxFn, x0: jnp.ndarray, key: jax.Array, min_snr_gamma: float | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, object]:
-    """L_simple (Ho et al. 2020, eq. 14; the report's eq. 16) for one batch.
+    """L_simple (Ho et al. 2020, eq. 14; the report's eq. 16) for one batch; returns the scalar loss.
 
     Draws ``t ~ Uniform{0..T-1}`` and ``eps ~ N(0, I)`` per image and scores
     ``||eps - eps_hat(x_t, t)||^2``, averaged over pixels. With ``min_snr_gamma``

@@ -265,7 +265,7 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, config) -> TrainSt
 
 
 def load_noisy_classifier(workdir: str, step: int | None = None) -> NoisyClassifierCheckpoint:
-    """The classifier saved in ``workdir`` (e.g. ``RUN/noisy_classifier``): its latest step, or ``step``.
+    """Load the noise-aware classifier saved in ``workdir`` (e.g. ``RUN/noisy_classifier``); returns it at its latest step, or ``step``.
 
     Raises FileNotFoundError naming the folder and the command that trains one if there is none.
     """

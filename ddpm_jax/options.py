@@ -51,6 +51,9 @@ FEW_STEP_METHOD = "sde_dpm_solver++"
 FEW_STEP_SPACING = "trailing"
 
 
+DEFAULT_ORDER = 2  # DPM-Solver++'s order when none is asked for (the multistep solver of Lu et al. 2022)
+
+
 def resolve_variance(config, variance: str | None) -> str:
     """The reverse variance a run samples (or is scored) with: ``variance``, checked, or its default.
 
@@ -105,7 +108,7 @@ def sampling_options(config, *, steps=None, method: str | None = None, eta=0.0, 
         all_steps = steps in (None, num_timesteps)
         method = "ancestral" if all_steps or variance is not None or mean is not None or eta else FEW_STEP_METHOD
         if method in DPM_SOLVERS and order is None:  # the highest order up to 2 that K steps reach (1 for K < 3)
-            order = max(dpm_solver_orders(int(steps), 2))
+            order = max(dpm_solver_orders(int(steps), DEFAULT_ORDER))
     if spacing is None:
         spacing = FEW_STEP_SPACING
     if method not in SAMPLING_METHODS:
@@ -113,7 +116,7 @@ def sampling_options(config, *, steps=None, method: str | None = None, eta=0.0, 
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}.")
     if method in DPM_SOLVERS:
-        order = _check_order(method, 2 if order is None else order, steps or num_timesteps)
+        order = _check_order(method, DEFAULT_ORDER if order is None else order, steps or num_timesteps)
         if variance is not None or mean is not None or eta:
             raise ValueError(f"variance=, mean= and eta= choose ancestral sampling's and DDIM's step; {method} "
                              "takes order= (and clips its x_0 predictions to [-1, 1], as they do).")

@@ -71,7 +71,7 @@ def make_ancestral_sampler(
     timesteps=None,
     cond_fn: CondFn | None = None,
 ) -> Callable[[Any, jax.Array], Any]:
-    """Ancestral sampling, Ho et al. 2020 Algorithm 2.
+    """Build ancestral sampling (Ho et al. 2020, Algorithm 2); returns ``sample_fn(variables, key) -> x_0``, jittable.
 
     ``x_T ~ N(0, I)``; for ``i = T-1 .. 0``: ``x_{i} = mu(x_{i+1}, i) + sigma_i z``
     with ``z ~ N(0, I)`` except at the last step (``i = 0``), which adds no noise.

@@ -61,7 +61,7 @@ def _cosine_betas64(num_timesteps: int, s: float, max_beta: float) -> np.ndarray
 def linear_beta_schedule(
     num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
 ) -> jnp.ndarray:
-    """Ho et al. 2020's linear schedule: ``betas`` of shape ``(T,)``, float32.
+    """Ho et al. 2020's linear schedule; returns ``betas`` of shape ``(T,)``, float32.
 
     The defaults are the paper's values for T=1000.
     """
@@ -69,7 +69,7 @@ def linear_beta_schedule(
 
 
 def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> jnp.ndarray:
-    """Nichol & Dhariwal 2021's cosine schedule: ``betas`` of shape ``(T,)``, float32.
+    """Nichol & Dhariwal 2021's cosine schedule; returns ``betas`` of shape ``(T,)``, float32.
 
     ``abar(t) = f(t) / f(0)`` with ``f(t) = cos^2(((t/T) + s) / (1 + s) * pi/2)``,
     and ``beta_i = min(1 - abar(i+1) / abar(i), max_beta)`` for ``i = 0..T-1``.

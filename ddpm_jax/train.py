@@ -2,7 +2,7 @@
 
 The step functions are pure (``(state, batch) -> (state, metrics)``) and jitted once;
 ``train_and_evaluate(config, workdir)`` trains (or resumes) a run through the shared loop
-(:func:`ddpm_jax.training_loop.run_training`); the ``experiments.mnist`` entry point
+(:func:`ddpm_jax.training_loop.run_training`); the ``ddpm-jax-train`` entry point (:mod:`ddpm_jax.cli.train`)
 calls it, then draws the figures (:mod:`ddpm_jax.figures`). The schedule and the network
 are built from the config once, here, and passed down.
 """
@@ -102,7 +102,7 @@ def train_step(
     state: TrainState, batch: jnp.ndarray, schedule: DiffusionSchedule, labels: jnp.ndarray | None = None,
     *, keep_last_good: bool = True,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-    """One optimizer step of L_simple (L_hybrid for a learned variance) on ``batch`` (``(B, H, W, C)`` float in [-1, 1]).
+    """One optimizer step of L_simple (L_hybrid for a learned variance) on ``batch``; returns ``(new_state, metrics)``.
 
     A class-conditional network (``state.num_classes > 0``) needs the batch's ``labels``
     (int ``(B,)``, 0..num_classes-1); each is replaced by the null label with probability
@@ -264,7 +264,7 @@ def train_and_evaluate(
     stop_at: int | None = None,
     time_limit: float | None = None,
 ) -> TrainState:
-    """Train (or resume) a run in ``workdir``.
+    """Train (or resume) a run in ``workdir``; returns the final TrainState.
 
     Args:
       config: a config from :func:`ddpm_jax.configs.get_config`, possibly overridden.

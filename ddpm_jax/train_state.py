@@ -49,6 +49,16 @@ class TrainState:
     # gamma of the min-SNR weighting of L_simple (train.loss_weighting='min_snr'); None: unweighted.
     min_snr_gamma: float | None = flax.struct.field(pytree_node=False, default=None)
 
+    def __repr__(self) -> str:
+        """One line: the step and the sizes, not the arrays (inside a jitted function the step is abstract)."""
+        try:
+            step = f"{int(self.step):,}"
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            step = "traced"
+        extras = [f"{self.num_classes} classes" if self.num_classes else "", "EMA" if self.ema_params is not None else "",
+                  "BatchNorm" if jax.tree.leaves(self.batch_stats) else ""]
+        return f"TrainState(step {step}, {count_params(self.params):,} parameters{''.join(', ' + e for e in extras if e)})"
+
     def apply_gradients(self, grads, batch_stats=None) -> "TrainState":
         """One optimizer step: new weights, their average (if kept), ``batch_stats`` (if given), step + 1."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.configs import build_model
 from ddpm_jax.diffusion import q_sample
-from experiments import flags
+from ddpm_jax.cli import flags
 
 QUARTERS = 4
 
@@ -101,6 +102,7 @@ def denoising_errors(checkpoint, images_u8: np.ndarray, batch_size: int, key: ja
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     args = parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.workdir, weights=args.weights)

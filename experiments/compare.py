@@ -23,11 +23,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import train as train_lib
-from experiments import evaluate, likelihood
-from experiments.flags import apply_override
+from ddpm_jax.cli import evaluate
+from experiments import likelihood
+from ddpm_jax.cli.flags import apply_override
 
 # Training setups: (preset, steps or None for the preset's, --set overrides). The DDPM U-Net costs 3.4x the
 # report's per step on 2 CPU cores (284 against 965 images/s at batch 64), so it gets 880 steps: the same
@@ -69,6 +71,7 @@ def _train_images_per_s(run: Path) -> float | None:
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     args = parse_args(argv)
     root = Path(args.workdir)
     data_flags = (["--idx-dir", args.idx_dir] if args.idx_dir else []) + (

@@ -34,14 +34,16 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation
 from ddpm_jax import train as train_lib
 from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.feature_network import default_cache_dir, load_or_train_feature_network
+from ddpm_jax import cache
+from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.workdir import check_workdir, prepare_workdir
-from experiments import flags
+from ddpm_jax.cli import flags
 
 # The report's Figure 6: its 100 samples by the digit the author read, '?' the unreadable ones.
 REPORT_FIGURE_6 = {"0": 2, "1": 40, "2": 4, "3": 10, "4": 15, "5": 5, "6": 5, "7": 11, "8": 2, "9": 3, "?": 2}
@@ -135,6 +137,7 @@ def power_law_prediction(points: list[dict], images: int) -> dict | None:
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     start = time.perf_counter()
     args = parse_args(argv)
     try:
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     if not jax.config.jax_compilation_cache_dir:
         # Each point's training segment builds its step anew: the persistent cache compiles it once.
-        jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir or default_cache_dir()) / "xla"))
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir or cache.cache_dir()) / "xla"))
     classifier = configs_lib.get_classifier_config(train_images.shape[1:], len(data_lib.dataset_info(
         config.dataset).class_names))
     if args.classifier_epochs is not None:

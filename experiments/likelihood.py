@@ -25,11 +25,12 @@ from pathlib import Path
 
 import jax
 
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.diffusion import VARIANCE_TYPES
-from experiments import flags
+from ddpm_jax.cli import flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +98,7 @@ def _images(config, args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     args = parse_args(argv)
     try:
         check_flags(args)

@@ -15,12 +15,13 @@ import os
 import sys
 import time
 
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax import noisy_classifier as nc
 from ddpm_jax import noisy_classifier_training as nct
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.training_loop import TrainingInterrupted
-from experiments import flags
+from ddpm_jax.cli import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     args = parse_args(argv)
     config = nc.noisy_classifier_config()
     if args.steps is not None:

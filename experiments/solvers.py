@@ -28,13 +28,14 @@ from pathlib import Path
 import jax
 from matplotlib.figure import Figure
 
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax import evaluation
 from ddpm_jax.checkpoint import load_checkpoint
 from ddpm_jax.feature_network import load_or_train_feature_network
 from ddpm_jax.options import SAMPLING_METHODS, sampling_options
 from ddpm_jax.schedules import SPACINGS
-from experiments import flags
+from ddpm_jax.cli import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,6 +129,7 @@ def _earlier_rows(path: Path, setup: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
     args = parse_args(argv)
     progress = not args.no_progress
     try:

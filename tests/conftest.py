@@ -19,6 +19,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import ddpm_jax  # noqa: E402
+
+# The CPU speed settings the command-line programs make (ddpm_jax/cpu.py), so that in-process tests run as they do.
+ddpm_jax.cpu.configure()
+
+from ddpm_jax.cli import train as train_cli  # noqa: E402
+
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import socket  # noqa: E402
@@ -85,10 +92,8 @@ def snapshot():
 def trained_tiny_run(tmp_path_factory, idx_dir):
     """A finished tiny run on ``idx_dir`` (4 steps, checkpoints at 2 and 4), shared: tests that change
     a run copy it first, and tests that must not change it compare :func:`snapshot` before and after."""
-    from experiments import mnist
-
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    assert mnist.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "4",
+    assert train_cli.main(["--preset", "tiny", "--idx-dir", str(idx_dir), "--workdir", str(workdir), "--steps", "4",
                        "--no-progress"]) == 0
     return workdir
 

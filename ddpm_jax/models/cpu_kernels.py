@@ -47,6 +47,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import cache
+
 SOURCE = Path(__file__).with_name("conv3x3_cpu.cc")
 CONV3X3_TARGET = "ddpm_jax_conv3x3"
 CONV3X3_ACROSS_IMAGES_TARGET = "ddpm_jax_conv3x3_across_images"
@@ -73,12 +75,6 @@ def whole_vectors(channels: int) -> bool:
     return channels % CHANNEL_MULTIPLE == 0
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("DDPM_JAX_CACHE_DIR"):
-        return Path(os.environ["DDPM_JAX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm_jax"
-
-
 def _compiler() -> str | None:
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"])
@@ -95,7 +91,7 @@ def _build(compiler: str) -> Path:
     for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(),
                  metadata.version("jaxlib").encode(), target.encode()):
         key.update(part)
-    library = _cache_dir() / f"conv3x3_cpu-{key.hexdigest()[:16]}.so"
+    library = cache.cache_dir() / f"conv3x3_cpu-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)

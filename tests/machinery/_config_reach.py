@@ -77,7 +77,7 @@ def _profile(frame, event, arg):
 def main() -> None:
     workdir, idx_dir, out = sys.argv[1:4]
     from ddpm_jax import train
-    from experiments import mnist
+    from ddpm_jax.cli import train as mnist
 
     original = train.train_and_evaluate
 

@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backen
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax import parallel  # noqa: E402
+from ddpm_jax import cpu, parallel  # noqa: E402
 from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config  # noqa: E402
 from ddpm_jax.generate import _compiled_sampler
@@ -25,6 +25,7 @@ from ddpm_jax.options import sampling_options
 
 
 def main():
+    cpu.configure()  # as the command-line programs run
     config = get_config("tiny")
     config.train.batch_size = 8
     schedule = schedule_from_config(config)

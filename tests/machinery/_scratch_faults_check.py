@@ -12,7 +12,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import ddpm_jax  # noqa: E402,F401  (makes the allocator settings, unless DDPM_JAX_KEEP_MALLOC=1)
+import ddpm_jax  # noqa: E402
+
+if os.environ.get("CHECK_CONFIGURE", "1") == "1":  # the allocator settings, unless DDPM_JAX_KEEP_MALLOC=1
+    ddpm_jax.cpu.configure()
 
 
 @jax.jit

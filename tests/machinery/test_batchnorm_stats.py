@@ -13,7 +13,8 @@ from ddpm_jax.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import create_train_state, get_config
 from ddpm_jax.data import load_mnist
 from ddpm_jax.generate import sample
-from experiments import batchnorm_check, mnist
+from ddpm_jax.cli import train as mnist
+from experiments import batchnorm_check
 
 
 def test_batchnorm_option_switches_the_statistics_sampling_normalizes_with():

@@ -1,9 +1,13 @@
 """The benchmark scripts run and report what they claim (tiny workloads; the real suite is `python -m benchmarks`)."""
 
+import importlib.metadata
 import json
+import sys
+
+import pytest
 
 from benchmarks import __main__ as suite
-from benchmarks import ours, paired
+from benchmarks import install_footprint, ours, paired
 
 
 def _last_json(capsys):
@@ -218,7 +222,7 @@ def test_paired_rounds_run_both_sides_with_the_suites_arguments_and_take_the_med
 
 
 def test_the_torch_ports_malloc_tunables_are_our_allocator_settings():
-    from ddpm_jax import xla_cpu
+    from ddpm_jax import cpu as xla_cpu
 
     tunables = dict(part.split("=") for part in suite.MALLOC_TUNABLES.split(":"))
     as_tunables = {"M_ARENA_MAX": "glibc.malloc.arena_max", "M_MMAP_MAX": "glibc.malloc.mmap_max",
@@ -227,3 +231,18 @@ def test_the_torch_ports_malloc_tunables_are_our_allocator_settings():
     for name, (_, value) in xla_cpu.MALLOC_SETTINGS.items():
         # mallopt's int -1 for the trim threshold is the size_t maximum the tunable spells out.
         assert int(tunables[as_tunables[name]]) == value % 2**64
+
+
+def test_install_footprint_measures_size_and_import_time_of_each_environment(tmp_path, capsys):
+    try:
+        importlib.metadata.version("ddpm-jax")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("ddpm-jax is not installed in this environment (pip install -e .)")
+    record = install_footprint.main(["--env", f"here={sys.executable}", "--rounds", "1",
+                                     "--out", str(tmp_path / "f.json")])
+    here = record["environments"]["here"]
+    assert here["installed_mb"] > sum(here["largest_mb"].values()) / 2 > 0 and here["distributions"] > 5
+    assert set(here["import_seconds"]) == {"import ddpm_jax", "import ddpm_jax; ddpm_jax.sample"}
+    assert all(t["median"] > 0 for t in here["import_seconds"].values())
+    assert json.loads((tmp_path / "f.json").read_text()) == record
+    assert "here" in capsys.readouterr().out

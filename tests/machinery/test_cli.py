@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from experiments import mnist
+from ddpm_jax.cli import train as mnist
 
 
 def test_main_job_trains_checkpoints_and_writes_the_figures(tmp_path, idx_dir, capsys):

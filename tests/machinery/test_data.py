@@ -230,6 +230,7 @@ def test_tfds_mock_data_loads_uint8_images_and_int32_labels(
     tfds = pytest.importorskip("tensorflow_datasets")
     # Preparing would import TensorFlow (~10 s); mock_data makes preparing a
     # no-op anyway, so record the GPU-hiding call instead of running it.
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
     monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=37):
         for images, labels in (
@@ -246,6 +247,7 @@ def test_tfds_hides_gpus_from_tensorflow_before_preparing(monkeypatch, tmp_path,
                                                           no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
     events = []
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
     monkeypatch.setattr(data, "_import_tensorflow_without_gpus",
                         lambda: events.append("hide_gpus"))
     # mock.patch (not monkeypatch) so the patches unwind in nesting order.
@@ -339,13 +341,25 @@ def test_an_unprepared_dataset_without_the_network_is_refused_in_seconds(tmp_pat
         raise failure
 
     monkeypatch.setattr(socket, "create_connection", no_connection)
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the network is asked only where TF could prepare
     start = time.perf_counter()
     with pytest.raises(DatasetNotFoundError, match=r"preparing it needs a download from storage.googleapis.com, "
                                                    r"which is out of reach") as info:
         load_mnist_tfds("train", data_dir=tmp_path)
     assert time.perf_counter() - start < 15 and asked == [(("storage.googleapis.com", 443), 5.0)]
     assert "--idx-dir" in str(info.value) and not any(tmp_path.iterdir())
-    from experiments import mnist
+    from ddpm_jax.cli import train as mnist
 
     assert mnist.main(["--preset", "tiny", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "run")]) == 2
     assert "out of reach" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_preparing_through_tfds_without_tensorflow_is_one_line_naming_the_extra(monkeypatch, tmp_path, no_network):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: False), \
+            pytest.raises(DatasetNotFoundError) as info:
+        load_mnist_tfds("train", data_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pip install 'ddpm-jax[tfds]'" in message and "--idx-dir" in message and str(tmp_path) in message

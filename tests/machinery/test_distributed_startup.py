@@ -163,7 +163,7 @@ def test_an_unreachable_coordinator_ends_in_one_error_line_and_status_2(tmp_path
     ],
 )
 def test_bad_distributed_flags_end_in_one_error_line_and_status_2(tmp_path, flags, message, capsys):
-    from experiments import mnist
+    from ddpm_jax.cli import train as mnist
 
     assert mnist.main(["--preset", "tiny", "--workdir", str(tmp_path / "run"), *flags]) == 2
     err = capsys.readouterr().err

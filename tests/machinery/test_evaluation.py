@@ -12,7 +12,8 @@ from ddpm_jax import evaluation, feature_network, metrics
 from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
 from ddpm_jax.configs import create_train_state, get_classifier_config, get_config
 from ddpm_jax.data import load_mnist_idx
-from experiments import evaluate, mnist
+from ddpm_jax.cli import evaluate
+from ddpm_jax.cli import train as mnist
 
 # Real MNIST in IDX form, kept next to the checkout (../shared in CI).
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
@@ -257,6 +258,7 @@ def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypa
     shutil.copytree(tiny_run, workdir)
     monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     # mock_data makes preparing a no-op; skip importing TensorFlow to hide GPUs (~10 s).
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
     monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=50):
         code = evaluate.main(["--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"), "--num-samples", "20",

@@ -22,7 +22,7 @@ from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import train as train_lib
 from ddpm_jax.configs import get_config
-from experiments import mnist
+from ddpm_jax.cli import train as mnist
 
 # Every example calls main() in-process; a few trace the network. Bounded so the file runs in about a minute;
 # DDPM_JAX_FUZZ_EXAMPLES=1000 searches harder (the counts scale with it).

@@ -13,8 +13,9 @@ from benchmarks import gpu_check
 from ddpm_jax.configs import create_train_state, get_config, validate_config
 from ddpm_jax.train import train_and_evaluate
 from ddpm_jax.train_state import count_params
-from experiments import learning_curve, mnist
-from experiments.flags import duration_seconds
+from ddpm_jax.cli import train as mnist
+from experiments import learning_curve
+from ddpm_jax.cli.flags import duration_seconds
 
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 # The report's network as the seed preset builds it, from the report's own count.

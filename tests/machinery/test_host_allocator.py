@@ -1,4 +1,4 @@
-"""ddpm_jax.xla_cpu.keep_freed_memory: glibc's malloc told to reuse the memory XLA frees after each run."""
+"""ddpm_jax.cpu.keep_freed_memory: glibc's malloc told to reuse the memory XLA frees after each run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_jax import xla_cpu
+from ddpm_jax import cpu as xla_cpu
 
 CHECK = Path(__file__).with_name("_scratch_faults_check.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +45,9 @@ def test_an_installed_accelerator_plugin_leaves_the_allocator_alone_unless_jax_i
     assert len(xla_cpu.keep_freed_memory({"JAX_PLATFORMS": "cpu"}, libc)) == 3
 
 
-def _run_check(keep_malloc: bool) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_JAX_KEEP_MALLOC": "1" if keep_malloc else "0"}
+def _run_check(keep_malloc: bool, configure: bool = True) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_JAX_KEEP_MALLOC": "1" if keep_malloc else "0",
+           "CHECK_CONFIGURE": "1" if configure else "0"}
     out = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, timeout=240, env=env,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,3 +60,9 @@ def test_a_warm_program_reuses_its_scratch_memory_instead_of_faulting_it_in_afre
     assert glibc_default["faults_per_call"] > 10_000
     assert kept["faults_per_call"] < 1_000
     assert kept["value"] == glibc_default["value"]  # where the memory comes from changes no number
+
+
+@pytest.mark.skipif(not xla_cpu.runs_on_glibc(), reason="the setting is glibc's")
+def test_importing_ddpm_jax_leaves_glibcs_allocator_as_it_was():
+    # The same program as above, the package imported but ddpm_jax.cpu.configure() not called: glibc's default.
+    assert _run_check(keep_malloc=False, configure=False)["faults_per_call"] > 10_000

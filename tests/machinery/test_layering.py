@@ -1,6 +1,6 @@
 """The package's layout stays one-way: read every module's imports (AST) and check them against the layers.
 
-Bottom to top: the diffusion math (jax.numpy only), the networks (flax only, nothing of
+Bottom to top: the cache folder (the standard library only), the diffusion math (jax.numpy only), the networks (flax only, nothing of
 diffusion), the foundations (the train state; configs, their checks and what they build; the
 sampling options; data, devices, files), the network joined to the math (denoiser), checkpoints, training, and the public surface (sampling,
 evaluation, figures). A module imports only from its own layer or the ones below; nothing
@@ -20,16 +20,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ddpm_jax"
 
 LAYERS = [
+    ("base", {"cache"}),  # the standard library only: where the package keeps its caches
     ("math", {"schedules", "diffusion", "likelihood", "losses", "sampling", "guidance", "metrics"}),
     ("models", {"models", "models.cpu_kernels", "models.layers", "models.unet", "models.ddpm_unet", "models.classifier",
                 "models.noisy_classifier"}),
     ("foundations", {"train_state", "configs", "options", "data", "image_folder", "parallel", "plotting", "progress",
-                     "workdir", "xla_cpu"}),
+                     "workdir", "cpu"}),
     ("network", {"denoiser"}),
     ("checkpoints", {"manifest", "checkpoint", "noisy_classifier"}),
     ("training", {"guard", "training_loop", "train", "noisy_classifier_training", "feature_network"}),
     ("public", {"generate", "evaluation", "figures", "batchnorm_stats"}),
     ("package", {""}),  # ddpm_jax/__init__.py: the notebook-facing names
+    ("cli", {"cli", "cli.flags", "cli.train", "cli.evaluate", "cli.sample"}),  # the console scripts
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LAYER_NAME = {rank: name for rank, (name, _) in enumerate(LAYERS)}
@@ -136,7 +138,7 @@ def test_the_math_and_the_networks_import_only_their_own_libraries(layer, allowe
         for name, line, _ in imports:
             target = _internal(name)
             if target is not None:
-                if LAYER_OF.get(target) != rank:
+                if LAYER_OF.get(target) not in (rank, LAYER_OF["cache"]):  # the base layer serves every layer
                     bad.append(f"{module}:{line} imports ddpm_jax.{target}")
             elif name.split(".")[0] not in allowed and name not in allowed:
                 bad.append(f"{module}:{line} imports {name}")
@@ -150,20 +152,23 @@ def test_nothing_in_the_package_imports_experiments_or_benchmarks():
 
 
 def test_an_entry_point_uses_another_only_by_running_it():
-    """Entry points share code through ``experiments/flags.py`` or ``ddpm_jax``; one that drives others
+    """Entry points share code through ``ddpm_jax/cli/flags.py`` or ``ddpm_jax``; one that drives others
     (``experiments.compare`` runs the evaluation) calls their ``main(argv)``, as a shell would, and nothing else."""
     bad = []
-    for path in sorted((ROOT / "experiments").glob("*.py")):
+    entry_packages = ("experiments", "ddpm_jax.cli")
+    for path in sorted([*(ROOT / "experiments").glob("*.py"), *(PACKAGE / "cli").glob("*.py")]):
+        where = path.relative_to(ROOT)
         tree = ast.parse(path.read_text())
         imported = {}  # local name -> entry point
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+            if isinstance(node, ast.ImportFrom) and node.module in entry_packages:
                 imported.update({a.asname or a.name: a.name for a in node.names if a.name != "flags"})
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments.") \
-                    and node.module != "experiments.flags":
-                bad.append(f"experiments/{path.name}:{node.lineno} imports from {node.module}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(tuple(f"{p}." for p in entry_packages)) \
+                    and node.module != "ddpm_jax.cli.flags" and not (path.parent.name == "experiments" and
+                                                                      [a.name for a in node.names] == ["main"]):
+                bad.append(f"{where}:{node.lineno} imports from {node.module}")
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported \
                     and node.attr != "main":
-                bad.append(f"experiments/{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+                bad.append(f"{where}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "; ".join(bad)

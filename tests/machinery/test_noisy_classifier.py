@@ -298,4 +298,4 @@ def test_a_diffusion_runs_folder_is_not_taken_for_a_classifier(tiny_run, tmp_pat
 def test_cli_without_a_diffusion_run_says_how_to_train_one(tmp_path, idx_dir, capsys):
     assert cli.main(["--workdir", str(tmp_path / "nowhere"), "--idx-dir", str(idx_dir)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "experiments.mnist" in err
+    assert err.startswith("error: ") and "ddpm-jax-train" in err

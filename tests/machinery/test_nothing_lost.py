@@ -23,7 +23,8 @@ from ddpm_jax.guard import NonFiniteGuard, NonFiniteLossError, TrainingDivergedE
 from ddpm_jax.train import summarize_steps, train_and_evaluate, train_step
 from ddpm_jax.training_loop import MetricLogger
 from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir
-from experiments import evaluate, mnist
+from ddpm_jax.cli import evaluate
+from ddpm_jax.cli import train as mnist
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ from ddpm_jax import train as train_lib
 from ddpm_jax.train import train_and_evaluate, train_step
 from ddpm_jax.train_state import all_finite, clip_by_global_norm, global_norm
 from ddpm_jax.training_loop import TrainingInterrupted
-from experiments import mnist
+from ddpm_jax.cli import train as mnist
 
 REPO = Path(__file__).resolve().parents[2]
 

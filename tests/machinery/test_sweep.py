@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments import evaluate
+from ddpm_jax.cli import evaluate
 from experiments import sweep
 
 TINY_VARIANTS = (
@@ -26,7 +26,7 @@ def tiny_sweep(monkeypatch, idx_dir):
     def run_in_process(cmd):  # the same entry points, without a new Python process per step
         calls.append(cmd)
         module = {"experiments.mnist": "mnist", "experiments.evaluate": "evaluate"}[cmd[2]]
-        from experiments import mnist
+        from ddpm_jax.cli import train as mnist
 
         main = mnist.main if module == "mnist" else evaluate.main
         assert main(cmd[3:]) == 0

@@ -179,7 +179,7 @@ def test_sample_refuses_anything_but_a_loaded_checkpoint_and_foreign_schedules(t
 
 
 def test_load_checkpoint_on_an_empty_directory_says_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="experiments.mnist"):
+    with pytest.raises(FileNotFoundError, match="ddpm-jax-train"):
         ddpm_jax.load_checkpoint(str(tmp_path))
 
 

@@ -153,7 +153,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
 
 
 def test_xla_cpu_flags_are_added_once_and_never_over_the_users_choice():
-    from ddpm_jax import xla_cpu
+    from ddpm_jax import cpu as xla_cpu
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert xla_cpu.apply_cpu_flags(env, avx512=True) == [xla_cpu.YNN_FLAG, xla_cpu.VECTOR_FLAG]
@@ -169,7 +169,7 @@ def test_xla_cpu_flags_are_added_once_and_never_over_the_users_choice():
 
 
 def test_avx512_is_read_from_the_processors_flags(tmp_path):
-    from ddpm_jax import xla_cpu
+    from ddpm_jax import cpu as xla_cpu
 
     with_it, without = tmp_path / "a", tmp_path / "b"
     with_it.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")

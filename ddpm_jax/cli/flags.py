@@ -1,5 +1,5 @@
-"""Flags shared by the command lines in ``experiments/``: ``--set FIELD=VALUE`` overrides, and the
-options of the evaluation-style tools that read a trained run.
+"""Flags shared by the command-line programs (``ddpm_jax.cli`` and ``experiments/``): ``--set FIELD=VALUE``
+overrides, and the options of the evaluation-style tools that read a trained run.
 
 Entry points import from here, never from one another.
 """
@@ -10,11 +10,11 @@ import argparse
 import ast
 import math
 
+from ddpm_jax import cache
 from ddpm_jax import data as data_lib
 from ddpm_jax import image_folder as image_folder_lib
 from ddpm_jax.configs import check_field_read
-from ddpm_jax.feature_network import default_cache_dir
-from ddpm_jax.options import SAMPLING_METHODS
+from ddpm_jax.options import DEFAULT_ORDER, SAMPLING_METHODS
 from ddpm_jax.schedules import SPACINGS
 
 
@@ -78,6 +78,16 @@ def check_overrides_read(config, assignments: list[str]) -> None:
         check_field_read(config, assignment.split("=", 1)[0].strip())
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--seed``, ``--batch-size`` or ``--guidance-scale`` of a sampling program, one line naming the value."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1.")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise ValueError(f"--seed {args.seed}: must be an integer in 0..{2**32 - 1}.")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale {args.guidance_scale}: must be a finite number >= 0 (0: no guidance).")
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """``--data-dir`` and ``--idx-dir``: where the run's dataset (its config's ``dataset``) comes from, as for training."""
     p.add_argument("--data-dir", default=None, help="TFDS data directory (as for training)")
@@ -106,7 +116,7 @@ def load_run_split(config, split: str, args: argparse.Namespace):
     dataset = config.get("dataset", "mnist")
     if dataset == data_lib.IMAGE_FOLDER:
         raise ValueError("this run was trained on a folder of images, which has no fixed test split; measure it with "
-                         "python -m experiments.evaluate --workdir RUN --image-dir DIR.")
+                         "ddpm-jax-evaluate --workdir RUN --image-dir DIR.")
     return data_lib.load_dataset(dataset, split, data_dir=args.data_dir, idx_dir=args.idx_dir)
 
 
@@ -117,7 +127,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=SAMPLING_METHODS, default=None,
                    help="sampler (default: ancestral for all T steps, sde_dpm_solver++ with --steps K < T)")
     p.add_argument("--order", type=int, default=None,
-                   help="dpm_solver++ / sde_dpm_solver++: the solver's order, 1-3 (default: 2)")
+                   help=f"dpm_solver++ / sde_dpm_solver++: the solver's order, 1-3 (default: {DEFAULT_ORDER})")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="where K < T steps fall among the training timesteps (default: trailing; see "
                         "ddpm_jax.schedules.spaced_timesteps)")
@@ -127,7 +137,7 @@ def add_cache_flag(p: argparse.ArgumentParser) -> None:
     """``--cache-dir``: where the feature classifier and reference features are cached."""
     p.add_argument("--cache-dir", default=None,
                    help="where the feature classifier and reference features are cached "
-                        f"(default: $DDPM_JAX_CACHE or {default_cache_dir()})")
+                        f"(default: ${cache.CACHE_ENV}, else {cache.cache_dir({})})")
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:

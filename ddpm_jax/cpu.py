@@ -1,4 +1,14 @@
-"""XLA CPU settings this project's networks run faster with; applied when ``ddpm_jax`` is imported.
+"""CPU speed settings for this project's networks: one opt-in call, :func:`configure`.
+
+Importing ``ddpm_jax`` changes nothing in the process. The command-line programs call
+:func:`configure` first thing; a notebook or script that wants the same speed calls it
+before its first JAX computation::
+
+    import ddpm_jax
+    ddpm_jax.cpu.configure()  # before anything runs on a JAX device
+
+It makes three settings, each measured in ``python -m benchmarks`` (the rows named below),
+each with an environment variable that leaves it out:
 
 Two flags (:func:`apply_cpu_flags`), each added to ``XLA_FLAGS`` only where it is not named there already:
 
@@ -17,8 +27,8 @@ Two flags (:func:`apply_cpu_flags`), each added to ``XLA_FLAGS`` only where it i
 
 Only the order of floating-point operations changes (tests/paper/test_layers.py
 computes the loss and its gradient with and without them and compares). ``DDPM_JAX_KEEP_XLA_FLAGS=1``
-adds neither. XLA reads its flags when the first device is used, so this takes
-effect when ``ddpm_jax`` is imported before any JAX computation (as the
+adds neither. XLA reads its flags when the first device is used, so they take
+effect only when :func:`configure` runs before any JAX computation (as the
 command-line tools do); neither flag touches GPU settings.
 
 And one setting of glibc's allocator (:func:`keep_freed_memory`): XLA's CPU
@@ -39,8 +49,8 @@ mostly XLA's Eigen convolutions, had found the settings slower). The cost: the
 process keeps the memory it frees (its resident size stays at its peak plus
 the heap's slack, about two scratch buffers) instead of returning it to the
 system. ``DDPM_JAX_KEEP_MALLOC=1`` leaves the allocator alone. Like the flags,
-it takes effect only for threads that have not allocated yet, so import
-``ddpm_jax`` before any JAX computation; it is skipped where an accelerator
+it takes effect only for threads that have not allocated yet, so call
+:func:`configure` before any JAX computation; it is skipped where an accelerator
 plugin for JAX is installed (unless ``JAX_PLATFORMS=cpu``) and where the C
 library is not glibc.
 
@@ -58,6 +68,7 @@ is changed. ``DDPM_JAX_KEEP_RNG_LOWERING=1`` keeps JAX's loop.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 import importlib.util
 import os
@@ -67,10 +78,16 @@ from importlib import metadata
 
 from jax.interpreters import mlir
 
+try:  # a JAX internal: the backends started so far (configure says when it comes too late for them)
+    from jax._src import xla_bridge as _xla_bridge
+except ImportError:
+    _xla_bridge = None
 try:  # JAX internals: the threefry primitive and its unrolled lowering (see unroll_threefry_on_cpu)
     from jax._src.random import threefry2x32 as _threefry
 except ImportError:
     _threefry = None
+
+__all__ = ["Configured", "configure"]
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 VECTOR_FLAG = "--xla_cpu_prefer_vector_width=512"
@@ -180,3 +197,38 @@ def unroll_threefry_on_cpu(environ=os.environ) -> bool:
         return False
     mlir.register_lowering(primitive, unrolled, platform="cpu", inline=False)
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Configured:
+    """What :func:`configure` set: the XLA flags added, the ``mallopt`` settings made, whether the RNG lowering was registered."""
+
+    xla_flags: tuple[str, ...]
+    malloc: tuple[str, ...]
+    rng_lowering: bool
+    late: bool  # JAX had started a backend before the call: the flags and the allocator setting come too late
+
+    def __str__(self) -> str:
+        parts = [f"XLA flags {' '.join(self.xla_flags) or 'none'}", f"malloc {', '.join(self.malloc) or 'unchanged'}",
+                 f"threefry {'unrolled' if self.rng_lowering else 'looped'}"]
+        return "CPU settings: " + "; ".join(parts) + (" (JAX had already started: flags apply to new processes only)"
+                                                       if self.late else "")
+
+
+def _backend_started() -> bool:
+    return bool(getattr(_xla_bridge, "_backends", None))
+
+
+def configure(environ=os.environ) -> Configured:
+    """Apply this module's three CPU speed settings to the running process; returns what was set.
+
+    Call it before the first JAX computation: XLA reads its flags, and glibc's allocator takes its settings,
+    when the first device starts. Each setting has its opt-out (``DDPM_JAX_KEEP_XLA_FLAGS=1``,
+    ``DDPM_JAX_KEEP_MALLOC=1``, ``DDPM_JAX_KEEP_RNG_LOWERING=1``); none touches a GPU. Calling it twice
+    adds nothing the second time. ``environ``: the environment to read and to add ``XLA_FLAGS`` to.
+    """
+    late = _backend_started()
+    flags = apply_cpu_flags(environ)
+    malloc = keep_freed_memory(environ)
+    rng = unroll_threefry_on_cpu(environ)
+    return Configured(tuple(flags), tuple(malloc), rng, late)
