@@ -14,15 +14,15 @@ Every measurement runs in a fresh process (``benchmarks.ours`` /
 leak between them. Rows:
 
 - ``ours``: our jitted train step and sampler as shipped (``conv_impl='auto'``, and
-  the XLA flag of ``ddpm_jax/xla_cpu.py``);
+  the XLA flag of ``ddpm_jax/cpu.py``);
 - ``ours, 256-bit vectors`` (a processor with AVX-512 only): without the flag that lets XLA's own fused loops
   use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. what shipped before issue 18;
 - ``ours, no native kernels``: XLA's 3x3 convolutions where ``conv_impl='auto'`` would take the native CPU
   kernels of ``ddpm_jax/models/cpu_kernels.py`` (``DDPM_JAX_NATIVE_KERNELS=0``), i.e. what shipped before
   issue 18's third session;
-- ``ours, no XLA flags``: neither of ``ddpm_jax/xla_cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
+- ``ours, no XLA flags``: neither of ``ddpm_jax/cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
   fusions, XLA's default vector width;
-- ``ours, glibc's malloc`` (train): without ``ddpm_jax/xla_cpu.py``'s allocator setting
+- ``ours, glibc's malloc`` (train): without ``ddpm_jax/cpu.py``'s allocator setting
   (``DDPM_JAX_KEEP_MALLOC=1``), so that each step's scratch buffer is mapped afresh, page faults and all;
 - ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag, glibc's own
   allocator settings and JAX's rolled threefry loop on the CPU, i.e. the code before the CPU work of issue 4;
@@ -85,7 +85,7 @@ skipped, and marked so, rather than the run overrunning (the last one started ma
 run a minute past it); ``--timeout`` is 150 s per measurement; and the JSON is
 rewritten after every measurement (``"complete": false`` until the end), so a run
 that is cut off still leaves what it measured. ``DDPM_JAX_KEEP_XLA_FLAGS=1`` is set
-for every GPU measurement: the XLA flag of ``ddpm_jax/xla_cpu.py`` is a CPU-backend
+for every GPU measurement: the XLA flag of ``ddpm_jax/cpu.py`` is a CPU-backend
 flag, and a jaxlib that no longer knew it would abort every process.
 """
 
@@ -174,7 +174,7 @@ def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
 
 
-# Our rows: the code as shipped, without the XLA flag of ddpm_jax/xla_cpu.py, and before issue 4's CPU work.
+# Our rows: the code as shipped, without the XLA flag of ddpm_jax/cpu.py, and before issue 4's CPU work.
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
 NO_NATIVE = {"DDPM_JAX_NATIVE_KERNELS": "0"}
