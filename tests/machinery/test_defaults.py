@@ -40,7 +40,7 @@ def test_one_cache_variable_everywhere():
     files = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *(ROOT / "ddpm_jax").rglob("*.py"),
              *(ROOT / "experiments").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     mentions = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
-                if old.search(line) and p.name != "cache.py"]
+                if old.search(line) and p.name not in ("cache.py", "CHANGELOG.md")]  # those two name the old one on purpose
     assert not mentions, mentions
 
 
