@@ -110,7 +110,7 @@ class DiffusionCheckpoint:
     def __repr__(self) -> str:
         """One line (the arrays would be hundreds of thousands of characters): step, weights, what was trained."""
         return (f"DiffusionCheckpoint(step {self.step:,}, {count_params(self.params):,} parameters, "
-                f"{self.weights_used.upper() if self.weights_used == 'ema' else 'raw'} weights; {summary(self.config)})")
+                f"{'EMA' if self.weights_used == 'ema' else 'raw'} weights; {summary(self.config)})")
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:

@@ -61,7 +61,7 @@ from ddpm_jax.data import DATASETS, IMAGE_FOLDER
 from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES, DDPMUNet, ReportUNet
 from ddpm_jax.schedules import DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
-from ddpm_jax.train_state import TrainState, learning_rate_schedule, make_optimizer, new_train_state
+from ddpm_jax.train_state import TrainState, count_params, learning_rate_schedule, make_optimizer, new_train_state
 
 PRESETS: tuple[str, ...] = ("cpu", "gpu", "quick", "seed", "ddpm", "cifar10", "tiny")
 # What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
@@ -71,13 +71,22 @@ UNCONDITIONAL_MODES = ("label_prior", "null")
 BATCHNORM_MODES = ("running", "batch")
 
 
+def network_shape(model) -> str:
+    """The widths of the network a ``model`` section describes; returns e.g. ``'base 16, 2 levels, conv head'``."""
+    if model.get("name") == "ddpm_unet":
+        return f"{model.base_channels} x {tuple(model.channel_mult)} channels"
+    levels = model.get("levels", "?")
+    return (f"base {model.get('base_channels', '?')}, {levels} level{'' if levels == 1 else 's'}, "
+            f"{model.get('output_head', 'block')} head")
+
+
 def summary(config) -> str:
     """One line on what a config trains: preset, network, data, schedule and length; returns that text."""
     model, data, train, diffusion = config.model, config.data, config.train, config.diffusion
     classes = int(model.get("num_classes", 0))
     size = int(data.get("image_size", 28))
-    return (f"preset {config.get('preset', '?')!r}: {model.get('name', '?')} (base {model.get('base_channels', '?')}, "
-            f"levels {model.get('levels', '?')}{f', {classes} classes' if classes else ''}) on "
+    return (f"preset {config.get('preset', '?')!r}: {model.get('name', '?')} ({network_shape(model)}"
+            f"{f', {classes} classes' if classes else ''}) on "
             f"{config.get('dataset', 'mnist')} {size}x{size}x{int(data.get('channels', 1))}, "
             f"T={diffusion.get('num_timesteps', '?')} {diffusion.get('schedule', '?')}, "
             f"{int(train.get('num_steps', 0)):,} steps at batch {train.get('batch_size', '?')}")
@@ -88,7 +97,7 @@ def parameter_count(config) -> int:
     model = build_model(config.model)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(model_input_shape(config, 1)),
                                                jnp.zeros((1,), jnp.int32), train=False))
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"])))
+    return count_params(shapes["params"])
 
 
 def preset_table() -> str:
@@ -98,12 +107,8 @@ def preset_table() -> str:
     for preset in PRESETS:
         c = get_config(preset)
         size, classes = int(c.data.image_size), int(c.model.num_classes)
-        m = c.model
-        network = (f"`{m.name}`, {m.base_channels} x {tuple(m.channel_mult)} channels" if m.name == "ddpm_unet" else
-                   f"`{m.name}`, base {m.base_channels}, {m.levels} level{'s' if m.levels > 1 else ''}, "
-                   f"{m.output_head} head")
         rows.append(
-            f"| `{preset}` | {network} | {parameter_count(c):,} | {c.dataset} at {size}x{size} | "
+            f"| `{preset}` | `{c.model.name}`, {network_shape(c.model)} | {parameter_count(c):,} | {c.dataset} at {size}x{size} | "
             f"{c.diffusion.schedule}, T={c.diffusion.num_timesteps} | {c.train.batch_size:,} | {c.train.num_steps:,} | "
             f"{c.train.learning_rate:g} | {f'{classes}, w = {c.sampling.guidance_scale:g}' if classes else 'none'} |")
     return "\n".join(rows)

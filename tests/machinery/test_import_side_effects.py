@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import ddpm_jax
 from ddpm_jax import cpu
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,3 +95,15 @@ def test_each_command_line_program_makes_the_cpu_settings_first(module):
     main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "main")
     body = [n for n in main.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
     assert ast.unparse(body[0]) == "cpu.configure()"
+
+
+def test_the_names_static_tools_see_are_the_names_loaded_lazily():
+    """The ``TYPE_CHECKING`` imports of ddpm_jax/__init__.py (for IDEs and type checkers) and its ``_SOURCES``
+    (what ``__getattr__`` loads) list the same names from the same modules."""
+    import ddpm_jax
+
+    tree = ast.parse((ROOT / "ddpm_jax" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    static = {alias.name: (None if node.module == "ddpm_jax" else node.module)
+              for node in block.body for alias in node.names}
+    assert static == ddpm_jax._SOURCES
