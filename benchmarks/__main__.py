@@ -14,18 +14,18 @@ Every measurement runs in a fresh process (``benchmarks.ours`` /
 leak between them. Rows:
 
 - ``ours``: our jitted train step and sampler as shipped (``conv_impl='auto'``, and
-  the XLA flag of ``ddpm_jax/cpu.py``);
+  the XLA flag of ``ddpm_jax/cpu/settings.py``);
 - ``ours, 256-bit vectors`` (a processor with AVX-512 only): without the flag that lets XLA's own fused loops
-  use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. what shipped before issue 18;
+  use 512-bit vectors (``XLA_FLAGS=--xla_cpu_prefer_vector_width=256``), i.e. XLA's default width;
 - ``ours, no native kernels``: XLA's 3x3 convolutions where ``conv_impl='auto'`` would take the native CPU
-  kernels of ``ddpm_jax/models/cpu_kernels.py`` (``DDPM_JAX_NATIVE_KERNELS=0``), i.e. what shipped before
-  issue 18's third session;
-- ``ours, no XLA flags``: neither of ``ddpm_jax/cpu.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
+  kernels of ``ddpm_jax/cpu/kernels.py`` (``DDPM_JAX_NATIVE_KERNELS=0``), i.e. what a machine without a C++
+  compiler runs;
+- ``ours, no XLA flags``: neither of ``ddpm_jax/cpu/settings.py``'s flags (``DDPM_JAX_KEEP_XLA_FLAGS=1``): YNNPACK's
   fusions, XLA's default vector width;
-- ``ours, glibc's malloc`` (train): without ``ddpm_jax/cpu.py``'s allocator setting
+- ``ours, glibc's malloc`` (train): without ``ddpm_jax/cpu/settings.py``'s allocator setting
   (``DDPM_JAX_KEEP_MALLOC=1``), so that each step's scratch buffer is mapped afresh, page faults and all;
 - ``ours, before``: every convolution left to XLA (``conv_impl='xla'``), no flag, glibc's own
-  allocator settings and JAX's rolled threefry loop on the CPU, i.e. the code before the CPU work of issue 4;
+  allocator settings and JAX's rolled threefry loop on the CPU, i.e. the code without any of its CPU work;
 - ``torch port``: the report's U-Net in plain PyTorch (``benchmarks/peers.py``), same work;
 - ``torch port, our malloc`` (train): the same, started with our allocator settings as glibc tunables
   (:data:`MALLOC_TUNABLES`), to show what they would do for the peer;
@@ -85,7 +85,7 @@ skipped, and marked so, rather than the run overrunning (the last one started ma
 run a minute past it); ``--timeout`` is 150 s per measurement; and the JSON is
 rewritten after every measurement (``"complete": false`` until the end), so a run
 that is cut off still leaves what it measured. ``DDPM_JAX_KEEP_XLA_FLAGS=1`` is set
-for every GPU measurement: the XLA flag of ``ddpm_jax/cpu.py`` is a CPU-backend
+for every GPU measurement: the XLA flag of ``ddpm_jax/cpu/settings.py`` is a CPU-backend
 flag, and a jaxlib that no longer knew it would abort every process.
 """
 
@@ -135,12 +135,14 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 7) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def run(module: str, args: list[str], timeout: float, env: dict | None = None) -> dict:
-    """Run ``python -m module args`` in a fresh process; its last stdout line is a JSON result."""
+def run(module: str, args: list[str], timeout: float, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run ``python -m module args`` in a fresh process (in ``cwd``, default this one's); its last stdout line is a
+    JSON result."""
     cmd = [sys.executable, "-m", module, *args]
     t0 = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                             cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "cmd": " ".join(cmd)}
     wall = time.perf_counter() - t0
@@ -174,7 +176,7 @@ def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
 
 
-# Our rows: the code as shipped, without the XLA flag of ddpm_jax/cpu.py, and before issue 4's CPU work.
+# Our rows: the code as shipped, without the XLA flag of ddpm_jax/cpu/settings.py, and without any of its CPU work.
 KEEP_FLAGS = {"DDPM_JAX_KEEP_XLA_FLAGS": "1"}
 VECTORS_256 = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # our other flag is still added
 NO_NATIVE = {"DDPM_JAX_NATIVE_KERNELS": "0"}

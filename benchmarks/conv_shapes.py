@@ -4,14 +4,14 @@ For each (map size, input channels, output channels) of the ``seed`` U-Net
 (batch 128) or the ``cpu`` preset's (``--preset cpu``, batch 64): the forward
 pass, the weight gradient and the input gradient as XLA's convolution, as
 the im2col matrix product, as the native CPU kernels of
-:mod:`ddpm_jax.models` (where the channels allow them and a compiler built
+:mod:`ddpm_jax.cpu.kernels` (where the channels allow them and a compiler built
 them), on maps of at most 2x2 pixels as one dense matrix product and, where a
 side has one or two channels, as the col2im "taps" product, with PyTorch's
 convolution beside them when torch is installed (the peer, in the same process,
 2 threads like ours). Each form's passes are timed through
-:func:`ddpm_jax.models.layers.conv3x3_planned` with that form in every pass,
+:func:`ddpm_jax.cpu.layers.conv3x3_planned` with that form in every pass,
 the code training runs. The column ``auto`` names
-the form :func:`ddpm_jax.models.layers.conv3x3_plan` picks for each pass
+the form :func:`ddpm_jax.cpu.layers.conv3x3_plan` picks for each pass
 (forward/weight gradient/input gradient): this is the measurement behind
 ``conv_impl='auto'``'s choices. Milliseconds, median of
 ``--repeats``; writes ``benchmarks/results/conv-shapes-<backend>-<preset>-preset.json``.
@@ -31,9 +31,9 @@ import jax
 
 import ddpm_jax  # noqa: E402
 
-ddpm_jax.cpu.configure()  # ddpm_jax/cpu.py's settings, as the command-line programs make them
-from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import Conv3x3Plan, conv3x3_plan, conv3x3_planned
+ddpm_jax.cpu.configure()  # ddpm_jax/cpu/settings.py's settings, as the command-line programs make them
+from ddpm_jax.cpu import kernels as cpu_kernels
+from ddpm_jax.cpu.layers import Conv3x3Plan, conv3x3_plan, conv3x3_planned
 
 try:
     import torch

@@ -23,14 +23,15 @@ import numpy as np
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation, metrics
-from ddpm_jax.feature_network import load_or_train_feature_network
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
 
 SIZES = (100, 250, 500, 1000, 2000, 5000, 10_000)
 
 
 def main(argv=None) -> dict:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.fid_sample_size", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--idx-dir", default=None)

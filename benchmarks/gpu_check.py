@@ -21,7 +21,7 @@ each part finds the whole card free:
    time-limited to what ``--budget`` (480 s) leaves for it, at least a minute (``--curve-seconds``).
 
 Writes to ``--out`` at most 8 files: ``gpu_check.json`` (everything, rewritten after each part, so a
-run cut off keeps what it measured), ``summary.md`` (the tables the README's GPU section shows),
+run cut off keeps what it measured), ``summary.md`` (the tables docs/gpu.md's Results show),
 ``gpu_samples.png``, ``gpu_histogram.png``, ``seed_curve.png`` and ``seed_histogram.png``. Runs and
 caches go to ``--workdir`` (default ``/tmp/ddpm-jax-gpu-check``; a rerun resumes the trainings and
 reuses the compiled programs). ``--smoke`` runs the same code path on the CPU at toy sizes (tiny

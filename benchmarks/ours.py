@@ -36,14 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import cpu
-from ddpm_jax import parallel
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
-from ddpm_jax.generate import _compiled_sampler, sample
-from ddpm_jax.guidance import GuidanceInputs
-from ddpm_jax.train import Batching, keeps_last_good, make_dataset_train_step
-from ddpm_jax.train_state import count_params
-from ddpm_jax.options import sampling_options
+from ddpm_jax.utils import parallel
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.sampling.generate import _compiled_sampler, sample
+from ddpm_jax.diffusion.guidance import GuidanceInputs
+from ddpm_jax.training.train import Batching, keeps_last_good, make_dataset_train_step
+from ddpm_jax.training.state import count_params
+from ddpm_jax.sampling.options import sampling_options
 
 
 def _config(args):
@@ -110,7 +111,7 @@ def measure_train(args) -> dict:
         "train_images_per_s": batch / median,
         "flops_per_image": flops / batch if flops else None,
         # The allocator's share: XLA's CPU runtime allocates each step's scratch buffers afresh, and glibc
-        # maps every block over 32 MB anew, page faults and all (README, "Speed: ours against the PyTorch peers").
+        # maps every block over 32 MB anew, page faults and all (docs/performance.md, "The process settings").
         "minor_faults_per_step": (after.ru_minflt - usage.ru_minflt) / args.steps,
         "kernel_cpu_seconds_per_step": (after.ru_stime - usage.ru_stime) / args.steps,
         "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
@@ -189,7 +190,7 @@ def _device_peak_mb() -> float | None:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("train", "sample", "guidance"))
     p.add_argument("--preset", default="seed")

@@ -94,7 +94,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule  # noqa: E402
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule  # noqa: E402
 
 REPORT_PARAMS = 12_552_848  # ReportUNet(), the report's model
 CPU_PRESET_PARAMS = 199_025  # ReportUNet(base_channels=16, levels=2, output_head="conv"), the 'cpu' preset

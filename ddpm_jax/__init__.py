@@ -14,7 +14,7 @@ speed settings the command-line programs use are one opt-in call, :func:`ddpm_ja
 made before the first JAX computation.
 
 Timesteps are 0-based indices ``0..T-1`` everywhere (index ``i`` is the
-paper's ``t = i + 1``); see :mod:`ddpm_jax.schedules`.
+paper's ``t = i + 1``); see :mod:`ddpm_jax.diffusion.schedules`.
 """
 
 from __future__ import annotations
@@ -22,36 +22,36 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-# Public name -> the module that defines it (None: the name is that module).
+# Public name -> the module that defines it, or (for a module itself) ("module", its path).
 _SOURCES = {
-    "DiffusionCheckpoint": "ddpm_jax.checkpoint",
-    "DiffusionSchedule": "ddpm_jax.schedules",
-    "FeatureNetwork": "ddpm_jax.feature_network",
+    "DiffusionCheckpoint": "ddpm_jax.training.checkpoint",
+    "DiffusionSchedule": "ddpm_jax.diffusion.schedules",
+    "FeatureNetwork": "ddpm_jax.evaluation.feature_network",
     "PRESETS": "ddpm_jax.configs",
     "ReportUNet": "ddpm_jax.models",
-    "TrainState": "ddpm_jax.train_state",
-    "cosine_beta_schedule": "ddpm_jax.schedules",
-    "cpu": None,
-    "create_train_state": "ddpm_jax.configs",
+    "TrainState": "ddpm_jax.training.state",
+    "cosine_beta_schedule": "ddpm_jax.diffusion.schedules",
+    "cpu": ("module", "ddpm_jax.cpu"),
+    "create_train_state": "ddpm_jax.training.setup",
     "get_config": "ddpm_jax.configs",
-    "l_simple": "ddpm_jax.losses",
-    "linear_beta_schedule": "ddpm_jax.schedules",
-    "load_checkpoint": "ddpm_jax.checkpoint",
-    "load_noisy_classifier": "ddpm_jax.noisy_classifier",
-    "load_or_train_feature_network": "ddpm_jax.feature_network",
-    "make_ancestral_sampler": "ddpm_jax.sampling",
-    "metrics": None,
-    "p_mean": "ddpm_jax.diffusion",
-    "p_mean_variance": "ddpm_jax.diffusion",
-    "p_variance": "ddpm_jax.diffusion",
-    "predict_x0_from_eps": "ddpm_jax.diffusion",
-    "prior_labels": "ddpm_jax.generate",
-    "q_posterior_mean": "ddpm_jax.diffusion",
-    "q_sample": "ddpm_jax.diffusion",
-    "sample": "ddpm_jax.generate",
-    "train_and_evaluate": "ddpm_jax.train",
-    "train_step": "ddpm_jax.train",
-    "write_figures": "ddpm_jax.figures",
+    "l_simple": "ddpm_jax.diffusion.losses",
+    "linear_beta_schedule": "ddpm_jax.diffusion.schedules",
+    "load_checkpoint": "ddpm_jax.training.checkpoint",
+    "load_noisy_classifier": "ddpm_jax.training.noisy_classifier",
+    "load_or_train_feature_network": "ddpm_jax.evaluation.feature_network",
+    "make_ancestral_sampler": "ddpm_jax.diffusion.samplers",
+    "metrics": ("module", "ddpm_jax.evaluation.metrics"),
+    "p_mean": "ddpm_jax.diffusion.process",
+    "p_mean_variance": "ddpm_jax.diffusion.process",
+    "p_variance": "ddpm_jax.diffusion.process",
+    "predict_x0_from_eps": "ddpm_jax.diffusion.process",
+    "prior_labels": "ddpm_jax.sampling.generate",
+    "q_posterior_mean": "ddpm_jax.diffusion.process",
+    "q_sample": "ddpm_jax.diffusion.process",
+    "sample": "ddpm_jax.sampling.generate",
+    "train_and_evaluate": "ddpm_jax.training.train",
+    "train_step": "ddpm_jax.training.train",
+    "write_figures": "ddpm_jax.evaluation.figures",
 }
 __all__ = sorted(_SOURCES)
 __version__ = "0.1.0"
@@ -61,8 +61,11 @@ def __getattr__(name: str):
     """Load a public name's module on first use (PEP 562) and keep the name here."""
     if name not in _SOURCES:
         raise AttributeError(f"module 'ddpm_jax' has no attribute {name!r}")
-    module = importlib.import_module(_SOURCES[name] or f"ddpm_jax.{name}")
-    value = module if _SOURCES[name] is None else getattr(module, name)
+    source = _SOURCES[name]
+    if isinstance(source, tuple):  # the name is a module
+        value = importlib.import_module(source[1])
+    else:
+        value = getattr(importlib.import_module(source), name)
     globals()[name] = value
     return value
 
@@ -72,17 +75,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools and IDEs read; the same names as _SOURCES
-    from ddpm_jax import cpu, metrics
-    from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
-    from ddpm_jax.configs import PRESETS, create_train_state, get_config
-    from ddpm_jax.diffusion import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
-    from ddpm_jax.feature_network import FeatureNetwork, load_or_train_feature_network
-    from ddpm_jax.figures import write_figures
-    from ddpm_jax.generate import prior_labels, sample
-    from ddpm_jax.losses import l_simple
+    from ddpm_jax import cpu
+    from ddpm_jax.evaluation import metrics
+    from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
+    from ddpm_jax.configs import PRESETS, get_config
+    from ddpm_jax.diffusion.process import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
+    from ddpm_jax.evaluation.feature_network import FeatureNetwork, load_or_train_feature_network
+    from ddpm_jax.evaluation.figures import write_figures
+    from ddpm_jax.sampling.generate import prior_labels, sample
+    from ddpm_jax.diffusion.losses import l_simple
     from ddpm_jax.models import ReportUNet
-    from ddpm_jax.noisy_classifier import load_noisy_classifier
-    from ddpm_jax.sampling import make_ancestral_sampler
-    from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
-    from ddpm_jax.train import train_and_evaluate, train_step
-    from ddpm_jax.train_state import TrainState
+    from ddpm_jax.training.noisy_classifier import load_noisy_classifier
+    from ddpm_jax.diffusion.samplers import make_ancestral_sampler
+    from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
+    from ddpm_jax.training.setup import create_train_state
+    from ddpm_jax.training.train import train_and_evaluate, train_step
+    from ddpm_jax.training.state import TrainState

@@ -12,7 +12,7 @@ noised **test** images, per quarter of the timestep range, three ways:
 - ``per_t_batch``: each batch's own statistics, the batch at one timestep
   (how ``sample(..., batchnorm='batch')`` normalizes);
 - ``recalibrated``: statistics recomputed for these weights over 100 batches of
-  noised training images (:func:`ddpm_jax.batchnorm_stats.recalibrate_batch_stats`,
+  noised training images (:func:`ddpm_jax.evaluation.batchnorm_stats.recalibrate_batch_stats`,
   what ``experiments.evaluate --batchnorm recalibrated`` samples with).
 
 If ``running`` matches ``mixed_batch``, the running averages reproduce what the
@@ -32,10 +32,10 @@ import numpy as np
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.configs import build_model
-from ddpm_jax.diffusion import q_sample
+from ddpm_jax.diffusion.process import q_sample
 from ddpm_jax.cli import flags
 
 QUARTERS = 4
@@ -102,7 +102,7 @@ def denoising_errors(checkpoint, images_u8: np.ndarray, batch_size: int, key: ja
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     try:
         checkpoint = load_checkpoint(args.workdir, weights=args.weights)

@@ -2,11 +2,11 @@
 
 Trains once per distinct training setup (the quick preset, with a learned
 variance, and the DDPM U-Net; same data and batch, and the same training time:
-see the setups below) and measures every variant with the evaluation
-issue's metrics: FID (and its real-data floor), KL of the digit histogram to
+see the setups below) and measures every variant with the evaluation's
+metrics: FID (and its real-data floor), KL of the digit histogram to
 uniform, the unreadable rate, the test split's negative log-likelihood bound in
 bits/dim, samples/s and train images/s. Writes ``WORKDIR/compare.json`` and
-``WORKDIR/compare.md`` (the README's table).
+``WORKDIR/compare.md`` (the table of docs/results.md, "What each switch buys").
 
 Variants that differ only in how they sample (the weights, the sampler, the
 number of steps) share one trained run. Each measurement is kept in the
@@ -26,7 +26,7 @@ from pathlib import Path
 from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax import train as train_lib
+from ddpm_jax.training import train as train_lib
 from ddpm_jax.cli import evaluate
 from experiments import likelihood
 from ddpm_jax.cli.flags import apply_override
@@ -34,7 +34,7 @@ from ddpm_jax.cli.flags import apply_override
 # Training setups: (preset, steps or None for the preset's, --set overrides). The DDPM U-Net costs 3.4x the
 # report's per step on 2 CPU cores (284 against 965 images/s at batch 64), so it gets 880 steps: the same
 # training time as the quick preset's 3,000. The learned variance adds under 5% per step and keeps 3,000.
-REPORT_UNET = ("quick", None, ())  # the old default: the unconditional cpu network, 3,000 steps
+REPORT_UNET = ("quick", None, ())  # the quick preset: the unconditional cpu-preset network, 3,000 steps
 LEARNED_VARIANCE = ("quick", None, ("model.learn_variance=True",))
 DDPM_UNET = ("ddpm", 880, ())
 
@@ -71,7 +71,7 @@ def _train_images_per_s(run: Path) -> float | None:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     root = Path(args.workdir)
     data_flags = (["--idx-dir", args.idx_dir] if args.idx_dir else []) + (

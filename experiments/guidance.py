@@ -35,11 +35,13 @@ from matplotlib.figure import Figure
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation, metrics, plotting
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.feature_network import load_or_train_feature_network
-from ddpm_jax.noisy_classifier import check_classifier_matches, load_noisy_classifier
-from ddpm_jax.options import sampling_options
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import plotting
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.training.noisy_classifier import check_classifier_matches, load_noisy_classifier
+from ddpm_jax.sampling.options import sampling_options
 from ddpm_jax.cli import flags
 
 # The report's Figure 6: its 100 samples counted by eye, digits 0..9, and the "?" (not a digit) count. As
@@ -152,7 +154,7 @@ def save_fid_vs_accuracy(rows: list[dict], floor: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     progress = not args.no_progress
     try:

@@ -37,12 +37,12 @@ import numpy as np
 from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation
-from ddpm_jax import train as train_lib
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax import cache
-from ddpm_jax.feature_network import load_or_train_feature_network
-from ddpm_jax.workdir import check_workdir, prepare_workdir
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.training import train as train_lib
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.utils import cache
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.training.workdir import check_workdir, prepare_workdir
 from ddpm_jax.cli import flags
 
 # The report's Figure 6: its 100 samples by the digit the author read, '?' the unreadable ones.
@@ -137,7 +137,7 @@ def power_law_prediction(points: list[dict], images: int) -> dict | None:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     start = time.perf_counter()
     args = parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 Computes the variational bound L_vlb (Ho et al. 2020, eq. 5, with the
 discretized decoder of sec. 3.3) of every test image under a trained run's
-model (:func:`ddpm_jax.evaluation.negative_log_likelihood`), prints it with its
+model (:func:`ddpm_jax.evaluation.evaluate.negative_log_likelihood`), prints it with its
 parts and writes ``RUN/likelihood.json``. T network calls per image: the 10,000
 test images take T x 10,000 forward passes. The test split is the run's dataset's
 (its config says which); a run on a folder of images is measured on that folder,
@@ -27,9 +27,9 @@ import jax
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.diffusion import VARIANCE_TYPES
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.diffusion.process import VARIANCE_TYPES
 from ddpm_jax.cli import flags
 
 
@@ -98,7 +98,7 @@ def _images(config, args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     try:
         check_flags(args)

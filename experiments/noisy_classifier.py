@@ -5,7 +5,7 @@ x_t the classifier sees), trains p(y | x_t, t) on MNIST's labelled training
 split (the run's ``data.max_train_examples`` first images, as the run saw) into
 ``RUN/noisy_classifier`` (or ``--out``), resuming there if a run was cut short,
 and prints its test accuracy per quarter of the timestep range (also written
-to ``accuracy.json`` there). See :mod:`ddpm_jax.noisy_classifier`.
+to ``accuracy.json`` there). See :mod:`ddpm_jax.training.noisy_classifier`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import noisy_classifier as nc
-from ddpm_jax import noisy_classifier_training as nct
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.training_loop import TrainingInterrupted
+from ddpm_jax.training import noisy_classifier as nc
+from ddpm_jax.training import noisy_classifier_training as nct
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.training.loop import TrainingInterrupted
 from ddpm_jax.cli import flags
 
 
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     config = nc.noisy_classifier_config()
     if args.steps is not None:

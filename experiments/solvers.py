@@ -30,11 +30,11 @@ from matplotlib.figure import Figure
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.feature_network import load_or_train_feature_network
-from ddpm_jax.options import SAMPLING_METHODS, sampling_options
-from ddpm_jax.schedules import SPACINGS
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.sampling.options import SAMPLING_METHODS, sampling_options
+from ddpm_jax.diffusion.schedules import SPACINGS
 from ddpm_jax.cli import flags
 
 
@@ -129,7 +129,7 @@ def _earlier_rows(path: Path, setup: dict) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
     progress = not args.no_progress
     try:

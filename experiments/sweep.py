@@ -33,7 +33,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ddpm_jax.workdir import prepare_workdir
+from ddpm_jax.training.workdir import prepare_workdir
 
 # The levers, at the old default's training time (3,000 steps of the 199,025-parameter network,
 # about 5 minutes here) unless a row says otherwise; equal-time rows take fewer steps of a costlier

@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import ddpm_jax  # noqa: E402
 
-# The CPU speed settings the command-line programs make (ddpm_jax/cpu.py), so that in-process tests run as they do.
+# The CPU speed settings the command-line programs make (ddpm_jax/cpu/settings.py), so that in-process tests run as they do.
 ddpm_jax.cpu.configure()
 
 from ddpm_jax.cli import train as train_cli  # noqa: E402

@@ -32,14 +32,16 @@ import numpy as np
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import evaluation, metrics, plotting
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation import plotting
 from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
-from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.feature_network import load_or_train_feature_network
-from ddpm_jax.diffusion import MEAN_TYPES, VARIANCE_TYPES
-from ddpm_jax.options import sampling_options
-from ddpm_jax.workdir import WorkdirLock
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.sampling.options import sampling_options
+from ddpm_jax.training.workdir import WorkdirLock
 from ddpm_jax.cli import flags
 
 PROG = "ddpm-jax-evaluate"  # the console script (pyproject.toml); `python -m experiments.evaluate` from the repository root
@@ -70,7 +72,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     p.add_argument("--batchnorm", choices=(*BATCHNORM_MODES, "recalibrated"), default=None,
                    help="BatchNorm networks: normalize with the running averages, each sampled batch's statistics, "
                         "or statistics recomputed for the sampling weights over 100 batches of noised training "
-                        "images ('recalibrated', precise BN; see ddpm_jax/batchnorm_stats.py); default: the run's config")
+                        "images ('recalibrated', precise BN; see ddpm_jax/evaluation/batchnorm_stats.py); default: the run's config")
     p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
                    help="a sample is unreadable if no digit gets at least this probability (default: %(default)s)")
     flags.add_cache_flag(p)
@@ -91,7 +93,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def main(argv=None, prog: str = PROG) -> int:
     """Run the program with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv, prog)
     try:
         _check(args)

@@ -10,12 +10,12 @@ import argparse
 import ast
 import math
 
-from ddpm_jax import cache
+from ddpm_jax.utils import cache
 from ddpm_jax import data as data_lib
-from ddpm_jax import image_folder as image_folder_lib
+from ddpm_jax.data import image_folder as image_folder_lib
 from ddpm_jax.configs import check_field_read
-from ddpm_jax.options import DEFAULT_ORDER, SAMPLING_METHODS
-from ddpm_jax.schedules import SPACINGS
+from ddpm_jax.sampling.options import DEFAULT_ORDER, SAMPLING_METHODS
+from ddpm_jax.diffusion.schedules import SPACINGS
 
 
 def apply_override(config, assignment: str) -> None:
@@ -130,7 +130,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help=f"dpm_solver++ / sde_dpm_solver++: the solver's order, 1-3 (default: {DEFAULT_ORDER})")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="where K < T steps fall among the training timesteps (default: trailing; see "
-                        "ddpm_jax.schedules.spaced_timesteps)")
+                        "ddpm_jax.diffusion.schedules.spaced_timesteps)")
 
 
 def add_cache_flag(p: argparse.ArgumentParser) -> None:

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 
 from ddpm_jax import cpu
-from ddpm_jax import plotting
-from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.evaluation import plotting
+from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.cli import flags
-from ddpm_jax.evaluation import draw_samples
+from ddpm_jax.evaluation.evaluate import draw_samples
 
 PROG = "ddpm-jax-sample"  # the console script (pyproject.toml)
 
@@ -62,7 +62,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def main(argv=None, prog: str = PROG) -> int:
     """Run the program with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv, prog)
     try:
         _check(args)

@@ -1,10 +1,10 @@
 """Train a DDPM on MNIST: ``ddpm-jax-train --workdir runs/mnist`` (or ``python -m experiments.mnist``).
 
 Or on Fashion-MNIST or CIFAR-10 (``--dataset``), or on a folder of your own images
-(``--image-dir DIR``, see :mod:`ddpm_jax.image_folder`). Parses flags, loads the data
-(before anything is written), calls :func:`ddpm_jax.train.train_and_evaluate` (a run already in
+(``--image-dir DIR``, see :mod:`ddpm_jax.data.image_folder`). Parses flags, loads the data
+(before anything is written), calls :func:`ddpm_jax.training.train.train_and_evaluate` (a run already in
 ``--workdir`` resumes from its latest checkpoint), then draws the run's figures
-from its last checkpoint (:func:`ddpm_jax.figures.write_figures`). ``--time-limit 10m`` or ``--stop-at STEP``
+from its last checkpoint (:func:`ddpm_jax.evaluation.figures.write_figures`). ``--time-limit 10m`` or ``--stop-at STEP``
 time-box a long run: it stops there with a checkpoint, its length and learning-rate schedule unchanged, and
 the same command continues it. Exit status: 0
 done; 2 a bad flag, config value, dataset, image folder or workdir, a workdir in use by another
@@ -26,14 +26,14 @@ import jax
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax import image_folder as image_folder_lib
-from ddpm_jax import parallel
-from ddpm_jax import guard as guard_lib
-from ddpm_jax import train as train_lib
-from ddpm_jax import training_loop as training_loop_lib
-from ddpm_jax.checkpoint import load_checkpoint
-from ddpm_jax.figures import write_figures
-from ddpm_jax.workdir import check_workdir, prepare_workdir
+from ddpm_jax.data import image_folder as image_folder_lib
+from ddpm_jax.utils import parallel
+from ddpm_jax.training import guard as guard_lib
+from ddpm_jax.training import train as train_lib
+from ddpm_jax.training import loop as training_loop_lib
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.evaluation.figures import write_figures
+from ddpm_jax.training.workdir import check_workdir, prepare_workdir
 from ddpm_jax.cli.flags import apply_override, check_overrides_read, duration_seconds
 
 PROG = "ddpm-jax-train"  # the console script (pyproject.toml); `python -m experiments.mnist` from the repository root
@@ -172,7 +172,7 @@ def fit_config_to_data(config, labels, class_conditional: bool) -> None:
 
 def main(argv=None, prog: str = PROG) -> int:
     """Run the program with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu.py)
+    cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv, prog)
     # Before anything touches a device (default_preset asks for the backend).
     try:

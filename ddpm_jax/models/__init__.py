@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ddpm_jax.models.ddpm_unet import DDPMUNet
-from ddpm_jax.models.layers import CONV_IMPLS, Conv3x3, UpConv2x2
+from ddpm_jax.models.layers import PLAIN, Conv3x3, LayerOps, UpConv2x2
 from ddpm_jax.models.unet import LabelEmbedding, ReportUNet, TimeConditionedBlock, sinusoidal_embedding
 
 MODEL_NAMES: tuple[str, ...] = ("report_unet", "ddpm_unet")
@@ -16,8 +16,9 @@ __all__ = [
     "COMPUTE_DTYPES",
     "DDPMUNet",
     "LabelEmbedding",
-    "CONV_IMPLS",
+    "LayerOps",
     "MODEL_NAMES",
+    "PLAIN",
     "Conv3x3",
     "ReportUNet",
     "TimeConditionedBlock",

@@ -22,7 +22,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import Conv3x3
+from ddpm_jax.models.layers import PLAIN, Conv3x3, LayerOps
 from ddpm_jax.models.unet import LabelEmbedding, check_labels_fit, sinusoidal_embedding
 
 
@@ -37,16 +37,16 @@ class ResidualBlock(nn.Module):
     dropout: float = 0.1
     groups: int = 8
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    ops: LayerOps = PLAIN
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(x))
-        h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype)(h)
+        h = Conv3x3(self.features, ops=self.ops, dtype=self.dtype)(h)
         h = h + nn.Dense(self.features, dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = Conv3x3(self.features, impl=self.conv_impl, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+        h = Conv3x3(self.features, ops=self.ops, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
         skip = x if x.shape[-1] == self.features else nn.Dense(self.features, dtype=self.dtype, name="skip")(x)
         return skip + h
 
@@ -83,6 +83,8 @@ class DDPMUNet(nn.Module):
       out_channels: output channels; ``None`` means ``output_multiple`` times the input's.
       output_multiple: output channels per input channel when ``out_channels`` is None (2 for a
         network that also predicts a learned variance beside eps).
+      ops: what its 3x3 convolutions compute with (:class:`ddpm_jax.models.layers.LayerOps`): the same
+        parameters and, to float32 rounding, the same outputs whichever it is.
       num_classes: 0 (unconditional) or the number of classes of the labels ``y`` it takes
         (:class:`ddpm_jax.models.unet.LabelEmbedding`; ``y=None`` is the null label).
     """
@@ -97,7 +99,7 @@ class DDPMUNet(nn.Module):
     out_channels: int | None = None
     output_multiple: int = 1
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    ops: LayerOps = PLAIN
     num_classes: int = 0
 
     @nn.compact
@@ -115,10 +117,10 @@ class DDPMUNet(nn.Module):
         emb = nn.Dense(emb_dim, dtype=self.dtype)(nn.silu(nn.Dense(emb_dim, dtype=self.dtype)(emb)))
         if self.num_classes:
             emb = emb + LabelEmbedding(self.num_classes, emb_dim, self.dtype, name="label_embedding")(y, batch)
-        block = lambda features: ResidualBlock(features, self.dropout, self.groups, self.dtype, self.conv_impl)  # noqa: E731
+        block = lambda features: ResidualBlock(features, self.dropout, self.groups, self.dtype, self.ops)  # noqa: E731
         attention = lambda: AttentionBlock(self.num_heads, self.groups, self.dtype)  # noqa: E731
 
-        h = Conv3x3(self.base_channels, impl=self.conv_impl, dtype=self.dtype)(x.astype(self.dtype))
+        h = Conv3x3(self.base_channels, ops=self.ops, dtype=self.dtype)(x.astype(self.dtype))
         skips, size = [h], height
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
@@ -141,10 +143,10 @@ class DDPMUNet(nn.Module):
             if level > 0:
                 b, hh, ww, c = h.shape
                 h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, 2, ww, 2, c)).reshape(b, 2 * hh, 2 * ww, c)
-                h = Conv3x3(c, impl=self.conv_impl, dtype=self.dtype)(h)
+                h = Conv3x3(c, ops=self.ops, dtype=self.dtype)(h)
                 size *= 2
         out_channels = self.out_channels or channels * self.output_multiple
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(h))
-        out = Conv3x3(out_channels, impl=self.conv_impl, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+        out = Conv3x3(out_channels, ops=self.ops, kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
         chex.assert_shape(out, (batch, height, width, out_channels))
         return out.astype(jnp.float32)

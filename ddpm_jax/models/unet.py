@@ -34,7 +34,9 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import BatchNorm, Conv3x3, UpConv2x2, add_per_example_channel_bias, max_pool_2x2
+from ddpm_jax.models.layers import (
+    PLAIN, BatchNorm, Conv3x3, LayerOps, UpConv2x2, add_per_example_channel_bias, max_pool_2x2,
+)
 
 
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -96,19 +98,18 @@ class TimeConditionedBlock(nn.Module):
     negative_slope: float = 0.01  # PyTorch's nn.LeakyReLU default
     bn_momentum: float = 0.9  # PyTorch's BatchNorm momentum=0.1, in Flax's convention
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"  # see ddpm_jax.models.layers
+    ops: LayerOps = PLAIN  # what the layers compute with (ddpm_jax.models.layers)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = lambda: BatchNorm(  # noqa: E731
-            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
-            impl=self.conv_impl,
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype, ops=self.ops,
         )
-        # Named as nn.Conv would be, so parameter trees do not depend on conv_impl.
-        h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_0")(x)
+        # Named as nn.Conv would be, so parameter trees are nn.Conv's.
+        h = Conv3x3(self.features, ops=self.ops, dtype=self.dtype, name="Conv_0")(x)
         h = nn.leaky_relu(norm()(h), self.negative_slope)
-        h = add_per_example_channel_bias(h, nn.Dense(self.features, dtype=self.dtype)(emb), self.conv_impl)
-        h = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="Conv_1")(h)
+        h = add_per_example_channel_bias(h, nn.Dense(self.features, dtype=self.dtype)(emb), self.ops)
+        h = Conv3x3(self.features, ops=self.ops, dtype=self.dtype, name="Conv_1")(h)
         h = norm()(h)
         return nn.leaky_relu(h, self.negative_slope) if self.final_activation else h
 
@@ -130,8 +131,9 @@ class ReportUNet(nn.Module):
         bottleneck in front of the output.
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters
         stay float32 and the output is float32.
-      conv_impl: how convolutions are computed (``'auto'``, ``'xla'``, ``'matmul'``;
-        see :mod:`ddpm_jax.models.layers`): same parameters, same outputs.
+      ops: what the convolutions, BatchNorms, pooling and bias adds compute with
+        (:class:`ddpm_jax.models.layers.LayerOps`): the same parameters and, to float32 rounding,
+        the same outputs whichever it is.
       num_classes: 0 for an unconditional network; otherwise labels ``y`` in
         ``0..num_classes-1`` (or the null label ``num_classes``) are embedded and
         added to the time embedding every block sees.
@@ -149,7 +151,7 @@ class ReportUNet(nn.Module):
     output_multiple: int = 1
     output_head: str = "block"
     dtype: Any = jnp.float32
-    conv_impl: str = "auto"
+    ops: LayerOps = PLAIN
     num_classes: int = 0
 
     @nn.compact
@@ -166,7 +168,7 @@ class ReportUNet(nn.Module):
                 f"got {height}x{width}; pad the images (MNIST 28x28 -> 32x32 for 4 levels) or use fewer levels."
             )
         block = lambda features, **kw: TimeConditionedBlock(  # noqa: E731
-            features, dtype=self.dtype, conv_impl=self.conv_impl, **kw
+            features, dtype=self.dtype, ops=self.ops, **kw
         )
         emb = sinusoidal_embedding(t, self.time_embed_dim)
         if self.num_classes:
@@ -177,20 +179,20 @@ class ReportUNet(nn.Module):
         for level in range(self.levels):
             h = block(self.base_channels * 2**level)(h, emb, train)
             skips.append(h)
-            h = max_pool_2x2(h, self.conv_impl)
+            h = max_pool_2x2(h, self.ops)
         deepest = self.base_channels * 2**self.levels
         h = block(deepest)(h, emb, train)
         h = block(deepest)(h, emb, train)  # the bottleneck
         for i, level in enumerate(reversed(range(self.levels))):
             features = self.base_channels * 2**level
-            h = UpConv2x2(features, impl=self.conv_impl, dtype=self.dtype, name=f"ConvTranspose_{i}")(h)
+            h = UpConv2x2(features, ops=self.ops, dtype=self.dtype, name=f"ConvTranspose_{i}")(h)
             h = jnp.concatenate([h, skips[level]], axis=-1)
             h = block(features)(h, emb, train)
         out_channels = self.out_channels or channels * self.output_multiple
         if self.output_head == "block":
             out = block(out_channels, final_activation=False)(h, emb, train)
         elif self.output_head == "conv":
-            out = Conv3x3(out_channels, impl=self.conv_impl, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+            out = Conv3x3(out_channels, ops=self.ops, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                           name="Conv_0")(h)
         else:
             raise ValueError(f"unknown output_head {self.output_head!r}; allowed: block, conv.")

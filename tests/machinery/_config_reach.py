@@ -76,7 +76,7 @@ def _profile(frame, event, arg):
 
 def main() -> None:
     workdir, idx_dir, out = sys.argv[1:4]
-    from ddpm_jax import train
+    from ddpm_jax.training import train
     from ddpm_jax.cli import train as mnist
 
     original = train.train_and_evaluate

@@ -14,14 +14,17 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backen
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax import cpu, parallel  # noqa: E402
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config  # noqa: E402
-from ddpm_jax.generate import _compiled_sampler
-from ddpm_jax.guidance import GuidanceInputs  # noqa: E402
-from ddpm_jax.sampling import make_ancestral_sampler  # noqa: E402
-from ddpm_jax.train import Batching, make_dataset_train_step
-from ddpm_jax.options import sampling_options
+from ddpm_jax import cpu  # noqa: E402
+
+from ddpm_jax.utils import parallel
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, get_config, schedule_from_config  # noqa: E402
+from ddpm_jax.training.setup import create_train_state  # noqa: E402
+from ddpm_jax.sampling.generate import _compiled_sampler
+from ddpm_jax.diffusion.guidance import GuidanceInputs  # noqa: E402
+from ddpm_jax.diffusion.samplers import make_ancestral_sampler  # noqa: E402
+from ddpm_jax.training.train import Batching, make_dataset_train_step
+from ddpm_jax.sampling.options import sampling_options
 
 
 def main():

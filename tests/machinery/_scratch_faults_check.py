@@ -28,7 +28,7 @@ def main():
     x = jax.random.normal(jax.random.PRNGKey(0), (4096, 64), jnp.float32)
     # Over the first calls the kept heap still grows now and then (a call's scratch allocated before the last
     # call's is freed, or small blocks left inside the freed one): it levels off at two or three scratch
-    # buffers (README, change 12), so the median of later calls is 0 faults.
+    # buffers (docs/performance.md, the allocator setting), so the median of later calls is 0 faults.
     for _ in range(20):
         program(x).block_until_ready()
     faults = []

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import create_train_state, get_config
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import get_config
+from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.data import load_mnist
-from ddpm_jax.generate import sample
+from ddpm_jax.sampling.generate import sample
 from ddpm_jax.cli import train as mnist
 from experiments import batchnorm_check
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from benchmarks import __main__ as suite
-from benchmarks import install_footprint, ours, paired
+from benchmarks import install_footprint, ours, paired, revisions
 
 
 def _last_json(capsys):
@@ -221,8 +221,31 @@ def test_paired_rounds_run_both_sides_with_the_suites_arguments_and_take_the_med
     assert paired.summarize([{"ours": None, "torch port": 100.0}])["median_ratio"] is None
 
 
+def test_revisions_run_the_suites_jobs_on_each_tree_and_take_the_median_ratio(monkeypatch, tmp_path):
+    assert revisions.jobs("seed", "train", 5) == paired.pair_jobs("seed", 5)[0][2]
+    assert revisions.jobs("cpu", "sample", 5) == paired.pair_jobs("cpu", 5, "sample")[0][2]
+    seen = []
+    monkeypatch.setattr(revisions, "run", lambda module, args, timeout, env, cwd: seen.append((module, env, cwd)) or {})
+    revisions.measure(tmp_path, "cpu", "train", 5, 60)
+    assert seen == [("benchmarks.ours", {"PYTHONPATH": str(tmp_path)}, str(tmp_path))]  # that tree's code, not ours
+    summary = revisions.summarize([{"before": 100.0, "after": 99.0}, {"before": 100.0, "after": 103.0},
+                                   {"before": 100.0, "after": 100.0}, {"before": None, "after": 50.0}])
+    assert summary["ratios"] == [0.99, 1.03, 1.0] and summary["median_ratio"] == 1.0
+    assert summary["median_before"] == 100.0 and summary["median_after"] == 100.0
+
+
+def test_a_tree_without_the_package_gives_no_program_digest(tmp_path):
+    assert "error" in revisions.program_digests(tmp_path, timeout=120)  # an error, never a digest to compare
+
+
+def test_revisions_refuse_a_revision_that_is_not_a_commit(capsys):
+    with pytest.raises(SystemExit):
+        revisions.main(["--before", "no-such-revision-anywhere"])
+    assert "is not a commit of this repository" in capsys.readouterr().err
+
+
 def test_the_torch_ports_malloc_tunables_are_our_allocator_settings():
-    from ddpm_jax import cpu as xla_cpu
+    from ddpm_jax.cpu import settings as xla_cpu
 
     tunables = dict(part.split("=") for part in suite.MALLOC_TUNABLES.split(":"))
     as_tunables = {"M_ARENA_MAX": "glibc.malloc.arena_max", "M_MMAP_MAX": "glibc.malloc.mmap_max",

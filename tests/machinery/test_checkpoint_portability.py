@@ -21,8 +21,9 @@ _WRITER = textwrap.dedent(
     import sys
     import jax
     import numpy as np
-    from ddpm_jax import checkpoint as ckpt_lib
-    from ddpm_jax.configs import create_train_state, get_config
+    from ddpm_jax.training import checkpoint as ckpt_lib
+    from ddpm_jax.configs import get_config
+    from ddpm_jax.training.setup import create_train_state
 
     assert jax.device_count() == 2, jax.devices()
     config = get_config("tiny")

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.data: IDX reading, MNIST loading, TFDS path and errors."""
+"""Tests for ddpm_jax.data.datasets: IDX reading, MNIST loading, TFDS path and errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from ddpm_jax import data
+from ddpm_jax import data as data
+
+from ddpm_jax.data import tfds as tfds_source
 from ddpm_jax.data import (
     DatasetNotFoundError,
     IDXFormatError,
@@ -230,8 +232,8 @@ def test_tfds_mock_data_loads_uint8_images_and_int32_labels(
     tfds = pytest.importorskip("tensorflow_datasets")
     # Preparing would import TensorFlow (~10 s); mock_data makes preparing a
     # no-op anyway, so record the GPU-hiding call instead of running it.
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
-    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
+    monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=37):
         for images, labels in (
             load_mnist_tfds("train", data_dir=tmp_path),
@@ -247,8 +249,8 @@ def test_tfds_hides_gpus_from_tensorflow_before_preparing(monkeypatch, tmp_path,
                                                           no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
     events = []
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
-    monkeypatch.setattr(data, "_import_tensorflow_without_gpus",
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
+    monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus",
                         lambda: events.append("hide_gpus"))
     # mock.patch (not monkeypatch) so the patches unwind in nesting order.
     with tfds.testing.mock_data(num_examples=3), mock.patch.object(
@@ -304,7 +306,7 @@ def test_data_source_is_read_in_batches():
             raise AssertionError("per-example read used")
 
     source = Source(25)
-    images, labels = data._read_data_source(source, (28, 28, 1), chunk=10)
+    images, labels = tfds_source._read_data_source(source, (28, 28, 1), chunk=10)
     assert source.batches == [10, 10, 5]
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     np.testing.assert_array_equal(images[:, 0, 0, 0], np.arange(25))
@@ -326,7 +328,7 @@ def test_tensorflow_is_imported_with_gpus_hidden(monkeypatch, already_initialise
     fake_tf = types.SimpleNamespace(
         config=types.SimpleNamespace(set_visible_devices=set_visible_devices))
     monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
-    assert data._import_tensorflow_without_gpus() is fake_tf
+    assert tfds_source._import_tensorflow_without_gpus() is fake_tf
     assert calls == [([], "GPU")]
 
 
@@ -341,7 +343,7 @@ def test_an_unprepared_dataset_without_the_network_is_refused_in_seconds(tmp_pat
         raise failure
 
     monkeypatch.setattr(socket, "create_connection", no_connection)
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the network is asked only where TF could prepare
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the network is asked only where TF could prepare
     start = time.perf_counter()
     with pytest.raises(DatasetNotFoundError, match=r"preparing it needs a download from storage.googleapis.com, "
                                                    r"which is out of reach") as info:
@@ -356,7 +358,7 @@ def test_an_unprepared_dataset_without_the_network_is_refused_in_seconds(tmp_pat
 
 def test_preparing_through_tfds_without_tensorflow_is_one_line_naming_the_extra(monkeypatch, tmp_path, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: False)
     with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: False), \
             pytest.raises(DatasetNotFoundError) as info:
         load_mnist_tfds("train", data_dir=tmp_path)

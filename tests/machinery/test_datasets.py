@@ -12,9 +12,11 @@ from PIL import Image
 import ddpm_jax
 import ml_collections
 from conftest import write_idx
-from ddpm_jax import data, plotting
+from ddpm_jax import data as data
+from ddpm_jax.data import tfds as tfds_source
+from ddpm_jax.evaluation import plotting
 from ddpm_jax.configs import get_classifier_config, get_config, validate_config
-from ddpm_jax.feature_network import FeatureNetwork, train_classifier
+from ddpm_jax.evaluation.feature_network import FeatureNetwork, train_classifier
 from ddpm_jax.data import DATASETS, DatasetNotFoundError, dataset_info, load_dataset
 from ddpm_jax.cli import train as mnist
 
@@ -50,8 +52,8 @@ def test_fashion_mnist_loads_from_its_idx_files_and_names_itself_in_errors(fashi
 
 def test_fashion_mnist_loads_through_tfds_mock_data(monkeypatch, tmp_path, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
-    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
+    monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=11):
         images, labels = load_dataset("fashion_mnist", "train", data_dir=tmp_path)
     assert images.shape == (11, 28, 28, 1) and images.dtype == np.uint8
@@ -102,8 +104,8 @@ def test_cifar10_has_no_idx_files_and_says_to_use_tfds(tmp_path, capsys):
 def cifar10_mock(monkeypatch, no_network):
     """TFDS's CIFAR-10 replaced by random examples of its shapes (32x32x3 uint8, 10 labels), offline."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
-    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
+    monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=16):
         yield
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ddpm_jax
-from ddpm_jax import cache
+from ddpm_jax.utils import cache
 from ddpm_jax.configs import PRESETS, get_config, preset_table
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from ddpm_jax import parallel
+from ddpm_jax.utils import parallel
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", parallel.TIMEOUT_ENV)

@@ -8,9 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import evaluation, feature_network, metrics
-from ddpm_jax.checkpoint import DiffusionCheckpoint, load_checkpoint
-from ddpm_jax.configs import create_train_state, get_classifier_config, get_config
+from ddpm_jax.evaluation import evaluate as evaluation
+
+from ddpm_jax.evaluation import feature_network
+
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
+from ddpm_jax.configs import get_classifier_config, get_config
+from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.data import load_mnist_idx
 from ddpm_jax.cli import evaluate
 from ddpm_jax.cli import train as mnist
@@ -252,14 +257,15 @@ def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_oth
 
 def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from ddpm_jax import data
+    from ddpm_jax import data as data
+    from ddpm_jax.data import tfds as tfds_source
 
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
     monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     # mock_data makes preparing a no-op; skip importing TensorFlow to hide GPUs (~10 s).
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
-    monkeypatch.setattr(data, "_import_tensorflow_without_gpus", lambda: None)
+    monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
+    monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus", lambda: None)
     with tfds.testing.mock_data(num_examples=50):
         code = evaluate.main(["--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"), "--num-samples", "20",
                               "--cache-dir", str(tmp_path / "cache"), "--no-progress"])

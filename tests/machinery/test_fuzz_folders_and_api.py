@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import ddpm_jax
-from ddpm_jax import evaluation
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import create_train_state, get_config
-from ddpm_jax.image_folder import ImageFolderError, load_image_folder
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import get_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.data.image_folder import ImageFolderError, load_image_folder
 
 SCALE = int(os.environ.get("DDPM_JAX_FUZZ_EXAMPLES", "60")) / 60
 

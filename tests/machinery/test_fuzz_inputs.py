@@ -1,6 +1,6 @@
 """Generated bad inputs (hypothesis): command-line flags, ``--set`` fields and values, and damaged checkpoints.
 
-Each property is what the README promises a hostile user: an exit status in the documented set, never a
+Each property is what docs/reliability.md promises a hostile user: an exit status in the documented set, never a
 traceback, an ``error:`` line naming the field or file, nothing in an existing workdir lost or changed, and
 never a checkpoint loaded with weights other than the ones it was saved with. IDX headers are fuzzed in
 tests/machinery/test_idx_headers.py. Example counts are bounded so the suite stays within CI's budget; hypothesis
@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import ddpm_jax
-from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax.training import checkpoint as ckpt_lib
 from ddpm_jax import configs as configs_lib
-from ddpm_jax import train as train_lib
+from ddpm_jax.training import train as train_lib
 from ddpm_jax.configs import get_config
+from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.cli import train as mnist
 
 # Every example calls main() in-process; a few trace the network. Bounded so the file runs in about a minute;
@@ -72,7 +73,7 @@ def _run(argv, capsys):
 
 def _traces(config, images):
     schedule = configs_lib.schedule_from_config(config)
-    state = jax.eval_shape(lambda: configs_lib.create_train_state(config))
+    state = jax.eval_shape(lambda: create_train_state(config))
     labels = np.zeros(len(images), np.int32) if config.model.num_classes else None
     for fn in (train_lib.make_dataset_train_step(schedule, train_lib.Batching.from_config(config)),
                train_lib.make_dataset_probe(schedule, train_lib.Batching.from_config(config))):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu_check
-from ddpm_jax.configs import create_train_state, get_config, validate_config
-from ddpm_jax.train import train_and_evaluate
-from ddpm_jax.train_state import count_params
+from ddpm_jax.configs import get_config, validate_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.training.train import train_and_evaluate
+from ddpm_jax.training.state import count_params
 from ddpm_jax.cli import train as mnist
 from experiments import learning_curve
 from ddpm_jax.cli.flags import duration_seconds
@@ -20,7 +21,7 @@ from ddpm_jax.cli.flags import duration_seconds
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 # The report's network as the seed preset builds it, from the report's own count.
 REPORT_PARAMS = 12_552_848
-# What the issue measured for the report's network on one H200 (float32, batch 1000): training images/s.
+# What docs/gpu.md reports for the report's network on one H200 (float32, batch 1000): training images/s.
 H200_SEED_IMAGES_PER_S = 40_303
 
 

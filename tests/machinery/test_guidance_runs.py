@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.configs import get_classifier_config, get_config
 from ddpm_jax.data import load_mnist
-from ddpm_jax.feature_network import FeatureNetwork, build_classifier
-from ddpm_jax.generate import sample
-from ddpm_jax.train import train_and_evaluate
+from ddpm_jax.evaluation.feature_network import FeatureNetwork, build_classifier
+from ddpm_jax.sampling.generate import sample
+from ddpm_jax.training.train import train_and_evaluate
 from experiments import guidance as sweep
 
 NUM_CLASSES = 10

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm_jax import cpu as xla_cpu
+from ddpm_jax.cpu import settings as xla_cpu
 
 CHECK = Path(__file__).with_name("_scratch_faults_check.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddpm_jax import data
+from ddpm_jax import data as data
+
+from ddpm_jax.data import idx as idx_source
 from ddpm_jax.data import IDXFormatError, load_mnist_idx, read_idx
 
 # Item sizes of the IDX type codes, as the format defines them (independent of the module's table).
@@ -130,7 +132,7 @@ def test_an_unreadable_file_in_the_idx_folder_is_a_dataset_not_found_error(tmp_p
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(data, "read_idx", refuse)
+    monkeypatch.setattr(idx_source, "read_idx", refuse)
     with pytest.raises(data.DatasetNotFoundError, match="Permission denied"):
         load_mnist_idx(tmp_path, "train")
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 import ddpm_jax
 from ddpm_jax.configs import PRESETS, get_config, validate_config
-from ddpm_jax import image_folder
-from ddpm_jax.image_folder import ImageFolderError, find_images, load_image_folder
+from ddpm_jax.data import image_folder
+from ddpm_jax.data.image_folder import ImageFolderError, find_images, load_image_folder
 from experiments import evaluate, likelihood, mnist
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import ddpm_jax
-from ddpm_jax import cpu
+from ddpm_jax.cpu import settings as cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 # What ddpm_jax's modules import from outside: importing these first puts their own changes (``import jax``
@@ -64,7 +64,7 @@ changed = sorted(set(os.environ.items()) ^ set(before.items()))
 print(json.dumps({{"changed": changed, "modules": modules, "backends": sorted(xla_bridge._backends)}}))
 """, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     assert result["changed"] == []  # XLA_FLAGS among them: the user's value stays the user's
-    assert "ddpm_jax.cpu" in result["modules"] and "ddpm_jax.cli.train" in result["modules"]
+    assert "ddpm_jax.cpu.settings" in result["modules"] and "ddpm_jax.cli.train" in result["modules"]
     assert result["backends"] == []  # nothing started a device either
 
 
@@ -104,6 +104,11 @@ def test_the_names_static_tools_see_are_the_names_loaded_lazily():
 
     tree = ast.parse((ROOT / "ddpm_jax" / "__init__.py").read_text())
     block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
-    static = {alias.name: (None if node.module == "ddpm_jax" else node.module)
-              for node in block.body for alias in node.names}
+    # `from ddpm_jax.x import name` -> "ddpm_jax.x"; `from ddpm_jax.x import module` -> ("module", "ddpm_jax.x.module")
+    static = {}
+    for node in block.body:
+        for alias in node.names:
+            dotted = f"{node.module}.{alias.name}"
+            is_module = (ROOT / Path(*dotted.split("."))).is_dir() or (ROOT / Path(*dotted.split("."))).with_suffix(".py").exists()
+            static[alias.name] = ("module", dotted) if is_module else node.module
     assert static == ddpm_jax._SOURCES

@@ -1,16 +1,27 @@
-"""The package's layout stays one-way: read every module's imports (AST) and check them against the layers.
+"""The package's layout is its layers: each subpackage of ``ddpm_jax`` is one, and imports point only down.
 
-Bottom to top: the cache folder (the standard library only), the diffusion math (jax.numpy only), the networks (flax only, nothing of
-diffusion), the foundations (the train state; configs, their checks and what they build; the
-sampling options; data, devices, files), the network joined to the math (denoiser), checkpoints, training, and the public surface (sampling,
-evaluation, figures). A module imports only from its own layer or the ones below; nothing
-imports ``experiments`` or ``benchmarks``; no import sits inside a function to dodge a cycle.
-A new module must be given a layer here, which is the point: say where it belongs.
+Read every module's imports (AST) and check them against the order below, bottom to top (docs/design.md draws it):
+
+- ``utils``: the cache folder, progress bars, the device mesh, argument checks (the standard library, JAX, tqdm);
+- ``diffusion``: the math, pure functions of arrays and keys (jax.numpy and chex alone);
+- ``models``: the networks (Flax alone, nothing of diffusion, nothing of the CPU path);
+- ``cpu``: the CPU speed work (process settings, native kernels, the fast layers a network is handed on a CPU);
+- ``data``: datasets, image folders, preprocessing;
+- ``configs``: the presets, their checks, and what they build (a network, a schedule);
+- ``training``: the train state, the loop, checkpoints, the workdir, the guards, the two trainers;
+- ``sampling``: ``sample()`` from a checkpoint, its options, the denoiser joining a network to the math;
+- ``evaluation``: the feature network, the metrics, the evaluation, the figures;
+- the package's ``__init__`` (the notebook-facing names), then ``cli`` (the console scripts).
+
+A module imports only from its own subpackage or the ones below; within a subpackage there is no cycle; nothing
+imports ``experiments`` or ``benchmarks``; no import sits inside a function to dodge a cycle. A new subpackage must
+be given a place here, which is the point: say where it belongs.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -19,30 +30,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ddpm_jax"
 
-LAYERS = [
-    ("base", {"cache"}),  # the standard library only: where the package keeps its caches
-    ("math", {"schedules", "diffusion", "likelihood", "losses", "sampling", "guidance", "metrics"}),
-    ("models", {"models", "models.cpu_kernels", "models.layers", "models.unet", "models.ddpm_unet", "models.classifier",
-                "models.noisy_classifier"}),
-    ("foundations", {"train_state", "configs", "options", "data", "image_folder", "parallel", "plotting", "progress",
-                     "workdir", "cpu"}),
-    ("network", {"denoiser"}),
-    ("checkpoints", {"manifest", "checkpoint", "noisy_classifier"}),
-    ("training", {"guard", "training_loop", "train", "noisy_classifier_training", "feature_network"}),
-    ("public", {"generate", "evaluation", "figures", "batchnorm_stats"}),
-    ("package", {""}),  # ddpm_jax/__init__.py: the notebook-facing names
-    ("cli", {"cli", "cli.flags", "cli.train", "cli.evaluate", "cli.sample"}),  # the console scripts
-]
-LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
-LAYER_NAME = {rank: name for rank, (name, _) in enumerate(LAYERS)}
+LAYERS = ["utils", "diffusion", "models", "cpu", "data", "configs", "training", "sampling", "evaluation", "", "cli"]
+RANK = {name: rank for rank, name in enumerate(LAYERS)}
 
-# Third-party packages each lower layer may use: the math is jax.numpy (and chex) alone, the networks flax.
+# Third-party packages the lowest layers may use: the math is jax.numpy (and chex) alone, the networks Flax too.
 # flax.struct: the pytree dataclass (DiffusionSchedule, GuidanceInputs), not the networks.
 MATH_ALLOWED = {"jax", "chex", "numpy", "flax.struct"} | set(sys.stdlib_module_names)
 MODELS_ALLOWED = MATH_ALLOWED | {"flax"}
 # Imports inside functions that are not about layering: TensorFlow is heavy, needed only on the TFDS path,
-# and must see its GPUs hidden before it is imported (ddpm_jax/data.py says why).
-LAZY_ALLOWED = {("data", "tensorflow"), ("data", "tensorflow_datasets")}
+# and must see its GPUs hidden before it is imported (ddpm_jax/data/tfds.py says why).
+LAZY_ALLOWED = {("data.tfds", "tensorflow"), ("data.tfds", "tensorflow_datasets")}
+
+
+def _layer(module: str) -> str:
+    """The subpackage a module (dotted, relative to ddpm_jax; '' for the package itself) belongs to."""
+    return module.split(".")[0]
 
 
 def _module_name(path: Path) -> str:
@@ -84,9 +86,9 @@ def _internal(name: str) -> str | None:
     return name[len("ddpm_jax."):] if name.startswith("ddpm_jax.") else None
 
 
-def test_every_module_has_a_layer():
-    unplaced = sorted(m for m in _graph() if m not in LAYER_OF)
-    assert not unplaced, f"give these modules a layer in tests/machinery/test_layering.py: {unplaced}"
+def test_every_module_is_in_a_layer():
+    unplaced = sorted(m for m in _graph() if _layer(m) not in RANK)
+    assert not unplaced, f"put these modules in a subpackage, or give theirs a layer in LAYERS: {unplaced}"
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -94,9 +96,9 @@ def test_no_module_imports_a_layer_above_its_own():
     for module, imports in _graph().items():
         for name, line, _ in imports:
             target = _internal(name)
-            if target is not None and module in LAYER_OF and target in LAYER_OF and LAYER_OF[target] > LAYER_OF[module]:
-                upward.append(f"ddpm_jax/{module.replace('.', '/') or '__init__'}.py:{line} ({LAYER_NAME[LAYER_OF[module]]}) "
-                              f"imports {target} ({LAYER_NAME[LAYER_OF[target]]})")
+            if target is not None and RANK.get(_layer(target), -1) > RANK.get(_layer(module), len(LAYERS)):
+                upward.append(f"ddpm_jax/{module.replace('.', '/') or '__init__'}.py:{line} ({_layer(module) or 'package'}) "
+                              f"imports ddpm_jax.{target} ({_layer(target) or 'package'})")
     assert not upward, "imports pointing up a layer:\n" + "\n".join(upward)
 
 
@@ -128,21 +130,29 @@ def test_no_import_inside_a_function():
     assert not inner, "imports inside functions (move them to the top; a cycle is fixed by layering):\n" + "\n".join(inner)
 
 
-@pytest.mark.parametrize("layer, allowed", [("math", MATH_ALLOWED), ("models", MODELS_ALLOWED)])
+@pytest.mark.parametrize("layer, allowed", [("diffusion", MATH_ALLOWED), ("models", MODELS_ALLOWED)])
 def test_the_math_and_the_networks_import_only_their_own_libraries(layer, allowed):
-    rank = [r for r, (name, _) in enumerate(LAYERS) if name == layer][0]
     bad = []
     for module, imports in _graph().items():
-        if LAYER_OF.get(module) != rank:
+        if _layer(module) != layer:
             continue
         for name, line, _ in imports:
             target = _internal(name)
             if target is not None:
-                if LAYER_OF.get(target) not in (rank, LAYER_OF["cache"]):  # the base layer serves every layer
+                if _layer(target) != layer:
                     bad.append(f"{module}:{line} imports ddpm_jax.{target}")
             elif name.split(".")[0] not in allowed and name not in allowed:
                 bad.append(f"{module}:{line} imports {name}")
     assert not bad, f"the {layer} layer must stay free of these: " + "; ".join(bad)
+
+
+def test_the_networks_do_not_mention_the_cpu_path():
+    """The CPU speed work lives in ddpm_jax/cpu/ and reaches a network only through the layers it is handed:
+    no module under ddpm_jax/models/ says "CPU" (in code, names or prose) or imports ddpm_jax.cpu."""
+    mentions = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                for path in sorted((PACKAGE / "models").rglob("*")) if path.is_file()
+                for number, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"cpu", line, re.I)]
+    assert not mentions, "the networks mention the CPU path:\n" + "\n".join(mentions)
 
 
 def test_nothing_in_the_package_imports_experiments_or_benchmarks():

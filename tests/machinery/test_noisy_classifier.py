@@ -14,16 +14,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import noisy_classifier as nc
+from ddpm_jax.training import noisy_classifier as nc
 
-from ddpm_jax import noisy_classifier_training as nct
-from ddpm_jax.checkpoint import load_checkpoint
+from ddpm_jax.training import noisy_classifier_training as nct
+from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.configs import get_config
 from ddpm_jax.data import fingerprint, load_mnist_idx
 from ddpm_jax.models.noisy_classifier import NoisyClassifier
-from ddpm_jax.noisy_classifier import noisy_classifier_config
-from ddpm_jax.train import train_and_evaluate
-from ddpm_jax.train_state import count_params
+from ddpm_jax.training.noisy_classifier import noisy_classifier_config
+from ddpm_jax.training.train import train_and_evaluate
+from ddpm_jax.training.state import count_params
 from experiments import noisy_classifier as cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,8 +202,8 @@ def test_loading_where_there_is_no_classifier_names_the_folder_and_the_command(t
 # network's training step about 5x slower. 300 steps of (16, 32, 64) at batch 64, lr 3e-3.
 _REAL_MNIST_SCRIPT = """
 import json, sys
-from ddpm_jax import noisy_classifier as nc
-from ddpm_jax import noisy_classifier_training as nct
+from ddpm_jax.training import noisy_classifier as nc
+from ddpm_jax.training import noisy_classifier_training as nct
 from ddpm_jax.configs import get_config
 from ddpm_jax.data import load_mnist_idx
 (train_x, train_y), (test_x, test_y) = load_mnist_idx(sys.argv[1], "train"), load_mnist_idx(sys.argv[1], "test")

@@ -18,9 +18,10 @@ import pytest
 from tqdm import auto as tqdm_auto
 
 import ddpm_jax
-from ddpm_jax import progress
+from ddpm_jax.utils import progress
 from ddpm_jax.cli import sample as sample_cli
-from ddpm_jax.configs import PRESETS, create_train_state, get_config
+from ddpm_jax.configs import PRESETS, get_config
+from ddpm_jax.training.setup import create_train_state
 
 
 def _parameter_count(tree) -> int:  # counted here from the leaves, not through the package's helper

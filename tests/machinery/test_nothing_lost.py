@@ -1,4 +1,4 @@
-"""Issue 14's named cases: a guard that protects checkpoints, verified checkpoints with a fallback, a workdir
+"""What a run that goes wrong gets (docs/reliability.md): a guard that protects checkpoints, verified checkpoints with a fallback, a workdir
 lock, an evaluation cache that cannot go stale, and bad inputs that end in one `error:` line, exit 2."""
 
 import json
@@ -16,13 +16,14 @@ import optax
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import manifest as manifest_lib
-from ddpm_jax.configs import create_train_state, schedule_from_config
-from ddpm_jax.guard import NonFiniteGuard, NonFiniteLossError, TrainingDivergedError
-from ddpm_jax.train import summarize_steps, train_and_evaluate, train_step
-from ddpm_jax.training_loop import MetricLogger
-from ddpm_jax.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.training import manifest as manifest_lib
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.training.guard import NonFiniteGuard, NonFiniteLossError, TrainingDivergedError
+from ddpm_jax.training.train import summarize_steps, train_and_evaluate, train_step
+from ddpm_jax.training.loop import MetricLogger
+from ddpm_jax.training.workdir import WorkdirBusyError, WorkdirLock, prepare_workdir
 from ddpm_jax.cli import evaluate
 from ddpm_jax.cli import train as mnist
 
@@ -174,7 +175,7 @@ def test_resuming_over_a_damaged_checkpoint_moves_it_aside_and_resumes_from_the_
 # ---- the workdir lock ----
 
 def _hold_lock(directory: Path):
-    code = ("import sys, time; from ddpm_jax.workdir import WorkdirLock; "
+    code = ("import sys, time; from ddpm_jax.training.workdir import WorkdirLock; "
             "l = WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from ddpm_jax import parallel
+from ddpm_jax.utils import parallel
 
 ROOT = Path(__file__).resolve().parents[2]
 

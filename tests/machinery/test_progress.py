@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from ddpm_jax import progress
-from ddpm_jax.progress import LogProgress, progress_bar
+from ddpm_jax.utils import progress
+from ddpm_jax.utils.progress import LogProgress, progress_bar
 
 
 class FakeClock:

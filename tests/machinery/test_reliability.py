@@ -20,14 +20,15 @@ from hypothesis import strategies as st
 from ml_collections import FrozenConfigDict
 
 import ddpm_jax
-from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
-from ddpm_jax.guard import NonFiniteLossError
-from ddpm_jax import train as train_lib
-from ddpm_jax.train import train_and_evaluate, train_step
-from ddpm_jax.train_state import all_finite, clip_by_global_norm, global_norm
-from ddpm_jax.training_loop import TrainingInterrupted
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.training.guard import NonFiniteLossError
+from ddpm_jax.training import train as train_lib
+from ddpm_jax.training.train import train_and_evaluate, train_step
+from ddpm_jax.training.state import all_finite, clip_by_global_norm, global_norm
+from ddpm_jax.training.loop import TrainingInterrupted
 from ddpm_jax.cli import train as mnist
 
 REPO = Path(__file__).resolve().parents[2]

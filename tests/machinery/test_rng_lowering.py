@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import cpu as xla_cpu
+from ddpm_jax.cpu import settings as xla_cpu
 
 # Random draws of the kinds training and sampling make (normal noise, timesteps, a permutation, raw bits,
 # split keys), at sizes with and without a remainder; printed as lists so two processes can compare them.

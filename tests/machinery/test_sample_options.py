@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import create_train_state, get_config
-from ddpm_jax.options import sampling_options
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import get_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.sampling.options import sampling_options
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax.configs import get_classifier_config
-from ddpm_jax.feature_network import FeatureNetwork, build_classifier
+from ddpm_jax.evaluation.feature_network import FeatureNetwork, build_classifier
 from experiments import solvers
 
 

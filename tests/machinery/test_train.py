@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import create_train_state, schedule_from_config
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.configs import schedule_from_config
+from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.data import preprocess
-from ddpm_jax.train import Batching, make_dataset_train_step, train_and_evaluate
-from ddpm_jax.training_loop import EpochOrders, batch_indices
+from ddpm_jax.training.train import Batching, make_dataset_train_step, train_and_evaluate
+from ddpm_jax.training.loop import EpochOrders, batch_indices
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import numpy as np  # noqa: E402
 import ddpm_jax  # noqa: E402
 
 ddpm_jax.cpu.configure()  # the flags, unless told not to
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config  # noqa: E402
-from ddpm_jax.losses import l_simple  # noqa: E402
+from ddpm_jax.configs import build_model, get_config, schedule_from_config  # noqa: E402
+from ddpm_jax.training.setup import create_train_state  # noqa: E402
+from ddpm_jax.diffusion.losses import l_simple  # noqa: E402
 
 
 def main():

@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddpm_jax.models import cpu_kernels
-from ddpm_jax.models.layers import (
-    Conv3x3, Conv3x3Plan, UpConv2x2, batch_norm_matmul, batch_norm_sums_natively, conv3x3_plan, conv3x3_planned,
-    conv3x3_xla, upconv2x2_uses_native,
+from ddpm_jax.cpu import kernels as cpu_kernels
+from ddpm_jax.cpu.layers import (
+    AUTO, Conv3x3Plan, batch_norm_matmul, batch_norm_sums_natively, conv3x3_plan, conv3x3_planned, layer_ops,
+    upconv2x2_uses_native,
 )
+from ddpm_jax.models.layers import PLAIN, Conv3x3, UpConv2x2, conv3x3_xla
 
 needs_kernel = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_kernels._compiler() is None
@@ -139,10 +140,11 @@ def test_native_upconv_gradients_equal_flax_conv_transposes_at_every_shape(
     params = reference.init(kp, x)
     g = jax.random.normal(kg, (batch, 2 * height, 2 * width, out_channels))
     assert upconv2x2_uses_native(x, out_channels)
-    lowered = jax.jit(jax.grad(lambda p, x_: jnp.sum(UpConv2x2(out_channels).apply(p, x_) * g), argnums=(0, 1)))
+    lowered = jax.jit(jax.grad(lambda p, x_: jnp.sum(UpConv2x2(out_channels, ops=AUTO).apply(p, x_) * g),
+                               argnums=(0, 1)))
     assert "ddpm_jax_upconv2x2_weight_grad" in lowered.lower(params, x).as_text()
     ours, ref = (jax.vjp(lambda p, x_: module.apply(p, x_), params, x)
-                 for module in (UpConv2x2(out_channels), reference))
+                 for module in (UpConv2x2(out_channels, ops=AUTO), reference))
     np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max() + 1e-6),
                  ours[1](g), ref[1](g))
@@ -248,6 +250,7 @@ def test_conv3x3_plan_is_native_only_where_it_was_measured_faster(shape, feature
 def test_conv3x3_plan_on_another_backend_is_xlas_everywhere(shape, features, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv3x3_plan(jnp.zeros(shape), features) == (X, X, X)
+    assert layer_ops("auto") is PLAIN  # and the network is handed XLA's own operations there
 
 
 @needs_kernel
@@ -270,12 +273,12 @@ def test_every_form_of_every_pass_gives_xlas_convolution_and_gradients(plan):
 def test_conv3x3_auto_gives_xlas_outputs_and_gradients(shape, features):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     dy = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], features))
-    params = Conv3x3(features, impl="xla").init(jax.random.PRNGKey(1), x)
+    params = Conv3x3(features, ops=layer_ops("xla")).init(jax.random.PRNGKey(1), x)
 
     def outputs_and_grads(impl):
         def loss(p, x):
-            return jnp.sum(Conv3x3(features, impl=impl).apply(p, x) * dy)
-        out = jax.jit(Conv3x3(features, impl=impl).apply)(params, x)
+            return jnp.sum(Conv3x3(features, ops=layer_ops(impl)).apply(p, x) * dy)
+        out = jax.jit(Conv3x3(features, ops=layer_ops(impl)).apply)(params, x)
         return out, jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
     ours_out, (ours_params, ours_x) = outputs_and_grads("auto")
@@ -318,8 +321,8 @@ def test_the_built_kernel_is_cached_and_not_compiled_again(monkeypatch, tmp_path
 def test_with_several_devices_the_convolutions_stay_xlas_which_it_partitions():
     # XLA cannot split a custom call over the batch; it would repeat the whole batch's work on every device.
     code = ("import jax, jax.numpy as jnp\n"
-            "from ddpm_jax.models import cpu_kernels\n"
-            "from ddpm_jax.models.layers import conv3x3_plan\n"
+            "from ddpm_jax.cpu import kernels as cpu_kernels\n"
+            "from ddpm_jax.cpu.layers import conv3x3_plan\n"
             "assert jax.device_count() == 2\n"
             "print(cpu_kernels.kernels_available(), *conv3x3_plan(jnp.zeros((4, 16, 16, 16)), 32))\n")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
+from ddpm_jax.configs import build_model, get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.models import DDPMUNet
-from ddpm_jax.train import Batching, make_dataset_train_step
-from ddpm_jax.train_state import count_params
+from ddpm_jax.training.train import Batching, make_dataset_train_step
+from ddpm_jax.training.state import count_params
 
 
 def _small(**fields):

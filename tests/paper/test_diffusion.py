@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.diffusion import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
-from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
+from ddpm_jax.diffusion.process import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
 
 
 @pytest.fixture(scope="module")

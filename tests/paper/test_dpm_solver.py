@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.sampling import (
+from ddpm_jax.diffusion.samplers import (
     dpm_solver_coefficients,
     dpm_solver_orders,
     make_ddim_sampler,
     make_dpm_solver_decoder,
     make_dpm_solver_sampler,
 )
-from ddpm_jax.schedules import SPACINGS, DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
+from ddpm_jax.diffusion.schedules import SPACINGS, DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "dpm_solver_diffusers.json").read_text())
 

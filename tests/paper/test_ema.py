@@ -7,10 +7,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
-from ddpm_jax.train import Batching, make_dataset_train_step, train_and_evaluate
-from ddpm_jax.train_state import ema_decay_at, ema_update
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.configs import get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.training.train import Batching, make_dataset_train_step, train_and_evaluate
+from ddpm_jax.training.state import ema_decay_at, ema_update
 
 
 def test_ema_update_is_decay_times_average_plus_the_rest_times_weights():

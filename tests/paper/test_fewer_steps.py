@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import build_model, get_config, sampling_timesteps, schedule_from_config
-from ddpm_jax.sampling import ddim_invert, make_ancestral_sampler, make_ddim_decoder, make_ddim_sampler
-from ddpm_jax.schedules import betas_for, respace_betas, space_timesteps
+from ddpm_jax.diffusion.samplers import ddim_invert, make_ancestral_sampler, make_ddim_decoder, make_ddim_sampler
+from ddpm_jax.diffusion.schedules import betas_for, respace_betas, space_timesteps
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -6,14 +6,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import guidance
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
-from ddpm_jax.denoiser import guided_denoiser_fn
-from ddpm_jax.generate import _prior_labels, prior_labels, sample
-from ddpm_jax.guidance import GuidanceInputs
-from ddpm_jax.sampling import make_ancestral_sampler, make_ddim_sampler
-from ddpm_jax.train import Batching, make_dataset_train_step, train_step
+from ddpm_jax.diffusion import guidance
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.sampling.denoiser import guided_denoiser_fn
+from ddpm_jax.sampling.generate import _prior_labels, prior_labels, sample
+from ddpm_jax.diffusion.guidance import GuidanceInputs
+from ddpm_jax.diffusion.samplers import make_ancestral_sampler, make_ddim_sampler
+from ddpm_jax.training.train import Batching, make_dataset_train_step, train_step
 
 NUM_CLASSES = 10
 
@@ -281,9 +282,9 @@ def _noisy_classifier(run_config):
     """An untrained noise-aware classifier for ``run_config``'s schedule and image size."""
     import ml_collections
 
-    from ddpm_jax import noisy_classifier as nc
+    from ddpm_jax.training import noisy_classifier as nc
 
-    from ddpm_jax import noisy_classifier_training as nct
+    from ddpm_jax.training import noisy_classifier_training as nct
 
     config = nct._full_config(run_config, nc.noisy_classifier_config(), np.zeros((1, 28, 28, 1), np.uint8),
                              np.zeros((1,), np.int32))

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax.cpu.layers import (
+    AUTO, MATMUL, Conv3x3Plan, conv3x3_dense, conv3x3_planned, conv3x3_taps, conv3x3_uses_matmul, dense_conv_matrix,
+    flipped_kernel, layer_ops,
+)
 from ddpm_jax.models import ReportUNet
 from ddpm_jax.models.layers import (
-    BatchNorm, Conv3x3, Conv3x3Plan, UpConv2x2, add_channel_bias, add_per_example_channel_bias, conv3x3_dense,
-    conv3x3_planned, conv3x3_taps, conv3x3_uses_matmul, conv3x3_xla, dense_conv_matrix, flipped_kernel,
+    PLAIN, BatchNorm, Conv3x3, UpConv2x2, add_per_example_channel_bias, conv3x3_xla, max_pool_2x2,
 )
 
 SHAPES = [(2, 2, 2, 16, 8), (3, 4, 4, 8, 8), (2, 8, 8, 1, 4), (2, 6, 10, 3, 5)]  # (B, H, W, C_in, C_out)
@@ -28,7 +31,7 @@ def test_conv3x3_matches_flax_conv_with_the_same_parameters(b, h, w, cin, cout, 
     x = jax.random.normal(jax.random.PRNGKey(0), (b, h, w, cin))
     reference = nn.Conv(cout, (3, 3), padding="SAME")
     params = reference.init(jax.random.PRNGKey(1), x)
-    ours = Conv3x3(cout, impl=impl)
+    ours = Conv3x3(cout, ops=layer_ops(impl))
     assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
     np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
 
@@ -40,12 +43,12 @@ def test_upconv2x2_matches_flax_conv_transpose_values_and_gradients_with_the_sam
     params = reference.init(jax.random.PRNGKey(1), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     weights = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 10, 4))
-    out = UpConv2x2(4, impl=impl).apply(params, x)
+    out = UpConv2x2(4, ops=layer_ops(impl)).apply(params, x)
     assert out.shape == (2, 6, 10, 4)
     np.testing.assert_allclose(out, reference.apply(params, x), rtol=1e-5, atol=1e-5)
     # Each output row parity's product and the concatenation that interleaves them, differentiated.
     grads = [jax.grad(lambda p, x_: jnp.sum(module.apply(p, x_) * weights), argnums=(0, 1))(params, x)
-             for module in (UpConv2x2(4, impl=impl), reference)]
+             for module in (UpConv2x2(4, ops=layer_ops(impl)), reference)]
     jax.tree.map(lambda ours, ref: np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5), *grads)
 
 
@@ -105,6 +108,15 @@ def test_a_sampling_loop_builds_the_dense_matrix_once_outside_the_loop():
 def test_unknown_conv_impl_is_refused():
     with pytest.raises(ValueError, match="conv_impl|impl"):
         conv3x3_uses_matmul(2, 2, 8, "fast")
+    with pytest.raises(ValueError, match="conv_impl|impl"):
+        layer_ops("fast")
+
+
+def test_the_switch_hands_xlas_ops_to_xla_and_to_auto_off_the_cpu(monkeypatch):
+    assert layer_ops("xla") is PLAIN and layer_ops("matmul") is MATMUL
+    assert layer_ops("auto") is (AUTO if jax.default_backend() == "cpu" else PLAIN)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layer_ops("auto") is PLAIN and layer_ops("matmul") is MATMUL
 
 
 def test_auto_uses_matmul_only_where_xla_cpu_is_slow():
@@ -115,7 +127,7 @@ def test_auto_uses_matmul_only_where_xla_cpu_is_slow():
 def test_unet_gives_the_same_outputs_and_gradients_with_every_conv_impl():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 1))
     t = jnp.array([0, 3, 7, 9])
-    models = {impl: ReportUNet(base_channels=4, levels=3, conv_impl=impl) for impl in ("xla", "matmul", "auto")}
+    models = {impl: ReportUNet(base_channels=4, levels=3, ops=layer_ops(impl)) for impl in ("xla", "matmul", "auto")}
     variables = {impl: jax.jit(m.init)(jax.random.PRNGKey(1), x, t) for impl, m in models.items()}
     # Identical parameter trees and initial values: checkpoints do not depend on the implementation.
     for impl in ("matmul", "auto"):
@@ -153,7 +165,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_output():
 
 
 def test_xla_cpu_flags_are_added_once_and_never_over_the_users_choice():
-    from ddpm_jax import cpu as xla_cpu
+    from ddpm_jax.cpu import settings as xla_cpu
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert xla_cpu.apply_cpu_flags(env, avx512=True) == [xla_cpu.YNN_FLAG, xla_cpu.VECTOR_FLAG]
@@ -169,7 +181,7 @@ def test_xla_cpu_flags_are_added_once_and_never_over_the_users_choice():
 
 
 def test_avx512_is_read_from_the_processors_flags(tmp_path):
-    from ddpm_jax import cpu as xla_cpu
+    from ddpm_jax.cpu import settings as xla_cpu
 
     with_it, without = tmp_path / "a", tmp_path / "b"
     with_it.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
@@ -203,8 +215,9 @@ def test_the_loss_and_its_gradient_agree_with_and_without_the_xla_cpu_flags_to_f
 
 
 def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
-    from ddpm_jax.configs import create_train_state, get_config, schedule_from_config
-    from ddpm_jax.train import Batching, make_dataset_train_step
+    from ddpm_jax.configs import get_config, schedule_from_config
+    from ddpm_jax.training.setup import create_train_state
+    from ddpm_jax.training.train import Batching, make_dataset_train_step
 
     config = get_config("tiny")
     config.model.compute_dtype = "bfloat16"
@@ -218,8 +231,6 @@ def test_bfloat16_train_step_keeps_float32_state_and_a_finite_loss():
 
 @pytest.mark.parametrize("impl", ["xla", "matmul", "auto"])
 def test_max_pool_matches_flax_values_and_gradient_including_ties(impl):
-    from ddpm_jax.models.layers import max_pool_2x2
-
     # Values on a half-integer grid: many windows hold their maximum twice, as flat background does.
     x = jnp.round(jax.random.normal(jax.random.PRNGKey(0), (3, 8, 6, 4)) * 2) / 2
     g = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 3, 4))
@@ -227,8 +238,8 @@ def test_max_pool_matches_flax_values_and_gradient_including_ties(impl):
     def reference(x):
         return nn.max_pool(x, (2, 2), strides=(2, 2))
 
-    np.testing.assert_array_equal(max_pool_2x2(x, impl), reference(x))
-    ours = jax.vjp(lambda x: max_pool_2x2(x, impl), x)[1](g)[0]
+    np.testing.assert_array_equal(max_pool_2x2(x, layer_ops(impl)), reference(x))
+    ours = jax.vjp(lambda x: max_pool_2x2(x, layer_ops(impl)), x)[1](g)[0]
     np.testing.assert_array_equal(ours, jax.vjp(reference, x)[1](g)[0])
 
 
@@ -252,7 +263,7 @@ def test_batch_norm_matches_flax_values_gradients_and_running_statistics(shape, 
         x = x.at[..., 0].set(2.5)  # variance exactly 0
     weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
     reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
-    ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, impl=impl)
+    ours = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, ops=layer_ops(impl))
     variables = _random_batch_norm_variables(x, rng)
     assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
 
@@ -267,13 +278,13 @@ def test_batch_norm_matches_flax_values_gradients_and_running_statistics(shape, 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4), expected, got)
     # Evaluation mode normalizes with the running statistics.
     np.testing.assert_allclose(
-        BatchNorm(use_running_average=True, impl=impl).apply(variables, x),
+        BatchNorm(use_running_average=True, ops=layer_ops(impl)).apply(variables, x),
         nn.BatchNorm(use_running_average=True).apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_norm_keeps_float32_statistics_under_bfloat16_compute():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 8)).astype(jnp.bfloat16)
-    y, updated = BatchNorm(dtype=jnp.bfloat16, impl="matmul").init_with_output(jax.random.PRNGKey(0), x)
+    y, updated = BatchNorm(dtype=jnp.bfloat16, ops=MATMUL).init_with_output(jax.random.PRNGKey(0), x)
     assert y.dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updated))
 
@@ -283,7 +294,7 @@ def test_bias_gradient_is_the_sum_over_all_other_axes(impl):
     y = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4, 6))
     bias = jnp.arange(6.0)
     weights = jax.random.normal(jax.random.PRNGKey(1), y.shape)
-    dy, dbias = jax.grad(lambda y, b: jnp.sum(add_channel_bias(y, b, impl) * weights), argnums=(0, 1))(y, bias)
+    dy, dbias = jax.grad(lambda y, b: jnp.sum(layer_ops(impl).add_bias(y, b) * weights), argnums=(0, 1))(y, bias)
     np.testing.assert_array_equal(dy, weights)
     np.testing.assert_allclose(dbias, weights.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
 
@@ -293,10 +304,10 @@ def test_per_example_bias_gradient_is_the_sum_over_height_and_width(impl):
     h = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4, 6))
     v = jax.random.normal(jax.random.PRNGKey(2), (3, 6))
     weights = jax.random.normal(jax.random.PRNGKey(1), h.shape)
-    np.testing.assert_array_equal(add_per_example_channel_bias(h, v, impl), h + v[:, None, None, :])
-    dh, dv = jax.grad(lambda h, v: jnp.sum(add_per_example_channel_bias(h, v, impl) * weights),
+    np.testing.assert_array_equal(add_per_example_channel_bias(h, v, layer_ops(impl)), h + v[:, None, None, :])
+    dh, dv = jax.grad(lambda h, v: jnp.sum(add_per_example_channel_bias(h, v, layer_ops(impl)) * weights),
                       argnums=(0, 1))(h, v)
     np.testing.assert_array_equal(dh, weights)
     np.testing.assert_allclose(dv, weights.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
     with pytest.raises(AssertionError):  # one value per example and channel
-        add_per_example_channel_bias(h, v[:, :4], impl)
+        add_per_example_channel_bias(h, v[:, :4], layer_ops(impl))

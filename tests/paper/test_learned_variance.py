@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax.checkpoint import DiffusionCheckpoint
-from ddpm_jax.configs import build_model, create_train_state, get_config, schedule_from_config
-from ddpm_jax.diffusion import learned_log_variance, split_learned_variance
-from ddpm_jax.likelihood import vlb_terms
-from ddpm_jax.losses import l_hybrid, l_simple
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.configs import build_model, get_config, schedule_from_config
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.diffusion.process import learned_log_variance, split_learned_variance
+from ddpm_jax.diffusion.likelihood import vlb_terms
+from ddpm_jax.diffusion.losses import l_hybrid, l_simple
 
 
 def test_the_learned_variance_stays_between_beta_tilde_and_beta():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import get_config, schedule_from_config
-from ddpm_jax.diffusion import p_variance
-from ddpm_jax.likelihood import (
+from ddpm_jax.diffusion.process import p_variance
+from ddpm_jax.diffusion.likelihood import (
     bits_per_dim,
     discretized_gaussian_log_likelihood,
     normal_kl,
@@ -17,7 +17,7 @@ from ddpm_jax.likelihood import (
     vlb_terms,
 )
 from ddpm_jax.configs import build_model
-from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule
 
 
 def test_kl_of_identical_gaussians_is_zero_and_of_others_positive_and_exact():

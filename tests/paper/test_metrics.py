@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddpm_jax import metrics
+from ddpm_jax.evaluation import metrics
 
 
 def _correlated_features(n=2000, d=16, seed=0):

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.sampling import make_ancestral_sampler
-from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
+from ddpm_jax.diffusion.samplers import make_ancestral_sampler
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
 
 SHAPE = (3, 8, 8, 1)
 

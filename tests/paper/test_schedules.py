@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.schedules import DiffusionSchedule, cosine_beta_schedule, extract, linear_beta_schedule
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule, extract, linear_beta_schedule
 
 
 @pytest.mark.parametrize("make", [lambda T: linear_beta_schedule(T), lambda T: cosine_beta_schedule(T)])
