@@ -43,7 +43,7 @@ from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.sampling.generate import _compiled_sampler, sample
 from ddpm_jax.diffusion.guidance import GuidanceInputs
 from ddpm_jax.training.train import Batching, keeps_last_good, make_dataset_train_step
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 from ddpm_jax.sampling.options import sampling_options
 
 

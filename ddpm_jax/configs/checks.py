@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -17,6 +16,7 @@ from ddpm_jax.configs.presets import PRESETS, get_config
 from ddpm_jax.data import DATASETS, IMAGE_FOLDER
 from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.models import MODEL_NAMES
+from ddpm_jax.utils.trees import count_params
 
 # What a class-conditional network draws when sample() is given no labels (sampling.unconditional):
 # labels drawn from the training label frequencies, then guided ('label_prior'), or the null label ('null').
@@ -249,7 +249,7 @@ def _check_network_builds(config: ml_collections.ConfigDict) -> None:
     except Exception as e:  # noqa: BLE001 - whatever a combination of model fields makes Flax or XLA raise
         raise ValueError(f"the model.* fields do not build a network ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); see ddpm_jax/configs/default.py for each field.") from None
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    num_params = count_params(shapes["params"])
     need = 16 * num_params  # float32 weights, their EMA and Adam's two moments
     available = available_memory_bytes()
     if available is not None and need > available:

@@ -3,11 +3,10 @@ the ``ConfigDict`` whose repr is that line."""
 
 from __future__ import annotations
 
-import jax
 import ml_collections
-import numpy as np
 
 from ddpm_jax.configs.builders import variable_shapes
+from ddpm_jax.utils.trees import count_params
 
 
 def network_shape(model) -> str:
@@ -33,7 +32,7 @@ def summary(config) -> str:
 
 def parameter_count(config) -> int:
     """The number of parameters of the network ``config.model`` describes; returns it without computing any weight."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variable_shapes(config)["params"])))
+    return count_params(variable_shapes(config)["params"])
 
 
 class Config(ml_collections.ConfigDict):

@@ -36,7 +36,7 @@ from ddpm_jax.training.manifest import (  # noqa: F401  (the errors are raised t
 from ddpm_jax.utils.arguments import check_count
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
 from ddpm_jax.training.setup import create_train_state
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
 

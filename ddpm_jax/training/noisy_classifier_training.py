@@ -35,7 +35,8 @@ from ddpm_jax.training.noisy_classifier import (
     noisy_classifier_config,
 )
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
-from ddpm_jax.training.state import TrainState, count_params
+from ddpm_jax.training.state import TrainState
+from ddpm_jax.utils.trees import count_params
 from ddpm_jax.training.loop import (
     NUM_QUARTERS,
     EpochOrder,

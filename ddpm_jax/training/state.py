@@ -20,6 +20,7 @@ import optax
 from jax import lax
 
 from ddpm_jax.configs.checks import LR_SCHEDULES
+from ddpm_jax.utils.trees import count_params
 
 
 
@@ -145,10 +146,6 @@ def new_train_state(variables: dict, tx: optax.GradientTransformation, key: jax.
         tx=tx,
         **settings,
     )
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def _float_leaves(tree) -> list:

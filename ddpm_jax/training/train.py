@@ -30,7 +30,8 @@ from ddpm_jax.diffusion.guidance import drop_labels
 from ddpm_jax.diffusion.losses import training_loss
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
 from ddpm_jax.training.setup import create_train_state, diffusion_learning_rate
-from ddpm_jax.training.state import TrainState, count_params, global_norm, state_is_finite
+from ddpm_jax.training.state import TrainState, global_norm, state_is_finite
+from ddpm_jax.utils.trees import count_params
 from ddpm_jax.training.loop import (
     NUM_QUARTERS,
     EpochOrder,

@@ -1,2 +1,2 @@
-"""Small machinery every layer may use: the cache folder, progress bars, the device mesh."""
-
+"""Small machinery every layer may use: the cache folder, progress bars, the device mesh, argument checks,
+parameter counts."""

@@ -11,9 +11,7 @@ outputs, and say so in CHANGELOG.md::
 from __future__ import annotations
 
 import gzip
-import json
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 

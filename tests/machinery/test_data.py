@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.data.datasets: IDX reading, MNIST loading, TFDS path and errors."""
+"""Tests for ddpm_jax.data: IDX reading, MNIST loading, TFDS path and errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-
-from ddpm_jax import data as data
 
 from ddpm_jax.data import tfds as tfds_source
 from ddpm_jax.data import (

@@ -257,7 +257,6 @@ def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_oth
 
 def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypatch, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from ddpm_jax import data as data
     from ddpm_jax.data import tfds as tfds_source
 
     workdir = tmp_path / "run"

@@ -13,7 +13,7 @@ from benchmarks import gpu_check
 from ddpm_jax.configs import get_config, validate_config
 from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.training.train import train_and_evaluate
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 from ddpm_jax.cli import train as mnist
 from experiments import learning_curve
 from ddpm_jax.cli.flags import duration_seconds

@@ -23,7 +23,7 @@ from ddpm_jax.data import fingerprint, load_mnist_idx
 from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.training.noisy_classifier import noisy_classifier_config
 from ddpm_jax.training.train import train_and_evaluate
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 from experiments import noisy_classifier as cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from ddpm_jax.configs import build_model, get_config, schedule_from_config
 from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.models import DDPMUNet
 from ddpm_jax.training.train import Batching, make_dataset_train_step
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 
 
 def _small(**fields):

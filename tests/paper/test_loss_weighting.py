@@ -9,7 +9,7 @@ from ddpm_jax.configs import get_config, schedule_from_config
 from ddpm_jax.training.setup import create_train_state
 from ddpm_jax.diffusion.losses import l_simple, min_snr_weights
 from ddpm_jax.training.train import train_step
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 
 
 def test_min_snr_weights_are_one_at_low_snr_and_gamma_over_snr_above_it():

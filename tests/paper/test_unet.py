@@ -6,7 +6,7 @@ import pytest
 
 from ddpm_jax.configs import build_model, get_config
 from ddpm_jax.models import ReportUNet, sinusoidal_embedding
-from ddpm_jax.training.state import count_params
+from ddpm_jax.utils.trees import count_params
 
 
 def _abstract_variables(model, size, batch=2):
