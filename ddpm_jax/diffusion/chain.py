@@ -1,5 +1,6 @@
 """What the samplers' reverse chains share: x_T and each step's noise from one key, the network called at a
-respaced schedule's training timesteps, the batch kept in its sharding, and the frames of a chain.
+respaced schedule's training timesteps, the batch kept in its sharding, classifier guidance of the steps that
+take a noise estimate (DDIM, DPM-Solver++), and the frames of a chain.
 
 Every sampler draws x_T from the first half of its key and the noise of step ``i`` (0-based) from
 ``fold_in(second half, i)`` (:func:`draw_x_T`, :func:`step_noise`), so samplers given the same key draw the
@@ -14,7 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion.schedules import DiffusionSchedule
+from ddpm_jax.diffusion.guidance import classifier_guided_eps
+from ddpm_jax.diffusion.schedules import DiffusionSchedule, extract
 
 # cond_fn(variables, x_t, t) -> s * grad_x log p(y | x_t, t), x_t's shape (classifier guidance).
 CondFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -52,6 +54,15 @@ def on_training_timesteps(fn: Callable, schedule: DiffusionSchedule, timesteps) 
     timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
     chex.assert_shape(timesteps, (schedule.num_timesteps,))
     return lambda variables, x, t: fn(variables, x, timesteps[t])
+
+
+def eps_guide(cond_fn: CondFn | None, variables, schedule: DiffusionSchedule) -> GuideEpsFn | None:
+    """The ``guide_eps`` of a DDIM or DPM-Solver++ step under classifier guidance (Dhariwal & Nichol's Algorithm 2):
+    ``eps - sqrt(1 - abar_t) cond_fn(variables, x_t, t)``; None without ``cond_fn``."""
+    if cond_fn is None:
+        return None
+    return lambda eps, x_t, t: classifier_guided_eps(eps, extract(schedule.alpha_bars, t, x_t.ndim),
+                                                     cond_fn(variables, x_t, t))
 
 
 def draw_x_T(key: jax.Array, shape: tuple[int, ...], constrain: Constrain = unconstrained):

@@ -21,11 +21,11 @@ from ddpm_jax.diffusion.chain import (
     chain_frames,
     constrainer,
     draw_x_T,
+    eps_guide,
     on_training_timesteps,
     step_noise,
     unconstrained,
 )
-from ddpm_jax.diffusion.guidance import classifier_guided_eps
 from ddpm_jax.diffusion.process import EpsModelFn, clip_x0, predict_x0_from_eps
 from ddpm_jax.diffusion.schedules import DiffusionSchedule, extract
 
@@ -118,12 +118,9 @@ def make_ddim_sampler(
     constrain = constrainer(sharding)
 
     def sample_fn(variables, key: jax.Array):
-        def guide_eps(eps, x_t, t):  # Dhariwal & Nichol's Algorithm 2: eps - sqrt(1 - abar_t) s grad log p(y | x_t)
-            return classifier_guided_eps(eps, extract(schedule.alpha_bars, t, x_t.ndim), cond_fn(variables, x_t, t))
-
         x0, x_T, chain = ddim_sample(
             lambda x_t, t: eps_fn(variables, x_t, t), schedule, key, shape, eta=eta, clip_denoised=clip_denoised,
-            guide_eps=guide_eps if cond_fn is not None else None, constrain=constrain, keep_chain=bool(return_every),
+            guide_eps=eps_guide(cond_fn, variables, schedule), constrain=constrain, keep_chain=bool(return_every),
         )
         if not return_every:
             return x0

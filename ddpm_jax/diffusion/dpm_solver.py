@@ -22,13 +22,13 @@ from ddpm_jax.diffusion.chain import (
     chain_frames,
     constrainer,
     draw_x_T,
+    eps_guide,
     on_training_timesteps,
     step_noise,
     unconstrained,
 )
-from ddpm_jax.diffusion.guidance import classifier_guided_eps
 from ddpm_jax.diffusion.process import EpsModelFn, clip_x0, predict_x0_from_eps
-from ddpm_jax.diffusion.schedules import DiffusionSchedule, extract
+from ddpm_jax.diffusion.schedules import DiffusionSchedule
 
 DPM_SOLVER_ORDERS = (1, 2, 3)
 
@@ -201,13 +201,10 @@ def make_dpm_solver_sampler(
     constrain = constrainer(sharding)
 
     def sample_fn(variables, key: jax.Array):
-        def guide_eps(eps, x_t, t):  # Dhariwal & Nichol's Algorithm 2, as DDIM's
-            return classifier_guided_eps(eps, extract(schedule.alpha_bars, t, x_t.ndim), cond_fn(variables, x_t, t))
-
         x_T, noise_key = draw_x_T(key, shape, constrain)
         x, states = dpm_solver_solve(
             lambda x_t, t: eps_fn(variables, x_t, t), schedule, coefficients, x_T, noise_key,
-            clip_denoised=clip_denoised, guide_eps=guide_eps if cond_fn is not None else None, constrain=constrain,
+            clip_denoised=clip_denoised, guide_eps=eps_guide(cond_fn, variables, schedule), constrain=constrain,
             keep_states=bool(return_every),
         )
         x0 = clip_x0(x)
