@@ -35,17 +35,17 @@ def pair_jobs(preset: str, steps: int, task: str = "train") -> list[tuple[str, s
     return [jobs["ours"], jobs["torch port"]]
 
 
-def summarize(rounds: list[dict]) -> dict:
-    """Per-round images/s of both sides and their ratio; medians over the rounds where both sides ran."""
-    complete = [r for r in rounds if r.get("ours") and r.get("torch port")]
-    ratios = [r["ours"] / r["torch port"] for r in complete]
+def summarize(rounds: list[dict], numerator: str = "ours", denominator: str = "torch port") -> dict:
+    """Per-round values of both sides and their ratio (``numerator / denominator``, the rounds' keys); medians
+    over the rounds where both sides ran, as ``median_ratio`` and ``median_<side>`` (spaces as underscores)."""
+    complete = [r for r in rounds if r.get(numerator) and r.get(denominator)]
+    ratios = [r[numerator] / r[denominator] for r in complete]
     median = lambda values: statistics.median(values) if values else None  # noqa: E731
     return {
         "rounds": rounds,
         "ratios": ratios,
         "median_ratio": median(ratios),
-        "median_ours": median([r["ours"] for r in complete]),
-        "median_torch_port": median([r["torch port"] for r in complete]),
+        **{f"median_{side.replace(' ', '_')}": median([r[side] for r in complete]) for side in (numerator, denominator)},
     }
 
 

@@ -18,13 +18,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, run
+from benchmarks import paired
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}
@@ -59,13 +59,8 @@ def program_digests(tree: Path, timeout: float) -> dict:
 
 
 def summarize(rounds: list[dict]) -> dict:
-    """Medians of both sides and of the rounds' ratios (after / before), over the rounds where both ran."""
-    complete = [r for r in rounds if r.get("before") and r.get("after")]
-    ratios = [r["after"] / r["before"] for r in complete]
-    median = lambda values: statistics.median(values) if values else None  # noqa: E731
-    return {"rounds": rounds, "ratios": ratios, "median_ratio": median(ratios),
-            "median_before": median([r["before"] for r in complete]),
-            "median_after": median([r["after"] for r in complete])}
+    """:func:`benchmarks.paired.summarize` of the rounds with the ratio after / before."""
+    return paired.summarize(rounds, numerator="after", denominator="before")
 
 
 def main(argv=None) -> int:
