@@ -36,15 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import cpu
-from ddpm_jax.utils import parallel
-from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import build_model, get_config, schedule_from_config
-from ddpm_jax.training.setup import create_train_state
-from ddpm_jax.sampling.generate import _compiled_sampler, sample
 from ddpm_jax.diffusion.guidance import GuidanceInputs
-from ddpm_jax.training.train import Batching, keeps_last_good, make_dataset_train_step
-from ddpm_jax.utils.trees import count_params
+from ddpm_jax.sampling.generate import _compiled_sampler, sample
 from ddpm_jax.sampling.options import sampling_options
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.training.train import Batching, keeps_last_good, make_dataset_train_step
+from ddpm_jax.utils import parallel
+from ddpm_jax.utils.trees import count_params
 
 
 def _config(args):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, plan, run
 
-
 TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}
 
 

@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, run
 from benchmarks import paired
+from benchmarks.__main__ import PRESETS, RESULTS, cpu_info, machine_line, matmul_peak_gflops, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"train": "train_images_per_s", "sample": "samples_per_s"}

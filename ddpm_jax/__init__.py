@@ -76,18 +76,25 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what static tools and IDEs read; the same names as _SOURCES
     from ddpm_jax import cpu
-    from ddpm_jax.evaluation import metrics
-    from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
     from ddpm_jax.configs import PRESETS, get_config
-    from ddpm_jax.diffusion.process import p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample
-    from ddpm_jax.evaluation.feature_network import FeatureNetwork, load_or_train_feature_network
-    from ddpm_jax.evaluation.figures import write_figures
-    from ddpm_jax.sampling.generate import prior_labels, sample
     from ddpm_jax.diffusion.losses import l_simple
-    from ddpm_jax.models import ReportUNet
-    from ddpm_jax.training.noisy_classifier import load_noisy_classifier
+    from ddpm_jax.diffusion.process import (
+        p_mean,
+        p_mean_variance,
+        p_variance,
+        predict_x0_from_eps,
+        q_posterior_mean,
+        q_sample,
+    )
     from ddpm_jax.diffusion.samplers import make_ancestral_sampler
     from ddpm_jax.diffusion.schedules import DiffusionSchedule, cosine_beta_schedule, linear_beta_schedule
+    from ddpm_jax.evaluation import metrics
+    from ddpm_jax.evaluation.feature_network import FeatureNetwork, load_or_train_feature_network
+    from ddpm_jax.evaluation.figures import write_figures
+    from ddpm_jax.models import ReportUNet
+    from ddpm_jax.sampling.generate import prior_labels, sample
+    from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
+    from ddpm_jax.training.noisy_classifier import load_noisy_classifier
     from ddpm_jax.training.setup import create_train_state
-    from ddpm_jax.training.train import train_and_evaluate, train_step
     from ddpm_jax.training.state import TrainState
+    from ddpm_jax.training.train import train_and_evaluate, train_step

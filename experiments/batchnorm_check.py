@@ -32,11 +32,11 @@ import numpy as np
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.cli import flags
 from ddpm_jax.configs import build_model
 from ddpm_jax.diffusion.process import q_sample
-from ddpm_jax.cli import flags
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.training.checkpoint import load_checkpoint
 
 QUARTERS = 4
 

@@ -23,13 +23,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.training import train as train_lib
 from ddpm_jax.cli import evaluate
-from experiments import likelihood
 from ddpm_jax.cli.flags import apply_override
+from ddpm_jax.training import train as train_lib
+from experiments import likelihood
 
 # Training setups: (preset, steps or None for the preset's, --set overrides). The DDPM U-Net costs 3.4x the
 # report's per step on 2 CPU cores (284 against 965 images/s at batch 64), so it gets 880 steps: the same

@@ -35,14 +35,13 @@ from matplotlib.figure import Figure
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.evaluation import evaluate as evaluation
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import plotting
-from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
-from ddpm_jax.training.noisy_classifier import check_classifier_matches, load_noisy_classifier
-from ddpm_jax.sampling.options import sampling_options
 from ddpm_jax.cli import flags
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation import metrics, plotting
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.sampling.options import sampling_options
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.training.noisy_classifier import check_classifier_matches, load_noisy_classifier
 
 # The report's Figure 6: its 100 samples counted by eye, digits 0..9, and the "?" (not a digit) count. As
 # printed they add up to 99.

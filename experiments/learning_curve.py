@@ -34,16 +34,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import cpu
 from ddpm_jax import configs as configs_lib
+from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
+from ddpm_jax.cli import flags
 from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
 from ddpm_jax.training import train as train_lib
 from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.utils import cache
-from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
 from ddpm_jax.training.workdir import check_workdir, prepare_workdir
-from ddpm_jax.cli import flags
+from ddpm_jax.utils import cache
 
 # The report's Figure 6: its 100 samples by the digit the author read, '?' the unreadable ones.
 REPORT_FIGURE_6 = {"0": 2, "1": 40, "2": 4, "3": 10, "4": 15, "5": 5, "6": 5, "7": 11, "8": 2, "9": 3, "?": 2}

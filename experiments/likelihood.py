@@ -27,10 +27,10 @@ import jax
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
+from ddpm_jax.cli import flags
+from ddpm_jax.diffusion.process import VARIANCE_TYPES
 from ddpm_jax.evaluation import evaluate as evaluation
 from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.diffusion.process import VARIANCE_TYPES
-from ddpm_jax.cli import flags
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,11 +17,11 @@ import time
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
+from ddpm_jax.cli import flags
 from ddpm_jax.training import noisy_classifier as nc
 from ddpm_jax.training import noisy_classifier_training as nct
 from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.training.loop import TrainingInterrupted
-from ddpm_jax.cli import flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:

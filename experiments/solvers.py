@@ -30,12 +30,12 @@ from matplotlib.figure import Figure
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
+from ddpm_jax.cli import flags
+from ddpm_jax.diffusion.schedules import SPACINGS
 from ddpm_jax.evaluation import evaluate as evaluation
-from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
 from ddpm_jax.sampling.options import SAMPLING_METHODS, sampling_options
-from ddpm_jax.diffusion.schedules import SPACINGS
-from ddpm_jax.cli import flags
+from ddpm_jax.training.checkpoint import load_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:

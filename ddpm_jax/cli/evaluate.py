@@ -32,17 +32,16 @@ import numpy as np
 
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.evaluation import evaluate as evaluation
-from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation import plotting
-from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
-from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
-from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
-from ddpm_jax.sampling.options import sampling_options
-from ddpm_jax.training.workdir import WorkdirLock
 from ddpm_jax.cli import flags
+from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
+from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
+from ddpm_jax.evaluation import evaluate as evaluation
+from ddpm_jax.evaluation import metrics, plotting
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.sampling.options import sampling_options
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.training.workdir import WorkdirLock
 
 PROG = "ddpm-jax-evaluate"  # the console script (pyproject.toml); `python -m experiments.evaluate` from the repository root
 

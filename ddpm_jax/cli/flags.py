@@ -10,12 +10,12 @@ import argparse
 import ast
 import math
 
-from ddpm_jax.utils import cache
 from ddpm_jax import data as data_lib
-from ddpm_jax.data import image_folder as image_folder_lib
 from ddpm_jax.configs import check_field_read
-from ddpm_jax.sampling.options import DEFAULT_ORDER, SAMPLING_METHODS
+from ddpm_jax.data import image_folder as image_folder_lib
 from ddpm_jax.diffusion.schedules import SPACINGS
+from ddpm_jax.sampling.options import DEFAULT_ORDER, SAMPLING_METHODS
+from ddpm_jax.utils import cache
 
 
 def apply_override(config, assignment: str) -> None:

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 
 from ddpm_jax import cpu
-from ddpm_jax.evaluation import plotting
-from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.cli import flags
+from ddpm_jax.evaluation import plotting
 from ddpm_jax.evaluation.evaluate import draw_samples
+from ddpm_jax.training.checkpoint import load_checkpoint
 
 PROG = "ddpm-jax-sample"  # the console script (pyproject.toml)
 

@@ -26,15 +26,15 @@ import jax
 from ddpm_jax import configs as configs_lib
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
-from ddpm_jax.data import image_folder as image_folder_lib
-from ddpm_jax.utils import parallel
-from ddpm_jax.training import guard as guard_lib
-from ddpm_jax.training import train as train_lib
-from ddpm_jax.training import loop as training_loop_lib
-from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.evaluation.figures import write_figures
-from ddpm_jax.training.workdir import check_workdir, prepare_workdir
 from ddpm_jax.cli.flags import apply_override, check_overrides_read, duration_seconds
+from ddpm_jax.data import image_folder as image_folder_lib
+from ddpm_jax.evaluation.figures import write_figures
+from ddpm_jax.training import guard as guard_lib
+from ddpm_jax.training import loop as training_loop_lib
+from ddpm_jax.training import train as train_lib
+from ddpm_jax.training.checkpoint import load_checkpoint
+from ddpm_jax.training.workdir import check_workdir, prepare_workdir
+from ddpm_jax.utils import parallel
 
 PROG = "ddpm-jax-train"  # the console script (pyproject.toml); `python -m experiments.mnist` from the repository root
 

@@ -19,7 +19,6 @@ from ddpm_jax.cpu.layers import CONV_IMPLS, layer_ops
 from ddpm_jax.diffusion.schedules import DiffusionSchedule, betas_for, respace_betas, spaced_timesteps
 from ddpm_jax.models import COMPUTE_DTYPES, MODEL_NAMES, DDPMUNet, ReportUNet
 
-
 # The network.
 
 

@@ -8,8 +8,18 @@ Importing this package imports no JAX: :func:`configure` must be able to run bef
 from __future__ import annotations
 
 from ddpm_jax.cpu.settings import (  # noqa: F401
-    Configured, KEEP_MALLOC_ENV, KEEP_RNG_LOWERING_ENV, MALLOC_SETTINGS, VECTOR_FLAG, YNN_FLAG, apply_cpu_flags,
-    configure, has_avx512, keep_freed_memory, runs_on_glibc, unroll_threefry_on_cpu,
+    KEEP_MALLOC_ENV,
+    KEEP_RNG_LOWERING_ENV,
+    MALLOC_SETTINGS,
+    VECTOR_FLAG,
+    YNN_FLAG,
+    Configured,
+    apply_cpu_flags,
+    configure,
+    has_avx512,
+    keep_freed_memory,
+    runs_on_glibc,
+    unroll_threefry_on_cpu,
 )
 
 __all__ = ['Configured', 'KEEP_MALLOC_ENV', 'KEEP_RNG_LOWERING_ENV', 'MALLOC_SETTINGS', 'VECTOR_FLAG', 'YNN_FLAG', 'apply_cpu_flags', 'configure', 'has_avx512', 'keep_freed_memory', 'runs_on_glibc', 'unroll_threefry_on_cpu']

@@ -68,8 +68,8 @@ is changed. ``DDPM_JAX_KEEP_RNG_LOWERING=1`` keeps JAX's loop.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 import importlib.util
 import os
 import platform

@@ -3,21 +3,37 @@ images, and the preprocessing every network sees. The public names of its module
 
 from __future__ import annotations
 
-from ddpm_jax.data.info import (  # noqa: F401
-    SPLITS, IMAGE_SHAPE, NUM_CLASSES, DatasetInfo, IMAGE_FOLDER, DATASETS, dataset_info, IDX_FILES,
-    DatasetNotFoundError, IDXFormatError, fingerprint,
+from ddpm_jax.data.datasets import (  # noqa: F401
+    load_dataset,
+    load_mnist,
 )
 from ddpm_jax.data.idx import (  # noqa: F401
-    read_idx, load_mnist_idx,
+    load_mnist_idx,
+    read_idx,
 )
-from ddpm_jax.data.tfds import (  # noqa: F401
-    DOWNLOAD_PROBE_SECONDS, TFDS_EXTRA, load_mnist_tfds,
+from ddpm_jax.data.info import (  # noqa: F401
+    DATASETS,
+    IDX_FILES,
+    IMAGE_FOLDER,
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    SPLITS,
+    DatasetInfo,
+    DatasetNotFoundError,
+    IDXFormatError,
+    dataset_info,
+    fingerprint,
 )
 from ddpm_jax.data.preprocess import (  # noqa: F401
-    preprocess, random_flip, pad_to_batch, crop,
+    crop,
+    pad_to_batch,
+    preprocess,
+    random_flip,
 )
-from ddpm_jax.data.datasets import (  # noqa: F401
-    load_dataset, load_mnist,
+from ddpm_jax.data.tfds import (  # noqa: F401
+    DOWNLOAD_PROBE_SECONDS,
+    TFDS_EXTRA,
+    load_mnist_tfds,
 )
 
 __all__ = [

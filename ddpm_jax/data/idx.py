@@ -9,8 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_jax.data.info import (IDX_FILES, IMAGE_SHAPE, NUM_CLASSES, DatasetNotFoundError, IDXFormatError, _check_split,
-                                _ways_out, dataset_info)
+from ddpm_jax.data.info import (
+    IDX_FILES,
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    DatasetNotFoundError,
+    IDXFormatError,
+    _check_split,
+    _ways_out,
+    dataset_info,
+)
 
 # IDX type codes (third byte of the magic number). Values are big-endian on
 # disk, whatever the host's byte order.

@@ -8,7 +8,6 @@ import hashlib
 
 import numpy as np
 
-
 SPLITS = ("train", "test")
 
 IMAGE_SHAPE = (28, 28)

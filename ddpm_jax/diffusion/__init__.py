@@ -10,8 +10,20 @@ The forward process and reverse-step names (:mod:`ddpm_jax.diffusion.process`) a
 from __future__ import annotations
 
 from ddpm_jax.diffusion.process import (  # noqa: F401
-    EpsModelFn, FIXED_VARIANCE_TYPES, MEAN_TYPES, MeanType, ReverseStep, VARIANCE_TYPES, VarianceType,
-    learned_log_variance, p_mean, p_mean_variance, p_variance, predict_x0_from_eps, q_posterior_mean, q_sample,
+    FIXED_VARIANCE_TYPES,
+    MEAN_TYPES,
+    VARIANCE_TYPES,
+    EpsModelFn,
+    MeanType,
+    ReverseStep,
+    VarianceType,
+    learned_log_variance,
+    p_mean,
+    p_mean_variance,
+    p_variance,
+    predict_x0_from_eps,
+    q_posterior_mean,
+    q_sample,
     split_learned_variance,
 )
 

@@ -10,8 +10,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion.process import p_mean_variance, q_sample, split_learned_variance
 from ddpm_jax.diffusion.likelihood import vlb_term
+from ddpm_jax.diffusion.process import p_mean_variance, q_sample, split_learned_variance
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
 
 # eps_fn(x_t, t) -> (eps_hat, aux): the network's noise prediction, plus whatever

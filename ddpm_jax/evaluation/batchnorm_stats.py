@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import build_model
 from ddpm_jax.data import preprocess
 from ddpm_jax.diffusion.process import q_sample
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 
 
 def recalibrate_batch_stats(

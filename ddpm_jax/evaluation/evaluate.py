@@ -28,19 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from ddpm_jax.evaluation import metrics
-
-from ddpm_jax.evaluation import plotting
-from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess
-from ddpm_jax.sampling.denoiser import denoiser_fn
-from ddpm_jax.utils import cache
-from ddpm_jax.evaluation.feature_network import FeatureNetwork
-from ddpm_jax.sampling.generate import sample
 from ddpm_jax.diffusion.likelihood import bits_per_dim, vlb_terms
-from ddpm_jax.utils.progress import progress_bar
+from ddpm_jax.evaluation import metrics, plotting
+from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
+from ddpm_jax.evaluation.feature_network import FeatureNetwork
+from ddpm_jax.sampling.denoiser import denoiser_fn
+from ddpm_jax.sampling.generate import sample
 from ddpm_jax.sampling.options import resolve_variance
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.utils import cache
+from ddpm_jax.utils.progress import progress_bar
 
 
 def chunk_path(chunk_dir: str | os.PathLike, batch_index: int) -> Path:

@@ -30,13 +30,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from ddpm_jax.utils import cache
-from ddpm_jax.training.checkpoint import on_local_device
 from ddpm_jax.configs import get_classifier_config
 from ddpm_jax.data import fingerprint, pad_to_batch, preprocess, random_flip
 from ddpm_jax.models.classifier import MNISTClassifier, ResNetClassifier
-from ddpm_jax.training.state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
+from ddpm_jax.training.checkpoint import on_local_device
 from ddpm_jax.training.loop import EpochOrder, EpochOrders, MetricLogger, batch_indices, run_training
+from ddpm_jax.training.state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
+from ddpm_jax.utils import cache
 
 _PARAMS, _META = "params", "meta"
 _DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM = 0, 1, 2, 3

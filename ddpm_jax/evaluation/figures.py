@@ -13,10 +13,10 @@ import time
 import jax
 import numpy as np
 
-from ddpm_jax.evaluation import plotting
-from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.configs import figure_grid_size
+from ddpm_jax.evaluation import plotting
 from ddpm_jax.sampling.generate import sample
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 
 
 def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool = False) -> dict:

@@ -35,7 +35,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddpm_jax.models.layers import (
-    PLAIN, BatchNorm, Conv3x3, LayerOps, UpConv2x2, add_per_example_channel_bias, max_pool_2x2,
+    PLAIN,
+    BatchNorm,
+    Conv3x3,
+    LayerOps,
+    UpConv2x2,
+    add_per_example_channel_bias,
+    max_pool_2x2,
 )
 
 

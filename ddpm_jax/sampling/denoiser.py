@@ -9,10 +9,9 @@ statistics, with or without a learned variance.
 
 from __future__ import annotations
 
-
 from ddpm_jax.configs import BATCHNORM_MODES, build_model
-from ddpm_jax.diffusion.process import split_learned_variance
 from ddpm_jax.diffusion.guidance import GuidanceInputs, classifier_free_fn, conditional_fn
+from ddpm_jax.diffusion.process import split_learned_variance
 
 CONDITIONINGS = ("none", "labels", "classifier_free")
 

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax.utils import parallel
-from ddpm_jax.training.checkpoint import DiffusionCheckpoint, check_variables_fit_config
 from ddpm_jax.configs import (
     UNCONDITIONAL_MODES,
     available_memory_bytes,
@@ -25,14 +23,16 @@ from ddpm_jax.configs import (
     schedule_from_config,
 )
 from ddpm_jax.data import crop, pad_to_batch
-from ddpm_jax.sampling.denoiser import guided_denoiser_fn
 from ddpm_jax.diffusion.guidance import GuidanceInputs, classifier_grad_fn
-from ddpm_jax.training.noisy_classifier import check_classifier_matches, log_prob_fn
-from ddpm_jax.utils.progress import progress_bar
 from ddpm_jax.diffusion.samplers import make_ancestral_sampler, make_ddim_sampler, make_dpm_solver_sampler
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
+from ddpm_jax.sampling.denoiser import guided_denoiser_fn
 from ddpm_jax.sampling.options import SamplingOptions, sampling_options
+from ddpm_jax.training.checkpoint import DiffusionCheckpoint, check_variables_fit_config
+from ddpm_jax.training.noisy_classifier import check_classifier_matches, log_prob_fn
+from ddpm_jax.utils import parallel
 from ddpm_jax.utils.arguments import check_count, check_key
+from ddpm_jax.utils.progress import progress_bar
 
 # How labels steer sampling: a class-conditional network's own conditioning with classifier-free
 # guidance (Ho & Salimans 2022), or a noise-aware classifier's gradient (Dhariwal & Nichol 2021).

@@ -15,7 +15,6 @@ from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.diffusion.samplers import DPM_SOLVER_ORDERS, dpm_solver_orders
 from ddpm_jax.diffusion.schedules import SPACINGS
 
-
 # Ho et al.'s Algorithm 2 (respaced when K < T), Song et al.'s DDIM, Lu et al.'s DPM-Solver++ (multistep,
 # data prediction) and its stochastic variant SDE-DPM-Solver++.
 SAMPLING_METHODS = ("ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++")

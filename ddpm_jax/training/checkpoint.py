@@ -25,17 +25,17 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ddpm_jax.configs import config_from_dict, expected_variables, schedule_from_config, summary
+from ddpm_jax.diffusion.schedules import DiffusionSchedule
 from ddpm_jax.training import manifest as manifest_lib
-from ddpm_jax.configs import expected_variables, config_from_dict, schedule_from_config, summary
 from ddpm_jax.training.manifest import (  # noqa: F401  (the errors are raised through this module too)
     CheckpointDamagedError,
     CheckpointMismatchError,
     ConfigRefusedError,
     finish_manifests,
 )
-from ddpm_jax.utils.arguments import check_count
-from ddpm_jax.diffusion.schedules import DiffusionSchedule
 from ddpm_jax.training.setup import create_train_state
+from ddpm_jax.utils.arguments import check_count
 from ddpm_jax.utils.trees import count_params
 
 CHECKPOINT_SUBDIR = "checkpoints"

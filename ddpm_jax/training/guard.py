@@ -14,6 +14,7 @@ import numpy as np
 from ddpm_jax.training import checkpoint as ckpt_lib
 from ddpm_jax.training.manifest import finish_manifests
 
+
 def _last_good(last_checkpoint: int | None, last_loss: float | None) -> str:
     if last_checkpoint is None:
         return "no checkpoint had been saved yet. Rerun with a lower --lr"

@@ -34,14 +34,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ddpm_jax.training import checkpoint as ckpt_lib
-from ddpm_jax.training.checkpoint import config_differences
 from ddpm_jax.configs import schedule_from_config
 from ddpm_jax.cpu.layers import CONV_IMPLS, layer_ops
 from ddpm_jax.diffusion.guidance import GuidanceInputs, classifier_grad_fn
-from ddpm_jax.training.manifest import verify_checkpoint
-from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
+from ddpm_jax.models.noisy_classifier import NoisyClassifier
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.training.checkpoint import config_differences
+from ddpm_jax.training.manifest import verify_checkpoint
 from ddpm_jax.training.state import TrainState, learning_rate_schedule, make_optimizer, new_train_state, warmup_within
 
 DEFAULT_SUBDIR = "noisy_classifier"  # where the command line puts a run's classifier: RUN/noisy_classifier

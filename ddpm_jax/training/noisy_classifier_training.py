@@ -22,21 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax.training import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax.configs import config_to_json, is_int, is_number, require, schedule_from_config
 from ddpm_jax.diffusion.process import q_sample
-from ddpm_jax.training.noisy_classifier import (
-    NoisyClassifierCheckpoint,
-    build_noisy_classifier,
-    check_is_classifier_checkpoint,
-    classifier_learning_rate,
-    create_train_state,
-    noisy_classifier_config,
-)
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
-from ddpm_jax.training.state import TrainState
-from ddpm_jax.utils.trees import count_params
+from ddpm_jax.training import checkpoint as ckpt_lib
 from ddpm_jax.training.loop import (
     NUM_QUARTERS,
     EpochOrder,
@@ -47,7 +37,17 @@ from ddpm_jax.training.loop import (
     run_training,
     timestep_quarters,
 )
+from ddpm_jax.training.noisy_classifier import (
+    NoisyClassifierCheckpoint,
+    build_noisy_classifier,
+    check_is_classifier_checkpoint,
+    classifier_learning_rate,
+    create_train_state,
+    noisy_classifier_config,
+)
+from ddpm_jax.training.state import TrainState
 from ddpm_jax.training.workdir import WorkdirLock, prepare_workdir
+from ddpm_jax.utils.trees import count_params
 
 # Stream ids folded into the run's key, so data order, training noise and evaluation noise never share numbers.
 _DATA_STREAM, _NOISE_STREAM, _EVAL_STREAM = 0, 1, 2

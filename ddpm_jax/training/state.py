@@ -23,7 +23,6 @@ from ddpm_jax.configs.checks import LR_SCHEDULES
 from ddpm_jax.utils.trees import count_params
 
 
-
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue: saved whole in every checkpoint.

@@ -20,18 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax.training import checkpoint as ckpt_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax.utils import parallel
 from ddpm_jax.configs import config_to_json, schedule_from_config, validate_config
 from ddpm_jax.data import preprocess, random_flip
-from ddpm_jax.training.guard import NonFiniteGuard
 from ddpm_jax.diffusion.guidance import drop_labels
 from ddpm_jax.diffusion.losses import training_loss
 from ddpm_jax.diffusion.schedules import DiffusionSchedule
-from ddpm_jax.training.setup import create_train_state, diffusion_learning_rate
-from ddpm_jax.training.state import TrainState, global_norm, state_is_finite
-from ddpm_jax.utils.trees import count_params
+from ddpm_jax.training import checkpoint as ckpt_lib
+from ddpm_jax.training.guard import NonFiniteGuard
 from ddpm_jax.training.loop import (
     NUM_QUARTERS,
     EpochOrder,
@@ -42,7 +38,11 @@ from ddpm_jax.training.loop import (
     run_training,
     steps_per_epoch,
 )
+from ddpm_jax.training.setup import create_train_state, diffusion_learning_rate
+from ddpm_jax.training.state import TrainState, global_norm, state_is_finite
 from ddpm_jax.training.workdir import WorkdirLock, prepare_workdir
+from ddpm_jax.utils import parallel
+from ddpm_jax.utils.trees import count_params
 
 # Stream ids folded into the run's key, so data order, training noise and
 # sampling never share random numbers.
