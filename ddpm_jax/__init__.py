@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 _SOURCES = {
     "DiffusionCheckpoint": "ddpm_jax.training.checkpoint",
     "DiffusionSchedule": "ddpm_jax.diffusion.schedules",
+    "FEW_STEPS": "ddpm_jax.sampling.options",
     "FeatureNetwork": "ddpm_jax.evaluation.feature_network",
     "PRESETS": "ddpm_jax.configs",
     "ReportUNet": "ddpm_jax.models",
@@ -33,6 +34,7 @@ _SOURCES = {
     "cosine_beta_schedule": "ddpm_jax.diffusion.schedules",
     "cpu": ("module", "ddpm_jax.cpu"),
     "create_train_state": "ddpm_jax.training.setup",
+    "feature_networks": "ddpm_jax.evaluation.shipped",
     "get_config": "ddpm_jax.configs",
     "l_simple": "ddpm_jax.diffusion.losses",
     "linear_beta_schedule": "ddpm_jax.diffusion.schedules",
@@ -91,8 +93,10 @@ if TYPE_CHECKING:  # what static tools and IDEs read; the same names as _SOURCES
     from ddpm_jax.evaluation import metrics
     from ddpm_jax.evaluation.feature_network import FeatureNetwork, load_or_train_feature_network
     from ddpm_jax.evaluation.figures import write_figures
+    from ddpm_jax.evaluation.shipped import feature_networks
     from ddpm_jax.models import ReportUNet
     from ddpm_jax.sampling.generate import prior_labels, sample
+    from ddpm_jax.sampling.options import FEW_STEPS
     from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
     from ddpm_jax.training.noisy_classifier import load_noisy_classifier
     from ddpm_jax.training.setup import create_train_state

@@ -38,7 +38,7 @@ from ddpm_jax import data as data_lib
 from ddpm_jax.cli import flags
 from ddpm_jax.evaluation import evaluate as evaluation
 from ddpm_jax.evaluation import metrics, plotting
-from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.evaluation.shipped import feature_networks
 from ddpm_jax.sampling.options import sampling_options
 from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.training.noisy_classifier import check_classifier_matches, load_noisy_classifier
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     print(f"guidance sweep of {args.workdir} (step {checkpoint.step:,}, {config.preset} preset, EMA weights) on "
           f"{jax.default_backend()}: {args.num_samples:,} samples per variant", flush=True)
 
-    network = load_or_train_feature_network(train_images, train_labels, test_images, test_labels,
-                                            cache_dir=args.cache_dir, progress=progress)
+    network = feature_networks(config.get("dataset", "mnist"), train_images, train_labels, test_images, test_labels,
+                               spaces=["cnn"], cache_dir=args.cache_dir, progress=progress)["cnn"]
     _, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
     floor, floor_idx, floor_probs = evaluation.real_image_floor(network, train_images, args.num_samples,
                                                                 test_features, args.cache_dir)

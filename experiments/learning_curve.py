@@ -38,8 +38,10 @@ from ddpm_jax import configs as configs_lib
 from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax.cli import flags
+from ddpm_jax.configs.classifier import primary_space
 from ddpm_jax.evaluation import evaluate as evaluation
 from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.evaluation.shipped import feature_networks
 from ddpm_jax.training import train as train_lib
 from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.training.workdir import check_workdir, prepare_workdir
@@ -166,12 +168,17 @@ def main(argv=None) -> int:
     if not jax.config.jax_compilation_cache_dir:
         # Each point's training segment builds its step anew: the persistent cache compiles it once.
         jax.config.update("jax_compilation_cache_dir", str(Path(args.cache_dir or cache.cache_dir()) / "xla"))
-    classifier = configs_lib.get_classifier_config(train_images.shape[1:], len(data_lib.dataset_info(
-        config.dataset).class_names))
-    if args.classifier_epochs is not None:
+    num_classes = len(data_lib.dataset_info(config.dataset).class_names)
+    space = primary_space(train_images.shape[1:])
+    if args.classifier_epochs is None:  # the shipped network of the primary space, where one ships
+        network = feature_networks(config.dataset, train_images, train_labels, test_images, test_labels,
+                                   spaces=[space], cache_dir=args.cache_dir, progress=progress,
+                                   num_classes=num_classes)[space]
+    else:
+        classifier = configs_lib.get_classifier_config(train_images.shape[1:], num_classes)
         classifier.train.num_epochs = args.classifier_epochs
-    network = load_or_train_feature_network(train_images, train_labels, test_images, test_labels,
-                                            cache_dir=args.cache_dir, config=classifier, progress=progress)
+        network = load_or_train_feature_network(train_images, train_labels, test_images, test_labels,
+                                                cache_dir=args.cache_dir, config=classifier, progress=progress)
     test_probs, reference = evaluation.cached_features(network, test_images, args.cache_dir)
     floor, _, _ = evaluation.real_image_floor(network, train_images, args.num_samples, reference, args.cache_dir)
     test_split = evaluation.measure(test_probs, reference, reference, precision_recall=False)

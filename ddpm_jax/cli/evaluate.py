@@ -1,18 +1,21 @@
 """Measure a trained run's samples: ``ddpm-jax-evaluate --workdir runs/mnist`` (or ``python -m experiments.evaluate``).
 
 Loads the run's latest checkpoint, draws ``--num-samples`` samples, and
-measures them in the features of a classifier of the run's dataset (trained
-once on the training split and cached: a small CNN for grey images, a small
-ResNet for RGB ones): FID against the test split, the class histogram and its
-KL divergence from uniform, the unreadable rate, precision and recall. The
-same metrics for real training images against the test split are the floor a
-perfect model would reach. Writes ``WORKDIR/eval.json`` and
-``WORKDIR/eval_{samples,histogram,least_confident}.png``.
+measures them in two feature spaces, each a classifier of the run's dataset of
+its own architecture and training recipe (``cnn`` and ``resnet``; shipped with
+the package for MNIST and Fashion-MNIST, see :mod:`ddpm_jax.evaluation.shipped`):
+FID and KID against the test split, the class histogram and its KL divergence
+from uniform, the unreadable rate, precision and recall, FID and the unreadable
+rate with their bootstrap spread. The same metrics for real training images
+against the test split are the floor a perfect model would reach. Writes
+``WORKDIR/eval.json`` and ``WORKDIR/eval_{samples,histogram,least_confident}.png``
+(the figures in the primary space: the CNN's for grey images, the ResNet's for RGB).
 
 A run on a folder of images (``--image-dir``) is measured against that folder,
 given again: with class subfolders, a fixed 10% of its images are held out as
-the test split (the classifier's accuracy and the FID reference), and the rest
-is the training split. Without class subfolders there is no classifier to
+the test split (the classifiers' accuracy and the FID reference), and the rest
+is the training split; no network ships for it, so both are trained on first
+use and cached. Without class subfolders there is no classifier to
 train, so nothing here can be measured; the error says what can.
 """
 
@@ -34,11 +37,12 @@ from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax.cli import flags
 from ddpm_jax.configs import BATCHNORM_MODES, UNCONDITIONAL_MODES
+from ddpm_jax.configs.classifier import FEATURE_SPACES, primary_space
 from ddpm_jax.diffusion.process import MEAN_TYPES, VARIANCE_TYPES
 from ddpm_jax.evaluation import evaluate as evaluation
 from ddpm_jax.evaluation import metrics, plotting
 from ddpm_jax.evaluation.batchnorm_stats import recalibrate_batch_stats
-from ddpm_jax.evaluation.feature_network import load_or_train_feature_network
+from ddpm_jax.evaluation.shipped import ShippedWeightsError, feature_networks
 from ddpm_jax.sampling.options import sampling_options
 from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.training.workdir import WorkdirLock
@@ -74,6 +78,12 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
                         "images ('recalibrated', precise BN; see ddpm_jax/evaluation/batchnorm_stats.py); default: the run's config")
     p.add_argument("--threshold", type=float, default=metrics.UNREADABLE_THRESHOLD,
                    help="a sample is unreadable if no digit gets at least this probability (default: %(default)s)")
+    p.add_argument("--spaces", nargs="+", choices=FEATURE_SPACES, default=list(FEATURE_SPACES),
+                   help="feature spaces to measure in (default: all); the first that is the data's primary space, "
+                        "else the first named, draws the figures")
+    p.add_argument("--retrain-features", action="store_true",
+                   help="train the feature networks on this run's training split (once; cached) instead of "
+                        "loading the shipped ones: figures then comparable only with others made the same way")
     flags.add_cache_flag(p)
     flags.add_progress_flag(p)
     return p.parse_args(argv)
@@ -112,7 +122,7 @@ def main(argv=None, prog: str = PROG) -> int:
         # One evaluation per workdir at a time: two would write the same sample batches and eval.json.
         with WorkdirLock(str(workdir), ".eval.lock", what="evaluating"):
             return _evaluate(args, checkpoint, options, info, train_images, train_labels, test_images, test_labels)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ShippedWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -157,23 +167,30 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
     print(f"evaluating {workdir} at step {checkpoint.step:,} ({config.preset} preset) on {jax.default_backend()}, "
           f"sampling with the {'EMA' if checkpoint.weights_used == 'ema' else 'raw'} weights", flush=True)
 
-    network = load_or_train_feature_network(
-        train_images, train_labels, test_images, test_labels, cache_dir=args.cache_dir, progress=progress,
-        num_classes=len(info.class_names),
-    )
+    networks = feature_networks(info.name, train_images, train_labels, test_images, test_labels,
+                                spaces=list(dict.fromkeys(args.spaces)), retrain=args.retrain_features,
+                                cache_dir=args.cache_dir, progress=progress, num_classes=len(info.class_names))
+    primary = primary_space(info.image_shape)
+    primary = primary if primary in networks else next(iter(networks))
+    network = networks[primary]
     named = None if info.name == "mnist" else info.class_names  # MNIST's figures keep their digits
-    if network.test_accuracy < info.good_classifier_accuracy:
-        print(f"warning: the feature classifier reaches only {network.test_accuracy:.2%} test accuracy on {info.title} "
-              f"(< {info.good_classifier_accuracy:.0%}); its FIDs and histograms are less trustworthy.",
-              file=sys.stderr)
-    test_probs, test_features = evaluation.cached_features(network, test_images, args.cache_dir)
-
-    # The floor: real training images (as many as samples, a fixed random subset) against the same reference.
-    floor, floor_idx, _ = evaluation.real_image_floor(network, train_images, args.num_samples, test_features,
-                                                      args.cache_dir, threshold=args.threshold)
+    for space, net in networks.items():  # a shipped network's accuracy is documented; one trained here is checked
+        if not net.info.get("shipped") and net.test_accuracy < info.good_classifier_accuracy:
+            print(f"warning: the '{space}' feature network reaches only {net.test_accuracy:.2%} test accuracy on "
+                  f"{info.title} (< {info.good_classifier_accuracy:.0%}); its FIDs and histograms are less "
+                  "trustworthy.", file=sys.stderr)
+    # Per space: the test split's features (the reference), and the floor: real training images (as many as
+    # samples, a fixed random subset) against the same reference.
+    references = {}
+    for space, net in networks.items():
+        test_probs, test_features = evaluation.cached_features(net, test_images, args.cache_dir)
+        floor, floor_idx, _ = evaluation.real_image_floor(net, train_images, args.num_samples, test_features,
+                                                          args.cache_dir, threshold=args.threshold)
+        test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
+                                        precision_recall=False, spread=False)
+        references[space] = (test_features, floor, test_floor)
     floor_n = len(floor_idx)
-    test_floor = evaluation.measure(test_probs, test_features, test_features, threshold=args.threshold,
-                                    precision_recall=False)
+    test_features, floor, test_floor = references[primary]
 
     method = options.method  # resolved: --method, or the default for --steps
     ddim = method == "ddim"
@@ -237,9 +254,14 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         batchnorm=batchnorm,
     )
     sampling_seconds = time.perf_counter() - start
-    probs, features = network(samples)
-    result = evaluation.measure(probs, features, test_features, threshold=args.threshold)
-
+    spaces = {}
+    for space, net in networks.items():
+        space_probs, space_features = net(samples)
+        space_result = evaluation.measure(space_probs, space_features, references[space][0], threshold=args.threshold)
+        spaces[space] = (space_probs, space_result)
+    probs, result = spaces[primary]
+    summary_keys = ("fid", "fid_std", "kid", "kid_std", "unreadable_rate", "unreadable_rate_std", "kl_to_uniform",
+                    "precision", "recall")
     report = {
         "fid": result["fid"],
         "fid_floor": floor["fid"],
@@ -272,6 +294,14 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         "class_names": list(info.class_names),
         "classifier": {"path": network.info.get("path"), "test_accuracy": network.test_accuracy, "train_examples": network.info.get("train_examples"),
                        "feature_dim": network.feature_dim},
+        "primary_space": primary,
+        "spaces": {space: {**{k: r[k] for k in summary_keys},
+                           "floor": {k: references[space][1][k] for k in summary_keys},
+                           "classifier": {"name": net.name, "shipped": bool(net.info.get("shipped")),
+                                          "sha256": net.info.get("sha256"), "test_accuracy": net.test_accuracy,
+                                          "architecture": net.config.model.get("name", "cnn"),
+                                          "feature_dim": net.feature_dim}}
+                   for (space, net), (_, r) in zip(networks.items(), spaces.values())},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": jax.default_backend(),
         "machine": platform.machine(),
@@ -291,18 +321,44 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
                                     class_names=named)
 
     hist = " ".join(f"{info.class_names[int(d)]}:{c}" for d, c in result["histogram"].items())
-    print(f"classifier test accuracy {network.test_accuracy:.2%} ({info.title})")
-    print(f"{'':>22} {'samples':>10} {'real (floor)':>13}")
-    print(f"{'FID':>22} {result['fid']:10.3f} {floor['fid']:13.3f}")
-    print(f"{'KL to uniform (nats)':>22} {result['kl_to_uniform']:10.4f} {floor['kl_to_uniform']:13.4f}")
-    print(f"{'unreadable rate':>22} {result['unreadable_rate']:10.2%} {floor['unreadable_rate']:13.2%}")
-    for name in ("precision", "recall"):  # None where a set is too small for 3 nearest neighbours
-        print(f"{name:>22} " + " ".join(f"{'n/a' if r[name] is None else format(r[name], '.3f'):>{w}}"
-                                         for r, w in ((result, 10), (floor, 13))))
+    print(format_spaces(report["spaces"], args.num_samples, info.title))
     print(f"class histogram of {args.num_samples:,} samples: {hist}")
     drawn = f"{num_batches - reused} batches drawn in {sampling_seconds:.0f} s" + (f", {reused} reused" if reused else "")
     print(f"wrote {workdir}/eval.json, eval_samples.png, eval_histogram.png, eval_least_confident.png ({drawn})")
     return 0
+
+
+def _with_spread(value, std, percent: bool = False, digits: str = ".3f") -> str:
+    if value is None:
+        return "n/a"
+    if percent:
+        return f"{value:.2%}" + ("" if std is None else f" ± {std * 100:.2f}")
+    return f"{value:{digits}}" + ("" if std is None else f" ± {std:{digits}}")
+
+
+def format_spaces(spaces: dict, num_samples: int, title: str) -> str:
+    """The metrics of every feature space side by side, samples beside the real-image floor, each FID, KID and
+    unreadable rate with its spread (one standard deviation)."""
+    names = list(spaces)
+    width = 20
+    lines = [f"{'feature space':>24} " + " ".join(f"{n + ' (' + spaces[n]['classifier']['architecture'] + ')':^{2 * width + 1}}"
+                                                 for n in names),
+             f"{'classifier accuracy':>24} " + " ".join(
+                 f"{format(spaces[n]['classifier']['test_accuracy'], '.2%') + ' on ' + title + ' test':^{2 * width + 1}}"
+                 for n in names),
+             f"{'':>24} " + " ".join(f"{'samples':>{width}} {'real (floor)':>{width}}" for _ in names)]
+    rows = (("FID", lambda r: _with_spread(r["fid"], r.get("fid_std"))),
+            ("KID", lambda r: _with_spread(r.get("kid"), r.get("kid_std"), digits=".3g")),
+            ("unreadable rate", lambda r: _with_spread(r["unreadable_rate"], r.get("unreadable_rate_std"), True)),
+            ("KL to uniform (nats)", lambda r: f"{r['kl_to_uniform']:.4f}"),
+            ("precision", lambda r: "n/a" if r["precision"] is None else f"{r['precision']:.3f}"),
+            ("recall", lambda r: "n/a" if r["recall"] is None else f"{r['recall']:.3f}"))
+    for label, cell in rows:
+        lines.append(f"{label:>24} " + " ".join(f"{cell(spaces[n]):>{width}} {cell(spaces[n]['floor']):>{width}}"
+                                                 for n in names))
+    lines.append(f"({num_samples:,} samples; ± one standard deviation: FID and unreadable rate over bootstrap "
+                 "resamples of the samples, KID over its subsets)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def real_image_floor(network: FeatureNetwork, train_images: np.ndarray, n: int, 
     return measure(probs, features, reference_features, **measure_kwargs), indices, probs
 
 
+NUM_RESAMPLES = 100  # bootstrap resamples behind every spread measure() reports
+
+
 def measure(
     probs: np.ndarray,
     features: np.ndarray,
@@ -136,6 +139,9 @@ def measure(
     *,
     threshold: float = metrics.UNREADABLE_THRESHOLD,
     precision_recall: bool = True,
+    spread: bool = True,
+    seed: int = 0,
+    kid_subsets: int = 100,
 ) -> dict:
     """All metrics of one image set from its classifier outputs, against reference features.
 
@@ -145,15 +151,19 @@ def measure(
     their most likely digit), ``unreadable_rate_at`` (the rate at other
     thresholds, to see how much the choice matters), ``precision``,
     ``recall`` (None with 3 or fewer images on a side: too few for their 3 nearest neighbours),
-    ``num_samples``.
+    ``num_samples``. With ``spread``: ``fid_std`` and ``unreadable_rate_std``, the standard deviations
+    of both over :data:`NUM_RESAMPLES` bootstrap resamples of the samples (the reference held fixed;
+    ``seed`` picks the resamples), and ``kid`` and ``kid_std`` (:func:`metrics.kid` over ``kid_subsets``
+    subsets; None with fewer than 2 images on a side).
     """
     labels = probs.argmax(axis=-1)
     num_classes = probs.shape[-1]
     unreadable = metrics.unreadable_mask(probs, threshold)
     counts = metrics.digit_histogram(labels, num_classes)
+    reference = metrics.gaussian_statistics(reference_features)
     result = {
         "num_samples": len(features),
-        "fid": metrics.fid(features, reference_features),
+        "fid": metrics.frechet_distance(*metrics.gaussian_statistics(features), *reference),
         "histogram": {str(d): int(c) for d, c in enumerate(counts)},
         "kl_to_uniform": metrics.kl_to_uniform(counts),
         "unreadable_rate": float(unreadable.mean()),
@@ -161,6 +171,17 @@ def measure(
                                  enumerate(metrics.digit_histogram(labels[unreadable], num_classes))},
         "unreadable_rate_at": {str(t): float(metrics.unreadable_mask(probs, t).mean()) for t in (0.5, 0.7, 0.9, 0.99)},
     }
+    if spread:
+        n = len(features)
+        fids = metrics.bootstrap(
+            lambda i: metrics.frechet_distance(*metrics.gaussian_statistics(features[i]), *reference), n,
+            num_resamples=NUM_RESAMPLES, seed=seed)
+        rates = metrics.bootstrap(lambda i: unreadable[i].mean(), n, num_resamples=NUM_RESAMPLES, seed=seed)
+        result["fid_std"] = float(fids.std(ddof=1))
+        result["unreadable_rate_std"] = float(rates.std(ddof=1))
+        enough = min(len(reference_features), n) >= 2
+        result["kid"], result["kid_std"] = (
+            metrics.kid(features, reference_features, num_subsets=kid_subsets, seed=seed) if enough else (None, None))
     if precision_recall:
         # k = 3 nearest neighbours need more than 3 points a side (a small folder's held-out split may have fewer).
         enough = min(len(reference_features), len(features)) > 3

@@ -39,7 +39,7 @@ from ddpm_jax.training.state import TrainState, learning_rate_schedule, make_opt
 from ddpm_jax.utils import cache
 
 _PARAMS, _META = "params", "meta"
-_DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM = 0, 1, 2, 3
+_DATA_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM, _FLIP_STREAM, _CUTOUT_STREAM = 0, 1, 2, 3, 4
 
 
 
@@ -147,7 +147,21 @@ def random_shift(key: jax.Array, x: jnp.ndarray, max_shift: int) -> jnp.ndarray:
     return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
 
 
-def _make_train_step(model, batch_size: int, max_shift: int, flip: bool = False):
+def random_cutout(key: jax.Array, x: jnp.ndarray, size: int) -> jnp.ndarray:
+    """Set a ``size`` x ``size`` square of each ``(B, H, W, C)`` image to background (-1), at a random place
+    that may reach past the border (DeVries & Taylor 2017's cutout); ``size`` 0: unchanged."""
+    if size == 0:
+        return x
+    b, h, w, _ = x.shape
+    corners = jax.random.randint(key, (b, 2), 0, jnp.array([h, w])) - size // 2  # the square's top-left pixel
+    rows = jnp.arange(h)[None, :] - corners[:, :1]
+    cols = jnp.arange(w)[None, :] - corners[:, 1:]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    inside = inside[..., None]
+    return jnp.where(inside, -1.0, x)
+
+
+def _make_train_step(model, batch_size: int, max_shift: int, flip: bool = False, cutout: int = 0):
     def step(state: TrainState, images_u8: jnp.ndarray, labels: jnp.ndarray, order: EpochOrder | None = None):
         idx = batch_indices(jax.random.fold_in(state.key, _DATA_STREAM), images_u8.shape[0], state.step, batch_size,
                             order)
@@ -157,6 +171,7 @@ def _make_train_step(model, batch_size: int, max_shift: int, flip: bool = False)
         )
         if flip:
             x = random_flip(jax.random.fold_in(step_key, _FLIP_STREAM), x)
+        x = random_cutout(jax.random.fold_in(step_key, _CUTOUT_STREAM), x, cutout)
         y = labels[idx]
 
         def loss_fn(params):
@@ -217,7 +232,8 @@ def train_classifier(
 
     start = time.perf_counter()
     state = run_training(
-        state, _make_train_step(model, batch_size, tc.max_shift, bool(tc.get("random_flip", False))),
+        state, _make_train_step(model, batch_size, tc.max_shift, bool(tc.get("random_flip", False)),
+                                int(tc.get("cutout", 0))),
         (jnp.asarray(train_images), jnp.asarray(train_labels, jnp.int32)),
         orders=EpochOrders(jax.random.fold_in(state.key, _DATA_STREAM), len(train_images), batch_size),
         end=num_steps, batch_size=batch_size,

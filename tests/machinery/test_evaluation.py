@@ -171,8 +171,6 @@ def tiny_run(tmp_path_factory, mnist_dir):
 def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, network, monkeypatch, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
-    # The short-trained classifier stands in for the full one (12 epochs, minutes): same code path after loading.
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     code = evaluate.main(["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "30",
                           "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert code == 0
@@ -186,14 +184,21 @@ def test_evaluate_writes_eval_json_and_the_plots(tmp_path, tiny_run, mnist_dir, 
     assert report["fid"] > report["fid_floor"] >= 0
     for name in ("eval_samples.png", "eval_histogram.png", "eval_least_confident.png"):
         assert (workdir / name).stat().st_size > 1000, name
-    assert "FID" in capsys.readouterr().out
+    # Both feature spaces, each from its shipped network, each FID and unreadable rate with its spread.
+    assert list(report["spaces"]) == ["cnn", "resnet"] and report["primary_space"] == "cnn"
+    assert report["spaces"]["cnn"]["fid"] == report["fid"]
+    for space in report["spaces"].values():
+        assert space["classifier"]["shipped"] and space["fid_std"] > 0 and space["kid"] > space["kid_std"] > 0
+        assert space["fid"] > space["floor"]["fid"] and 0 <= space["unreadable_rate_std"] < 0.2
+    assert report["spaces"]["cnn"]["classifier"]["sha256"] != report["spaces"]["resnet"]["classifier"]["sha256"]
+    out = capsys.readouterr().out
+    assert "cnn (cnn)" in out and "resnet (resnet)" in out and "KID" in out and " ± " in out
 
 
 def test_evaluate_with_steps_and_no_method_samples_as_sample_does(tmp_path, tiny_run, mnist_dir, network,
                                                                     monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "6", "--batch-size", "6",
               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert evaluate.main(common + ["--steps", "4"]) == 0
@@ -213,7 +218,6 @@ def test_evaluate_never_reuses_samples_of_a_checkpoint_that_was_replaced(tmp_pat
                                                                         trained_tiny_run, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "8", "--batch-size", "4",
               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
 
@@ -239,7 +243,6 @@ def test_evaluate_samples_a_conditional_run_from_its_label_prior_unless_told_oth
     workdir = tmp_path / "cond"
     assert mnist.main(["--preset", "tiny", "--class-conditional", "--idx-dir", str(mnist_dir), "--workdir",
                        str(workdir), "--steps", "2", "--no-progress"]) == 0
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     common = ["--workdir", str(workdir), "--idx-dir", str(mnist_dir), "--num-samples", "12", "--batch-size", "6",
               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     runs = {}
@@ -261,7 +264,6 @@ def test_evaluate_reads_mnist_through_tfds(tmp_path, tiny_run, network, monkeypa
 
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: network)
     # mock_data makes preparing a no-op; skip importing TensorFlow to hide GPUs (~10 s).
     monkeypatch.setattr(tfds_source, "_tensorflow_installed", lambda: True)  # the stub below stands in for TF
     monkeypatch.setattr(tfds_source, "_import_tensorflow_without_gpus", lambda: None)

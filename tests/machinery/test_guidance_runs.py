@@ -4,16 +4,13 @@ records and samples from, and the guidance sweep's outputs and refusals."""
 import json
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import ddpm_jax
 from ddpm_jax.training.checkpoint import load_checkpoint
-from ddpm_jax.configs import get_classifier_config, get_config
+from ddpm_jax.configs import get_config
 from ddpm_jax.data import load_mnist
-from ddpm_jax.evaluation.feature_network import FeatureNetwork, build_classifier
 from ddpm_jax.sampling.generate import sample
 from ddpm_jax.training.train import train_and_evaluate
 from experiments import guidance as sweep
@@ -58,15 +55,7 @@ def test_a_conditional_run_records_its_label_frequencies_and_samples_from_them(c
     np.testing.assert_array_equal(sample(checkpoint, key, 5), sample(checkpoint, key, 5, labels=drawn))
 
 
-def _untrained_feature_network():
-    """A feature network with random weights: the CLI's plumbing does not need a good one."""
-    config = get_classifier_config()
-    params = build_classifier(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    return FeatureNetwork(params, ml_collections.FrozenConfigDict(config.to_dict()), 0.99, {})
-
-
 def test_guidance_sweep_writes_its_table_plots_and_digit_grids(conditional_run, idx_dir, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "load_or_train_feature_network", lambda *a, **k: _untrained_feature_network())
     argv = ["--workdir", str(conditional_run), "--idx-dir", str(idx_dir), "--num-samples", "20", "--scales", "0",
             "2", "--batch-size", "10", "--no-progress"]
     assert sweep.main(argv) == 0

@@ -4,28 +4,15 @@ refusals, resumed from the samples it kept."""
 import json
 import shutil
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from ddpm_jax.configs import get_classifier_config
-from ddpm_jax.evaluation.feature_network import FeatureNetwork, build_classifier
 from experiments import solvers
-
-
-def _untrained_feature_network():
-    """A feature network with random weights: the command's plumbing does not need a good one."""
-    config = get_classifier_config()
-    params = build_classifier(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    return FeatureNetwork(params, ml_collections.FrozenConfigDict(config.to_dict()), 0.99, {})
 
 
 def test_every_sampler_spacing_and_call_count_gets_a_row_the_table_and_the_plot(trained_tiny_run, idx_dir,
                                                                                  monkeypatch, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_tiny_run, run)
-    monkeypatch.setattr(solvers, "load_or_train_feature_network", lambda *a, **k: _untrained_feature_network())
     argv = ["--workdir", str(run), "--idx-dir", str(idx_dir), "--num-samples", "8", "--batch-size", "8",
             "--methods", "ddim", "dpm_solver++", "--spacings", "linspace", "trailing", "--calls", "3", "10", "50",
             "--no-progress"]

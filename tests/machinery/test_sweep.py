@@ -18,8 +18,6 @@ TINY_VARIANTS = (
 
 @pytest.fixture
 def tiny_sweep(monkeypatch, idx_dir):
-    from test_guidance_runs import _untrained_feature_network
-
     monkeypatch.setattr(sweep, "VARIANTS", TINY_VARIANTS)
     calls = []
 
@@ -33,7 +31,6 @@ def tiny_sweep(monkeypatch, idx_dir):
         return 1.5
 
     monkeypatch.setattr(sweep, "_run", run_in_process)
-    monkeypatch.setattr(evaluate, "load_or_train_feature_network", lambda *a, **k: _untrained_feature_network())
     return calls
 
 

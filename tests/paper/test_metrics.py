@@ -106,3 +106,60 @@ def test_precision_and_recall_separate_quality_from_coverage():
     half = real[real[:, 0] > 0.5]
     precision, recall = metrics.precision_recall(real, half, chunk=128)
     assert precision > 0.95 and recall < 0.6
+
+
+def _mmd2_by_loops(x, y):
+    """The unbiased squared MMD with KID's kernel, pair by pair as Gretton et al.'s eq. 3 writes it."""
+    def k(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b)) / len(a) + 1.0) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_unbiased_mmd_matches_the_pairwise_sums_of_its_definition():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(7, 4)), rng.normal(size=(5, 4)) + 0.3
+    assert metrics.mmd2_unbiased(x, y) == pytest.approx(_mmd2_by_loops(x.tolist(), y.tolist()), rel=1e-12)
+
+
+def test_kid_of_two_draws_of_one_distribution_is_zero_within_its_spread():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 16))
+    mean, std = metrics.kid(a, b, num_subsets=50, subset_size=500)
+    # Unbiased: centred on 0 (a biased estimate would sit near 2 / subset_size above it).
+    assert abs(mean) < 3 * std / np.sqrt(50) + 1e-4, (mean, std)
+    shifted, _ = metrics.kid(a, b + 0.5, num_subsets=50, subset_size=500)
+    assert shifted > 20 * std
+
+
+def test_kid_uses_subsets_no_larger_than_either_set_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(30, 8)), rng.normal(size=(300, 8)) + 1.0
+    assert metrics.kid(a, b, subset_size=1000) == metrics.kid(a, b, subset_size=1000)
+    assert metrics.kid(a, b, subset_size=1000) == metrics.kid(a, b, subset_size=30)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        metrics.kid(a[:1], b)
+
+
+def test_bootstrap_spread_of_a_rate_matches_the_binomial_standard_error():
+    rng = np.random.default_rng(2)
+    flags = rng.random(4000) < 0.05
+    spread = metrics.bootstrap(lambda i: flags[i].mean(), len(flags), num_resamples=400).std(ddof=1)
+    p = flags.mean()
+    assert spread == pytest.approx(np.sqrt(p * (1 - p) / len(flags)), rel=0.15)
+
+
+def test_bootstrap_spread_of_fid_shrinks_as_one_over_root_n():
+    rng = np.random.default_rng(4)
+    reference = metrics.gaussian_statistics(rng.normal(size=(5000, 8)))
+    spreads = []
+    for n in (500, 2000):
+        f = rng.normal(size=(n, 8)) + 0.3
+        fids = metrics.bootstrap(lambda i: metrics.frechet_distance(*metrics.gaussian_statistics(f[i]), *reference),
+                                 n, num_resamples=200, seed=0)
+        spreads.append(fids.std(ddof=1))
+    assert spreads[0] / spreads[1] == pytest.approx(2.0, rel=0.3)
