@@ -147,7 +147,7 @@ def feature_networks(
     num_classes: int = 10,
     directory: str | os.PathLike = WEIGHTS_DIR,
 ) -> dict[str, FeatureNetwork]:
-    """``{space: FeatureNetwork}`` for a dataset's images, one per feature space of ``spaces``.
+    """Load (or, where none ships, train once) a dataset's feature networks; returns ``{space: FeatureNetwork}``.
 
     The shipped network where one exists (:func:`load_shipped`), with its test accuracy measured
     again if ``test_images`` are not the split it was scored on. Otherwise, or with ``retrain``, the
