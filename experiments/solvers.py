@@ -72,8 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 GOAL_FID_RATIO = 1.15  # a few-step sampler's FID at most this many times all T ancestral steps' ...
 GOAL_UNREADABLE_POINTS = 0.01  # ... and its unreadable rate at most this much above theirs, in every space
-METRICS = ("fid", "fid_std", "kid", "kid_std", "unreadable_rate", "unreadable_rate_std", "kl_to_uniform", "precision",
-           "recall")
+METRICS = evaluation.SUMMARY_METRICS
 
 
 def variants(methods, spacings, calls, num_timesteps: int, order: int) -> list[dict]:

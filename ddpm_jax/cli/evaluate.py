@@ -260,8 +260,6 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         space_result = evaluation.measure(space_probs, space_features, references[space][0], threshold=args.threshold)
         spaces[space] = (space_probs, space_result)
     probs, result = spaces[primary]
-    summary_keys = ("fid", "fid_std", "kid", "kid_std", "unreadable_rate", "unreadable_rate_std", "kl_to_uniform",
-                    "precision", "recall")
     report = {
         "fid": result["fid"],
         "fid_floor": floor["fid"],
@@ -295,13 +293,13 @@ def _evaluate(args, checkpoint, options, info, train_images, train_labels, test_
         "classifier": {"path": network.info.get("path"), "test_accuracy": network.test_accuracy, "train_examples": network.info.get("train_examples"),
                        "feature_dim": network.feature_dim},
         "primary_space": primary,
-        "spaces": {space: {**{k: r[k] for k in summary_keys},
-                           "floor": {k: references[space][1][k] for k in summary_keys},
+        "spaces": {space: {**{k: spaces[space][1][k] for k in evaluation.SUMMARY_METRICS},
+                           "floor": {k: references[space][1][k] for k in evaluation.SUMMARY_METRICS},
                            "classifier": {"name": net.name, "shipped": bool(net.info.get("shipped")),
                                           "sha256": net.info.get("sha256"), "test_accuracy": net.test_accuracy,
                                           "architecture": net.config.model.get("name", "cnn"),
                                           "feature_dim": net.feature_dim}}
-                   for (space, net), (_, r) in zip(networks.items(), spaces.values())},
+                   for space, net in networks.items()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": jax.default_backend(),
         "machine": platform.machine(),

@@ -130,6 +130,9 @@ def real_image_floor(network: FeatureNetwork, train_images: np.ndarray, n: int, 
 
 
 NUM_RESAMPLES = 100  # bootstrap resamples behind every spread measure() reports
+# What a table of several image sets quotes of each measure(): the numbers, with their spreads.
+SUMMARY_METRICS = ("fid", "fid_std", "kid", "kid_std", "unreadable_rate", "unreadable_rate_std", "kl_to_uniform",
+                   "precision", "recall")
 
 
 def measure(

@@ -59,6 +59,13 @@ def input_shape(model_config) -> tuple[int, int, int]:
     return tuple(int(d) for d in model_config.get("input_shape", (28, 28, 1)))
 
 
+def abstract_params(model_config) -> Any:
+    """The shapes and dtypes of the parameters the network of ``model_config`` has (nothing computed)."""
+    model = build_classifier(model_config)
+    dummy = jnp.zeros((1, *input_shape(model_config)))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy)["params"])
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_apply(model_config: ml_collections.FrozenConfigDict) -> Callable:
     model = build_classifier(model_config)
@@ -126,6 +133,15 @@ class FeatureNetwork:
         if not probs:
             return np.zeros((0, self.num_classes), np.float32), np.zeros((0, self.feature_dim), np.float32)
         return np.concatenate(probs)[:n], np.concatenate(feats)[:n]
+
+    def scored_on(self, test_images: np.ndarray, test_labels: np.ndarray) -> FeatureNetwork:
+        """This network with its test accuracy on these images: itself if they are the split it was scored on
+        (``info['test_fingerprint']``), else a copy scored on them."""
+        test_fp = fingerprint(test_images, test_labels)
+        if self.info.get("test_fingerprint") == test_fp:
+            return self
+        return dataclasses.replace(self, test_accuracy=self.accuracy(test_images, test_labels),
+                                   info={**self.info, "test_fingerprint": test_fp, "test_examples": len(test_labels)})
 
     def accuracy(self, images_u8: np.ndarray, labels: np.ndarray) -> float:
         probs, _ = self(images_u8)
@@ -270,10 +286,7 @@ def _restore(directory: Path, config: ml_collections.ConfigDict) -> tuple[Any, d
         step = manager.latest_step()  # only finalized checkpoints count: a half-written one is never picked
         if step is None:
             return None
-        model = build_classifier(config.model)
-        abstract = on_local_device(
-            jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape(config.model))))["params"])
-        )
+        abstract = on_local_device(abstract_params(config.model))
         restored = manager.restore(
             step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()})
         )
@@ -317,13 +330,8 @@ def load_or_train_feature_network(
     frozen = ml_collections.FrozenConfigDict(config.to_dict())
     if restored is not None:
         params, meta = restored
-        network = FeatureNetwork(params, frozen, float(meta["test_accuracy"]), {**meta, "path": str(directory)})
-        if meta.get("test_fingerprint") != test_fp:  # another test set than the one it was scored on
-            network = dataclasses.replace(
-                network,
-                test_accuracy=network.accuracy(test_images, test_labels),
-                info={**network.info, "test_fingerprint": test_fp, "test_examples": len(test_labels)},
-            )
+        network = FeatureNetwork(params, frozen, float(meta["test_accuracy"]),
+                                 {**meta, "path": str(directory)}).scored_on(test_images, test_labels)
         log(f"feature classifier: {directory} (test accuracy {network.test_accuracy:.2%})")
         return network
 

@@ -13,7 +13,6 @@ ships (a folder of your own images, CIFAR-10) or when asked to (``retrain=True``
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,13 +27,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from ddpm_jax.configs.classifier import FEATURE_SPACES, feature_network_config
-from ddpm_jax.data import fingerprint
-from ddpm_jax.evaluation.feature_network import (
-    FeatureNetwork,
-    build_classifier,
-    input_shape,
-    load_or_train_feature_network,
-)
+from ddpm_jax.evaluation.feature_network import FeatureNetwork, abstract_params, load_or_train_feature_network
 
 WEIGHTS_DIR = Path(__file__).resolve().with_name("weights")
 MANIFEST = "manifest.json"
@@ -120,11 +113,8 @@ def load_shipped(dataset: str, space: str, directory: str | os.PathLike = WEIGHT
                                   f"{entry['sha256']}: the file was altered or damaged; {fix}.")
     config = ml_collections.FrozenConfigDict(entry["config"])
     params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in load_file(str(path)).items()}, sep="/")
-    model = build_classifier(config.model)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, *input_shape(config.model))))["params"])
     got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), expected)
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(config.model))
     if got != want:
         raise ShippedWeightsError(f"the shipped feature network {path} does not fit the network its config builds; "
                                   f"{fix}.")
@@ -162,11 +152,7 @@ def feature_networks(
             network = load_or_train_feature_network(train_images, train_labels, test_images, test_labels,
                                                     cache_dir=cache_dir, config=config, progress=progress, log=log)
         else:
-            test_fp = fingerprint(test_images, test_labels)
-            if network.info.get("test_fingerprint") != test_fp:
-                network = dataclasses.replace(network, test_accuracy=network.accuracy(test_images, test_labels),
-                                              info={**network.info, "test_fingerprint": test_fp,
-                                                    "test_examples": len(test_labels)})
+            network = network.scored_on(test_images, test_labels)
             log(f"feature network '{space}': shipped {network.info['file']} "
                 f"(test accuracy {network.test_accuracy:.2%})")
         networks[space] = network
