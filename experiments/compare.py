@@ -1,5 +1,8 @@
 """What each switch buys: ``python -m experiments.compare --idx-dir DIR --workdir runs/compare``.
 
+Or two (or more) runs' loss curves on one figure, nothing trained:
+``python -m experiments.compare --curves runs/a runs/b --out loss_compare.png``.
+
 Trains once per distinct training setup (the quick preset, with a learned
 variance, and the DDPM U-Net; same data and batch, and the same training time:
 see the setups below) and measures every variant with the evaluation's
@@ -7,6 +10,8 @@ metrics: FID (and its real-data floor), KL of the digit histogram to
 uniform, the unreadable rate, the test split's negative log-likelihood bound in
 bits/dim, samples/s and train images/s. Writes ``WORKDIR/compare.json`` and
 ``WORKDIR/compare.md`` (the table of docs/results.md, "What each switch buys").
+
+The comparison also draws its training runs' loss curves on one figure, ``WORKDIR/loss_curves.png``.
 
 Variants that differ only in how they sample (the weights, the sampler, the
 number of steps) share one trained run. Each measurement is kept in the
@@ -28,6 +33,7 @@ from ddpm_jax import cpu
 from ddpm_jax import data as data_lib
 from ddpm_jax.cli import evaluate
 from ddpm_jax.cli.flags import apply_override
+from ddpm_jax.evaluation.figures import write_loss_plot
 from ddpm_jax.training import train as train_lib
 from experiments import likelihood
 
@@ -61,7 +67,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=10_000, help="samples per FID (default: %(default)s)")
     p.add_argument("--nll-images", type=int, default=10_000, help="test images for bits/dim (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
+    curves = p.add_argument_group("loss curves of existing runs (nothing trained)")
+    curves.add_argument("--curves", nargs="+", metavar="RUN", default=None,
+                        help="run folders whose loss curves (metrics.jsonl) to draw on one figure, then stop")
+    curves.add_argument("--labels", nargs="+", default=None, help="one legend label per --curves run "
+                        "(default: the folders' names)")
+    curves.add_argument("--out", default="loss_compare.png", help="the figure --curves writes (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def draw_curves(runs: list[str], labels: list[str] | None, out: str) -> int:
+    """``--curves``: the runs' loss curves on one figure; returns the exit status."""
+    if labels is not None and len(labels) != len(runs):
+        print(f"error: --labels gives {len(labels)} labels for {len(runs)} --curves runs; give one per run.",
+              file=sys.stderr)
+        return 2
+    labels = labels or [Path(run).resolve().name for run in runs]
+    if len(set(labels)) != len(labels):
+        print(f"error: two runs share the label {labels!r}; name them with --labels.", file=sys.stderr)
+        return 2
+    try:
+        write_loss_plot(dict(zip(labels, runs)), out)
+    except FileNotFoundError as e:
+        print(f"error: {e.filename} not found: --curves takes run folders (with config.json and metrics.jsonl).",
+              file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 def _train_images_per_s(run: Path) -> float | None:
@@ -73,6 +105,8 @@ def _train_images_per_s(run: Path) -> float | None:
 def main(argv=None) -> int:
     cpu.configure()  # the CPU speed settings, before the first JAX computation (ddpm_jax/cpu/settings.py)
     args = parse_args(argv)
+    if args.curves:
+        return draw_curves(args.curves, args.labels, args.out)
     root = Path(args.workdir)
     data_flags = (["--idx-dir", args.idx_dir] if args.idx_dir else []) + (
         ["--data-dir", args.data_dir] if args.data_dir else [])
@@ -126,6 +160,8 @@ def main(argv=None) -> int:
         rows.append(row)
 
     (root / "compare.json").write_text(json.dumps(rows, indent=2))
+    write_loss_plot({f"{setup[0]} {' '.join(setup[2])}".strip(): str(run) for setup, run in runs.items()},
+                    str(root / "loss_curves.png"))
     lines = ["| variant | FID (floor) | KL to uniform | unreadable | bits/dim | samples/s | train img/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -137,7 +173,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     (root / "compare.md").write_text(table)
     print(table)
-    print(f"wrote {root}/compare.json and compare.md")
+    print(f"wrote {root}/compare.json, compare.md and loss_curves.png")
     return 0
 
 

@@ -29,8 +29,10 @@ from ddpm_jax import data as data_lib
 from ddpm_jax.cli.flags import apply_override, check_overrides_read, duration_seconds
 from ddpm_jax.data import image_folder as image_folder_lib
 from ddpm_jax.evaluation.figures import write_figures
+from ddpm_jax.evaluation.previews import SampleGrids
 from ddpm_jax.training import guard as guard_lib
 from ddpm_jax.training import loop as training_loop_lib
+from ddpm_jax.training import tensorboard
 from ddpm_jax.training import train as train_lib
 from ddpm_jax.training.checkpoint import load_checkpoint
 from ddpm_jax.training.workdir import check_workdir, prepare_workdir
@@ -212,10 +214,15 @@ def main(argv=None, prog: str = PROG) -> int:
         config.train.num_steps = math.ceil(steps)
     print(f"preset {config.preset} on {jax.default_backend()}: {config.train.num_steps:,} steps at batch "
           f"{config.train.batch_size}, workdir {args.workdir}", flush=True)
+    events = tensorboard.open_events(args.workdir, config) if jax.process_index() == 0 else None
+    if events is not None:
+        print(f"TensorBoard: tensorboard --logdir {args.workdir}", flush=True)
+    # The grids sample on this process's devices alone: one process only.
+    hooks = (SampleGrids.hook(config, args.workdir, events),) if jax.process_count() == 1 else ()
     try:
         state = train_lib.train_and_evaluate(config, args.workdir, images=images, labels=labels,
                                              progress=not args.no_progress, stop_at=args.stop_at,
-                                             time_limit=args.time_limit)
+                                             time_limit=args.time_limit, hooks=hooks, events=events)
         if int(state.step) < config.train.num_steps:
             why = f"--time-limit {args.time_limit:g} s" if args.stop_at is None or int(state.step) < args.stop_at \
                 else f"--stop-at {args.stop_at}"

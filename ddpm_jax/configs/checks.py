@@ -192,6 +192,11 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
              "a finite norm > 0, or 0 for no clipping")
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(is_int(t[field], 1), f"train.{field}", t[field], "an integer >= 1")
+    require(isinstance(t.get("tensorboard", True), bool), "train.tensorboard", t.get("tensorboard"), "True or False")
+    require(is_int(t.get("sample_every", 0), 0), "train.sample_every", t.get("sample_every"),
+            "an integer >= 0 (steps between sample grids; 0: none)")
+    require(is_int(t.get("sample_grid_size", 8), 1, 32), "train.sample_grid_size", t.get("sample_grid_size"),
+            "an integer in 1..32 (the grid's side)")
     require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
              " or ".join(NONFINITE_POLICIES))
     require(is_int(t.max_consecutive_skips, 0), "train.max_consecutive_skips", t.max_consecutive_skips,

@@ -1,7 +1,9 @@
-"""The figures of a trained run: the report's sample grid and reverse-process strip, drawn from a checkpoint.
+"""The figures of a trained run: the report's sample grid and reverse-process strip, drawn from a checkpoint,
+and its loss curves (``loss.png``), drawn from its ``metrics.jsonl``.
 
 Called by ``ddpm-jax-train`` (:mod:`ddpm_jax.cli.train`) once a run has reached its last step (and by
-anyone holding a :class:`ddpm_jax.DiffusionCheckpoint`); training itself draws nothing.
+anyone holding a :class:`ddpm_jax.DiffusionCheckpoint`); during training only the grids of
+:mod:`ddpm_jax.evaluation.previews` are drawn.
 """
 
 from __future__ import annotations
@@ -17,13 +19,47 @@ from ddpm_jax.configs import figure_grid_size
 from ddpm_jax.evaluation import plotting
 from ddpm_jax.sampling.generate import sample
 from ddpm_jax.training.checkpoint import DiffusionCheckpoint
+from ddpm_jax.training.loop import NUM_QUARTERS, timestep_quarters
+
+CURVES = ("loss",) + tuple(f"loss_t_q{q}" for q in range(NUM_QUARTERS)) + ("learning_rate",)
+
+
+def loss_curves(workdir: str) -> dict:
+    """A run's logged curves against the training images seen: ``{"images": (L,), "loss": (L,), "loss_t_q0"..
+    "loss_t_q3": (L,), "learning_rate": (L,)}`` float64 from ``WORKDIR/metrics.jsonl`` (NaN where a line has
+    none), and ``"quarters"``, the quarters' names from ``WORKDIR/config.json`` (``'t in 0..24'``; 0-based t).
+
+    FileNotFoundError names the missing file (a folder that holds no run).
+    """
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])  # a resumed run's last word
+    nan = float("nan")
+    curves = {"images": np.array([r["step"] * config["train"]["batch_size"] for r in records], dtype=np.float64)}
+    for field in CURVES:
+        curves[field] = np.array([nan if r.get(field) is None else r[field] for r in records], dtype=np.float64)
+    curves["quarters"] = [f"t in {lo}..{hi - 1}" for lo, hi in timestep_quarters(config["diffusion"]["num_timesteps"])]
+    return curves
+
+
+def write_loss_plot(runs: dict[str, str], path: str) -> str:
+    """Draw the loss curves of runs (label -> workdir) on one figure (:func:`plotting.save_loss_curves`);
+    returns ``path``. The quarters are named by their timesteps where every run has the same T."""
+    curves = {label: loss_curves(workdir) for label, workdir in runs.items()}
+    names = {tuple(c["quarters"]) for c in curves.values()}
+    quarters = list(names.pop()) if len(names) == 1 else [f"quarter {q + 1} of t" for q in range(NUM_QUARTERS)]
+    plotting.save_loss_curves(curves, path, quarters)
+    return path
 
 
 def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool = False) -> dict:
     """Draw a run's figures into ``workdir``; returns what ``sampling.json`` records (how long the grid took).
 
-    The figures: ``samples.png`` (the report's Figure 4), ``reverse_process.png`` (its Figure 5) and,
-    for a class-conditional network, ``samples_by_class.png``, one row per class.
+    The figures: ``samples.png`` (the report's Figure 4), ``reverse_process.png`` (its Figure 5),
+    ``loss.png`` (the logged loss and its quarters of t against the images seen, where ``metrics.jsonl``
+    exists) and, for a class-conditional network, ``samples_by_class.png``, one row per class.
 
     The grid is ``sampling.grid_size`` on a side, smaller for a short run
     (:func:`ddpm_jax.configs.figure_grid_size`: at most ``sampling.figure_share`` of the training's
@@ -50,6 +86,8 @@ def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool 
         num_timesteps=config.diffusion.num_timesteps,
         every=config.sampling.strip_every,
     )
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        write_loss_plot({os.path.basename(os.path.normpath(workdir)): workdir}, os.path.join(workdir, "loss.png"))
     info = {"num_samples": n_grid, "seconds_including_compile": seconds, "step": checkpoint.step,
             "weights": checkpoint.weights_used}
     with open(os.path.join(workdir, "sampling.json"), "w") as f:
@@ -66,6 +104,6 @@ def write_figures(checkpoint: DiffusionCheckpoint, workdir: str, progress: bool 
                  == "label_prior" else "unconditional: the null label")
         also += (f"; samples.png: {drawn}; samples_by_class.png: one row per class "
                  f"(classifier-free guidance w={config.sampling.guidance_scale:g})")
-    print(f"wrote {workdir}/samples.png and reverse_process.png{also} ({n_grid} samples in {seconds:.1f} s)",
+    print(f"wrote {workdir}/samples.png, reverse_process.png and loss.png{also} ({n_grid} samples in {seconds:.1f} s)",
           flush=True)
     return info

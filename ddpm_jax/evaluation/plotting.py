@@ -1,8 +1,11 @@
-"""PNG figures of images in [-1, 1]: the sample grid and the reverse-process strip, grey or RGB."""
+"""PNG figures: the sample grid and the reverse-process strip of images in [-1, 1] (grey or RGB), and a run's
+loss curves."""
 
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -54,3 +57,29 @@ def save_reverse_process(frames: np.ndarray, path: str, num_timesteps: int, ever
     figure.paste(header, (0, 0))
     figure.paste(image, (0, header.height))
     figure.save(path)
+
+
+def save_loss_curves(runs: dict[str, dict], path: str, quarter_names: list[str]) -> None:
+    """Save the loss curves of one run or several on one figure: the loss, its four quarters of t, the learning rate.
+
+    ``runs``: label -> ``{"images": (L,) images seen at each log line, "loss": (L,), "loss_t_q0".."loss_t_q3":
+    (L,) each, "learning_rate": (L,)}`` (NaN where a line has no value); ``quarter_names``: the quarters' titles
+    (e.g. ``'t in 0..24'``). One panel per curve, one colour per run, the losses on a log scale against the
+    training images seen, so runs of other batch sizes or lengths line up.
+    """
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    panels = [("loss", "loss (all t)")] + [(f"loss_t_q{q}", f"loss, {name}") for q, name in enumerate(quarter_names)]
+    panels += [("learning_rate", "learning rate")]
+    for ax, (field, title) in zip(axes, panels):
+        for label, curves in runs.items():
+            ax.plot(curves["images"], curves[field], label=label, linewidth=1.2)
+        ax.set_title(title, fontsize=10)
+        if field != "learning_rate":
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[3:]:
+        ax.set_xlabel("training images seen")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=100)

@@ -18,6 +18,7 @@ accuracies are reported by.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -176,6 +177,21 @@ class MetricLogger:
         return record
 
 
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Work on the state between steps: ``fn(step, state)`` after every ``every``-th step (``every`` 0: never).
+
+    What a sample grid during training is (:class:`ddpm_jax.evaluation.previews.SampleGrids`). Its time is left
+    out of the logged ``images_per_s``, which stays the training's own speed.
+    """
+
+    every: int
+    fn: Callable[[int, object], None]
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM reached the training loop, which saved a checkpoint at ``step`` and stopped."""
 
@@ -254,6 +270,8 @@ def run_training(
     guard: NonFiniteGuard | None = None,
     probe_fn: Callable | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    hooks: tuple[Hook, ...] = (),
     postfix: Callable[[dict, float | None], dict] | None = None,
     progress: bool = True,
     desc: str = "training",
@@ -283,6 +301,9 @@ def run_training(
       guard: judges every step's metrics (their ``finite`` and ``loss``) and, with ``probe_fn(state,
         *data)``, every state before it is saved: a failing one is not saved, and the guard raises.
       on_step: called with ``(step, metrics)`` after every step (metrics still on the device).
+      on_log: called with every line the logger writes (e.g. :meth:`ddpm_jax.training.tensorboard.EventWriter.scalars`).
+      hooks: :class:`Hook` s, each called with ``(step, state)`` after its every-th step, once the step is
+        logged and saved (on the main process only).
       postfix: the progress bar's fields from a logged line and the rate.
       is_main: the process that writes files and logs (several processes run the same loop).
     """
@@ -322,6 +343,8 @@ def run_training(
                         "first_step_seconds": compile_seconds if last_step == start + 1 else None,
                     })
                     last_time, last_step = now, done
+                    if on_log is not None:
+                        on_log(record)
                     if bar is not None and postfix is not None and record["loss"] is not None:
                         bar.set_postfix(**postfix(record, rate))
                 if manager is not None and (done % checkpoint_every == 0 or done == end or out_of_time
@@ -333,6 +356,12 @@ def run_training(
                         good, loss = guard.judge_checkpoint(done, probe_fn(state, *data, *extra))
                     if good:
                         ckpt_lib.save(manager, state, config_record, loss=loss)
+                for hook in hooks:
+                    if is_main and hook.due(done) and stop.signum is None:
+                        jax.block_until_ready(metrics["loss"])  # the steps dispatched so far count as training
+                        began = time.perf_counter()
+                        hook.fn(done, state)
+                        last_time += time.perf_counter() - began  # the rate stays the training's own
                 if bar is not None:
                     bar.update(1)
                 if stop.signum is not None:

@@ -32,6 +32,7 @@ from ddpm_jax.training.loop import (
     NUM_QUARTERS,
     EpochOrder,
     EpochOrders,
+    Hook,
     MetricLogger,
     batch_indices,
     quarter_of,
@@ -40,6 +41,7 @@ from ddpm_jax.training.loop import (
 )
 from ddpm_jax.training.setup import create_train_state, diffusion_learning_rate
 from ddpm_jax.training.state import TrainState, global_norm, state_is_finite
+from ddpm_jax.training.tensorboard import EventWriter, open_events
 from ddpm_jax.training.workdir import WorkdirLock, prepare_workdir
 from ddpm_jax.utils import parallel
 from ddpm_jax.utils.trees import count_params
@@ -259,6 +261,8 @@ def train_and_evaluate(
     progress: bool = True,
     stop_at: int | None = None,
     time_limit: float | None = None,
+    hooks: tuple[Hook, ...] = (),
+    events: EventWriter | None = None,
 ) -> TrainState:
     """Train (or resume) a run in ``workdir``; returns the final TrainState.
 
@@ -277,6 +281,10 @@ def train_and_evaluate(
         (``train.num_steps``) and learning-rate schedule, so calling again continues it.
       time_limit: stop after the first step that ends this many seconds into the loop (compilation
         included), a checkpoint saved there; as ``stop_at``, calling again continues the run.
+      hooks: work between steps (:class:`ddpm_jax.training.loop.Hook`), e.g. the sample grids of
+        :class:`ddpm_jax.evaluation.previews.SampleGrids`; they find the run's config in ``WORKDIR/config.json``.
+      events: where the log lines' scalars go in TensorBoard form; default (None): ``WORKDIR/tensorboard``
+        when ``train.tensorboard`` is on (:func:`ddpm_jax.training.tensorboard.open_events`).
 
     Returns:
       The final train state.
@@ -302,11 +310,13 @@ def train_and_evaluate(
     is_main = jax.process_index() == 0  # several processes: process 0 alone writes files (and holds the lock)
     # One process per workdir: a second one would clean up the first's checkpoint in flight.
     with WorkdirLock(workdir, what="training") if is_main else contextlib.nullcontext():
-        return _train_locked(config, workdir, images, labels, batching, progress, stop_at, time_limit)
+        return _train_locked(config, workdir, images, labels, batching, progress, stop_at, time_limit, hooks,
+                             events)
 
 
 def _train_locked(config, workdir: str, images, labels, batching: Batching, progress: bool,
-                  stop_at: int | None, time_limit: float | None = None) -> TrainState:
+                  stop_at: int | None, time_limit: float | None = None, hooks: tuple[Hook, ...] = (),
+                  events: EventWriter | None = None) -> TrainState:
     """The run of :func:`train_and_evaluate`, while holding the workdir's lock: resume or start, then the loop."""
     schedule = schedule_from_config(config)  # built once: the step and its probe take it
     t, mesh = config.train, batching.mesh
@@ -334,34 +344,44 @@ def _train_locked(config, workdir: str, images, labels, batching: Batching, prog
     if parallel.num_shards(mesh) > 1:
         print(f"data parallel over {parallel.num_shards(mesh)} devices "
               f"({t.batch_size // parallel.num_shards(mesh)} images each per step)", flush=True)
-    lr_at = diffusion_learning_rate(config)
-    per_epoch = steps_per_epoch(len(images), t.batch_size)
     data = (parallel.put_replicated(np.asarray(images, dtype=np.uint8), mesh),
             None if labels is None else parallel.put_replicated(labels, mesh))
     state = parallel.put_replicated(state, mesh)
-    return run_training(
-        state,
-        make_dataset_train_step(schedule, batching, keep_last_good=keeps_last_good(config)),
-        data,
-        orders=batching.orders(state, len(images)),
-        end=t.num_steps if stop_at is None else min(stop_at, t.num_steps),
-        batch_size=t.batch_size,
-        logger=logger,
-        log_every=t.log_every,
-        # The rate the last step used.
-        log_fields=lambda done: {"epoch": done / per_epoch, "learning_rate": float(lr_at(done - 1))},
-        manager=manager,
-        config_record=record,
-        checkpoint_every=t.checkpoint_every,
-        guard=NonFiniteGuard(t.on_nonfinite, t.max_consecutive_skips, manager,
-                             t.get("divergence_factor", 0.0), t.get("divergence_window", 200)),
-        probe_fn=make_dataset_probe(schedule, batching),
-        postfix=lambda record, rate: {"loss": f"{record['loss']:.4f}", "img_s": f"{rate:.0f}" if rate else "-"},
-        progress=progress,
-        desc="training",
-        is_main=is_main,
-        time_limit=time_limit,
-    )
+    if events is None and is_main:
+        events = open_events(workdir, config)
+    if events is not None:
+        events.start(int(state.step))
+    lr_at = diffusion_learning_rate(config)
+    per_epoch = steps_per_epoch(len(images), t.batch_size)
+    try:
+        return run_training(
+            state,
+            make_dataset_train_step(schedule, batching, keep_last_good=keeps_last_good(config)),
+            data,
+            orders=batching.orders(state, len(images)),
+            end=t.num_steps if stop_at is None else min(stop_at, t.num_steps),
+            batch_size=t.batch_size,
+            logger=logger,
+            log_every=t.log_every,
+            # The rate the last step used.
+            log_fields=lambda done: {"epoch": done / per_epoch, "learning_rate": float(lr_at(done - 1))},
+            manager=manager,
+            config_record=record,
+            checkpoint_every=t.checkpoint_every,
+            guard=NonFiniteGuard(t.on_nonfinite, t.max_consecutive_skips, manager,
+                                 t.get("divergence_factor", 0.0), t.get("divergence_window", 200)),
+            probe_fn=make_dataset_probe(schedule, batching),
+            postfix=lambda record, rate: {"loss": f"{record['loss']:.4f}", "img_s": f"{rate:.0f}" if rate else "-"},
+            progress=progress,
+            desc="training",
+            is_main=is_main,
+            time_limit=time_limit,
+            on_log=None if events is None else events.scalars,
+            hooks=tuple(hooks),
+        )
+    finally:
+        if events is not None:
+            events.close()  # what the run logged reaches the event file, however it ends
 
 
 def image_format(images) -> tuple[int, int]:

@@ -11,6 +11,8 @@ Read every module's imports (AST) and check them against the order below, bottom
 - ``training``: the train state, the loop, checkpoints, the workdir, the guards, the two trainers;
 - ``sampling``: ``sample()`` from a checkpoint, its options, the denoiser joining a network to the math;
 - ``evaluation``: the feature network, the metrics, the evaluation, the figures;
+- ``interop``: weights in and out of other libraries' formats (diffusers' UNet2DModel and DDPMScheduler, the
+  report U-Net's safetensors file for PyTorch) and the run workdir made from imported weights;
 - the package's ``__init__`` (the notebook-facing names), then ``cli`` (the console scripts).
 
 A module imports only from its own subpackage or the ones below; within a subpackage there is no cycle; nothing
@@ -30,7 +32,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ddpm_jax"
 
-LAYERS = ["utils", "diffusion", "models", "cpu", "data", "configs", "training", "sampling", "evaluation", "", "cli"]
+LAYERS = ["utils", "diffusion", "models", "cpu", "data", "configs", "training", "sampling", "evaluation", "interop", "",
+          "cli"]
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 
 # Third-party packages the lowest layers may use: the math is jax.numpy (and chex) alone, the networks Flax too.

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.output_head = "conv"
     c.train.batch_size = 128
     c.train.num_steps = 800_000
+    c.train.sample_every = 80_000
     c.train.learning_rate = 2e-4
     c.train.lr_schedule = "constant"  # Ho et al.: constant after the warm-up
     c.train.warmup_steps = 5000

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.output_head = "conv"
     c.model.num_classes = 10
     c.train.num_steps = 5000
+    c.train.sample_every = 500
     c.train.checkpoint_every = 1000
     c.sampling.batch_size = 1000
     return c

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 1000
     # 2000 epochs of the 60,000 training images at batch 1000.
     c.train.num_steps = 2000 * 60
+    c.train.sample_every = 12_000
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 500
     c.train.log_every = 100

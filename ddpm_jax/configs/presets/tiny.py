@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 0
     c.train.log_every = 2
     c.train.checkpoint_every = 2
+    c.train.sample_every = 0
     c.sampling.batch_size = 16
     c.sampling.grid_size = 2
     c.sampling.strip_samples = 2
