@@ -22,6 +22,7 @@ import shutil
 import sys
 
 from ddpm_jax import cpu
+from ddpm_jax.cli import flags
 from ddpm_jax.interop import diffusers as diffusers_lib
 from ddpm_jax.interop import report_unet as report_lib
 from ddpm_jax.training.checkpoint import load_checkpoint
@@ -29,15 +30,8 @@ from ddpm_jax.training.checkpoint import load_checkpoint
 TORCH_MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_unet_torch.py")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends in one ``error:`` line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m experiments.export", description=__doc__.splitlines()[0])
+    p = flags.OneLineErrors(prog="python -m experiments.export", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint)")
     p.add_argument("--out", required=True, help="the folder to write (created; files in it are replaced)")
     p.add_argument("--step", type=int, default=None, help="this checkpoint step instead of the latest")

@@ -20,20 +20,14 @@ import os
 import sys
 
 from ddpm_jax import cpu
+from ddpm_jax.cli import flags
 from ddpm_jax.data import DATASETS
 from ddpm_jax.interop import diffusers as diffusers_lib
 from ddpm_jax.interop.workdir import write_run
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends in one ``error:`` line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m experiments.import_diffusers", description=__doc__.splitlines()[0])
+    p = flags.OneLineErrors(prog="python -m experiments.import_diffusers", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a DDPMPipeline (or UNet2DModel) folder, saved as safetensors")
     p.add_argument("--workdir", required=True, help="the run directory to write (new, or without checkpoints)")
     p.add_argument("--dataset", choices=tuple(DATASETS), default=None,

@@ -33,15 +33,8 @@ from ddpm_jax.evaluation import evaluate as evaluation
 from ddpm_jax.training.checkpoint import load_checkpoint
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends in one ``error:`` line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m experiments.likelihood", description=__doc__.splitlines()[0])
+    p = flags.OneLineErrors(prog="python -m experiments.likelihood", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run's directory (its latest checkpoint)")
     p.add_argument("--step", type=int, default=None, help="this checkpoint step instead of the latest")
     flags.add_data_flags(p)

@@ -18,6 +18,13 @@ from ddpm_jax.sampling.options import DEFAULT_ORDER, SAMPLING_METHODS
 from ddpm_jax.utils import cache
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad flag ends in one ``error:`` line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def apply_override(config, assignment: str) -> None:
     """Set ``a.b.c=value`` on ``config``; the value is parsed as a Python literal if it is one."""
     if "=" not in assignment:

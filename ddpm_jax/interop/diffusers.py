@@ -40,6 +40,7 @@ from safetensors.numpy import load_file, save_file
 
 from ddpm_jax.configs import get_config, validate_config
 from ddpm_jax.diffusion.schedules import betas_for
+from ddpm_jax.utils.trees import get_path, set_path
 
 # The diffusers release whose UNet2DModel and DDPMScheduler configs these are written for.
 DIFFUSERS_VERSION = "0.42.1"
@@ -140,18 +141,6 @@ def unet_layout(model_config, image_size: int) -> list[Entry]:
     return entries
 
 
-def _get(tree, path: tuple[str, ...]):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def _leaf_paths(tree, prefix=()) -> set[tuple[str, ...]]:
     if not hasattr(tree, "items"):
         return {prefix}
@@ -169,7 +158,7 @@ def unet_state_dict(params, model_config, image_size: int) -> dict[str, np.ndarr
     out: dict[str, np.ndarray] = {}
     used: set[tuple[str, ...]] = set()
     for entry in unet_layout(model_config, image_size):
-        module = _get(params, entry.flax)
+        module = get_path(params, entry.flax)
         if entry.kind == "embed":
             out[f"{entry.key}.weight"] = _f32(module["embedding"])
             used.add(entry.flax + ("embedding",))
@@ -210,25 +199,25 @@ def unet_params(state_dict: dict[str, np.ndarray], model_config, image_size: int
 
     for entry in unet_layout(model_config, image_size):
         if entry.kind == "embed":
-            _set(params, entry.flax + ("embedding",), _f32(take(f"{entry.key}.weight")))
+            set_path(params, entry.flax + ("embedding",), _f32(take(f"{entry.key}.weight")))
             continue
         if entry.kind == "qkv":
             weights = [take(f"{entry.key}.{n}.weight") for n in ("to_q", "to_k", "to_v")]
             biases = [take(f"{entry.key}.{n}.bias") for n in ("to_q", "to_k", "to_v")]
             if not missing:
-                _set(params, entry.flax + ("kernel",), _f32(np.concatenate([w.T for w in weights], axis=1)))
-                _set(params, entry.flax + ("bias",), _f32(np.concatenate(biases)))
+                set_path(params, entry.flax + ("kernel",), _f32(np.concatenate([w.T for w in weights], axis=1)))
+                set_path(params, entry.flax + ("bias",), _f32(np.concatenate(biases)))
             continue
         weight, bias = take(f"{entry.key}.weight"), take(f"{entry.key}.bias")
         if missing:
             continue
         if entry.kind == "norm":
-            _set(params, entry.flax + ("scale",), _f32(weight))
+            set_path(params, entry.flax + ("scale",), _f32(weight))
         else:
             kernel = {"conv": lambda w: w.transpose(2, 3, 1, 0), "dense": lambda w: w.T,
                       "shortcut": lambda w: w[:, :, 0, 0].T}[entry.kind](weight)
-            _set(params, entry.flax + ("kernel",), _f32(kernel))
-        _set(params, entry.flax + ("bias",), _f32(bias))
+            set_path(params, entry.flax + ("kernel",), _f32(kernel))
+        set_path(params, entry.flax + ("bias",), _f32(bias))
     extra = sorted(set(state_dict) - used)
     if missing or extra:
         raise ValueError(f"the UNet2DModel weights do not fit the network their config describes: missing "

@@ -34,6 +34,8 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ddpm_jax.utils.trees import get_path, set_path
+
 WEIGHTS_FILE, CONFIG_FILE = "report_unet.safetensors", "config.json"
 NEGATIVE_SLOPE, BATCHNORM_EPS = 0.01, 1e-5  # TimeConditionedBlock's LeakyReLU and BatchNorm
 
@@ -77,18 +79,6 @@ def report_unet_layout(model_config) -> list[Entry]:
     return entries
 
 
-def _get(tree, path: tuple[str, ...]):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
@@ -98,12 +88,12 @@ def state_dict(params, batch_stats, model_config) -> dict[str, np.ndarray]:
     dict (name -> float32 numpy array in PyTorch's layout)."""
     out: dict[str, np.ndarray] = {}
     for entry in report_unet_layout(model_config):
-        p = _get(params, entry.flax)
+        p = get_path(params, entry.flax)
         if entry.kind == "embed":
             out[f"{entry.key}.weight"] = _f32(p["embedding"])
             continue
         if entry.kind == "batchnorm":
-            stats = _get(batch_stats, entry.flax)
+            stats = get_path(batch_stats, entry.flax)
             out.update({f"{entry.key}.weight": _f32(p["scale"]), f"{entry.key}.bias": _f32(p["bias"]),
                         f"{entry.key}.running_mean": _f32(stats["mean"]),
                         f"{entry.key}.running_var": _f32(stats["var"])})
@@ -122,18 +112,18 @@ def variables_from_state_dict(tensors: dict[str, np.ndarray], model_config) -> d
     stats: dict = {}
     for entry in report_unet_layout(model_config):
         if entry.kind == "embed":
-            _set(params, entry.flax + ("embedding",), _f32(tensors[f"{entry.key}.weight"]))
+            set_path(params, entry.flax + ("embedding",), _f32(tensors[f"{entry.key}.weight"]))
             continue
         weight, bias = np.asarray(tensors[f"{entry.key}.weight"], np.float32), _f32(tensors[f"{entry.key}.bias"])
         if entry.kind == "batchnorm":
-            _set(params, entry.flax + ("scale",), _f32(weight))
-            _set(stats, entry.flax + ("mean",), _f32(tensors[f"{entry.key}.running_mean"]))
-            _set(stats, entry.flax + ("var",), _f32(tensors[f"{entry.key}.running_var"]))
+            set_path(params, entry.flax + ("scale",), _f32(weight))
+            set_path(stats, entry.flax + ("mean",), _f32(tensors[f"{entry.key}.running_mean"]))
+            set_path(stats, entry.flax + ("var",), _f32(tensors[f"{entry.key}.running_var"]))
         else:
             kernel = {"conv": lambda w: w.transpose(2, 3, 1, 0), "dense": lambda w: w.T,
                       "upconv": lambda w: w.transpose(2, 3, 0, 1)[::-1, ::-1]}[entry.kind](weight)
-            _set(params, entry.flax + ("kernel",), _f32(kernel))
-        _set(params, entry.flax + ("bias",), bias)
+            set_path(params, entry.flax + ("kernel",), _f32(kernel))
+        set_path(params, entry.flax + ("bias",), bias)
     return {"params": params, "batch_stats": stats}
 
 
