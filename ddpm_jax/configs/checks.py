@@ -197,6 +197,8 @@ def validate_config(config: ml_collections.ConfigDict, num_examples: int | None 
             "an integer >= 0 (steps between sample grids; 0: none)")
     require(is_int(t.get("sample_grid_size", 8), 1, 32), "train.sample_grid_size", t.get("sample_grid_size"),
             "an integer in 1..32 (the grid's side)")
+    require(is_int(t.get("sample_grid_steps", 25), 1, MAX_STEPS), "train.sample_grid_steps",
+            t.get("sample_grid_steps"), "an integer >= 1 (network calls per grid sample)")
     require(t.on_nonfinite in NONFINITE_POLICIES, "train.on_nonfinite", t.on_nonfinite,
              " or ".join(NONFINITE_POLICIES))
     require(is_int(t.max_consecutive_skips, 0), "train.max_consecutive_skips", t.max_consecutive_skips,

@@ -102,10 +102,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.tensorboard = True
     # A grid of sample_grid_size^2 samples of the EMA weights every sample_every steps (0: none), from one fixed
     # key, so the grids show the same noise becoming digits: WORKDIR/samples/step_NNNNNN.png and TensorBoard.
-    # Each preset's interval gives its run about ten; drawn with the few-step default sampler (FEW_STEPS calls),
-    # the ten grids of a default cpu run cost 1.9% of it on 2 CPU cores (docs/usage.md, "Watching a run").
+    # Each preset's interval gives its run about ten. Drawn with sample_grid_steps calls of the few-step sampler
+    # (SDE-DPM-Solver++ on trailing steps; all T where T is fewer), the ten grids of a default cpu run cost 1.9%
+    # of it on 2 CPU cores (docs/usage.md, "Watching a run").
     c.train.sample_every = 300
     c.train.sample_grid_size = 8
+    c.train.sample_grid_steps = 25
     # A NaN/Inf loss or gradient: 'stop' (exit, last good checkpoint untouched) or 'skip'
     # (drop that batch's update; still stop after max_consecutive_skips bad steps in a row).
     c.train.on_nonfinite = "stop"

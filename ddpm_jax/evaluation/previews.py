@@ -2,8 +2,8 @@
 
 :class:`SampleGrids` is the training loop's :class:`ddpm_jax.training.loop.Hook`: at every
 ``train.sample_every``-th step it draws ``train.sample_grid_size``² samples of the EMA weights from one fixed
-key with the few-step default sampler (:data:`ddpm_jax.sampling.options.FEW_STEPS` calls of SDE-DPM-Solver++;
-all T ancestral steps where T is smaller) and writes ``WORKDIR/samples/step_NNNNNN.png``, the ``samples`` image
+key with ``train.sample_grid_steps`` network calls of the few-step sampler (SDE-DPM-Solver++ on trailing steps;
+all T ancestral steps where T is not larger) and writes ``WORKDIR/samples/step_NNNNNN.png``, the ``samples`` image
 of TensorBoard (:class:`ddpm_jax.training.tensorboard.EventWriter`) and the seconds it took
 (``WORKDIR/samples/grids.json``, compilation included in the first), which the loop leaves out of the
 logged images/s.
@@ -21,7 +21,6 @@ import numpy as np
 from ddpm_jax.configs.serialization import config_from_dict
 from ddpm_jax.evaluation import plotting
 from ddpm_jax.sampling.generate import sample
-from ddpm_jax.sampling.options import FEW_STEPS
 from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.training.loop import Hook
 from ddpm_jax.training.tensorboard import EventWriter
@@ -61,7 +60,8 @@ class SampleGrids:
         """Draw, save and log the grid of ``state`` (after ``step`` steps); returns its images ``(n, H, W, C)``."""
         config = self._run_config()
         side = int(config.train.get("sample_grid_size", 8))
-        steps = FEW_STEPS if FEW_STEPS < config.diffusion.num_timesteps else None
+        calls = int(config.train.get("sample_grid_steps", 25))
+        steps = calls if calls < config.diffusion.num_timesteps else None
         checkpoint = DiffusionCheckpoint.from_train_state(state, config)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _GRID_STREAM)
         began = time.perf_counter()

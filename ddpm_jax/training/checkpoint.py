@@ -270,7 +270,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 RESUMABLE_FIELDS = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                     "train.learning_rate", "train.lr_schedule", "train.warmup_steps", "train.on_nonfinite",
                     "train.max_consecutive_skips", "train.divergence_", "train.ema_", "train.eval_batch_size",
-                    "train.tensorboard", "train.sample_every", "train.sample_grid_size", "sampling.", "preset",
+                    "train.tensorboard", "train.sample_every", "train.sample_grid_size", "train.sample_grid_steps",
+                    "sampling.", "preset",
                     "model.conv_impl", "model.compute_dtype")
 
 

@@ -14,7 +14,6 @@ from ddpm_jax.cli import train as train_cli
 from ddpm_jax.configs import config_to_json, get_config, validate_config
 from ddpm_jax.evaluation.previews import SampleGrids, grid_path
 from ddpm_jax.sampling.generate import sample
-from ddpm_jax.sampling.options import FEW_STEPS
 from ddpm_jax.training import tensorboard as tensorboard_lib
 from ddpm_jax.training.checkpoint import DiffusionCheckpoint
 from ddpm_jax.training.loop import Hook, MetricLogger, run_training
@@ -74,7 +73,7 @@ def test_grids_are_the_ema_weights_samples_from_one_fixed_key(tmp_path):
     np.testing.assert_array_equal(first, again)  # the same key for every grid
     side = config.train.sample_grid_size
     assert first.shape == (side * side, 28, 28, 1)
-    assert FEW_STEPS >= config.diffusion.num_timesteps  # so the tiny grid takes all T ancestral steps
+    assert config.train.sample_grid_steps >= config.diffusion.num_timesteps  # the tiny grid takes all T steps
     checkpoint = DiffusionCheckpoint.from_train_state(state, config)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x67726964)
     ema = np.asarray(sample(checkpoint, key, side * side, batch_size=side * side))
@@ -122,7 +121,8 @@ def test_a_run_goes_on_without_event_files_when_tensorboard_is_missing(monkeypat
     assert tensorboard_lib.open_events(str(tmp_path), config) is None
 
 
-@pytest.mark.parametrize("field, value", [("sample_every", -1), ("sample_grid_size", 0), ("sample_grid_size", 33)])
+@pytest.mark.parametrize("field, value", [("sample_every", -1), ("sample_grid_size", 0), ("sample_grid_size", 33),
+                                                 ("sample_grid_steps", 0)])
 def test_bad_grid_and_tensorboard_settings_are_refused_by_name(field, value):
     config = get_config("tiny")
     config.train[field] = value
