@@ -5,10 +5,12 @@ every logged line's scalars (:data:`SCALARS`, the loss per quarter of the timest
 sample grids drawn during training (:mod:`ddpm_jax.evaluation.previews`). Watch it with
 ``tensorboard --logdir WORKDIR``.
 
-The writer is TensorBoard's own event-file writer (``tensorboard.summary.writer``, the one
-``torch.utils.tensorboard`` writes with), fed the summary protocol buffers TensorBoard reads; it needs
-neither TensorFlow nor PyTorch. (tensorboardX, the other writer without TensorFlow, imports PyTorch
-whenever it is installed.) tensorboard is a dependency of the package; where it cannot be imported
+The records are written by TensorBoard's own record writer
+(``tensorboard.summary.writer.record_writer``, the framing and checksums ``torch.utils.tensorboard``
+writes with) into a plain file, as the summary protocol buffers TensorBoard reads; nothing imports
+TensorFlow or PyTorch. (TensorBoard's ``EventFileWriter`` opens its file through TensorFlow whenever
+TensorFlow is installed, and tensorboardX imports PyTorch whenever that is.) tensorboard is a
+dependency of the package; where it cannot be imported
 anyway, :func:`open_events` returns None and the run goes on with ``metrics.jsonl`` alone.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import time
 
 import numpy as np
@@ -25,9 +28,9 @@ from ddpm_jax.training.loop import timestep_quarters
 
 try:
     from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.summary.writer.record_writer import RecordWriter
 except ImportError:  # event files are optional: metrics.jsonl holds the same numbers
-    EventFileWriter = None
+    RecordWriter = None
 
 EVENTS_DIR = "tensorboard"
 
@@ -67,10 +70,12 @@ class EventWriter:
         """Open the event file; ``step``: where training starts (0 for a new run)."""
         if self._writer is None:
             os.makedirs(self.logdir, exist_ok=True)
-            self._writer = EventFileWriter(self.logdir, flush_secs=30)
+            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+            self._writer = RecordWriter(open(os.path.join(self.logdir, name), "ab"))  # closed by close()
+            self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
             if step:  # TensorBoard then hides what earlier files hold from step + 1 on: a killed run's last lines
                 start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-                self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step + 1, session_log=start))
+                self._write(event_pb2.Event(wall_time=time.time(), step=step + 1, session_log=start))
 
     def scalars(self, record: dict) -> None:
         """Write a ``metrics.jsonl`` record's numbers at its ``step`` (fields that are None are left out)."""
@@ -79,6 +84,7 @@ class EventWriter:
         values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(record[field]))
                   for field, tag in self.tags.items() if record.get(field) is not None]
         self._add(record["step"], values)
+        self.flush()  # a TensorBoard watching the run sees each line as it is logged
 
     def image(self, tag: str, step: int, pixels: np.ndarray) -> None:
         """Write uint8 ``pixels`` ``(H, W)`` grey or ``(H, W, 3)`` RGB at ``step``."""
@@ -92,8 +98,10 @@ class EventWriter:
         self._add(step, [summary_pb2.Summary.Value(tag=tag, image=image)])
 
     def _add(self, step: int, values: list) -> None:
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                               summary=summary_pb2.Summary(value=values)))
+        self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def _write(self, event) -> None:
+        self._writer.write(event.SerializeToString())
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -101,13 +109,13 @@ class EventWriter:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close()  # flushes and closes the file
             self._writer = None
 
 
 def open_events(workdir: str, config) -> EventWriter | None:
     """The run's :class:`EventWriter` (``WORKDIR/tensorboard``), or None when ``train.tensorboard`` is off
     or tensorboard cannot be imported."""
-    if not config.train.get("tensorboard", False) or EventFileWriter is None:
+    if not config.train.get("tensorboard", False) or RecordWriter is None:
         return None
     return EventWriter(os.path.join(workdir, EVENTS_DIR), int(config.diffusion.num_timesteps))

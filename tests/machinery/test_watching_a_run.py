@@ -2,6 +2,8 @@
 grids' time left out of the logged speed, ``loss.png``, and several runs' curves on one figure."""
 
 import json
+import subprocess
+import sys
 import time
 from typing import NamedTuple
 
@@ -111,10 +113,20 @@ def test_compare_draws_several_runs_curves_on_one_figure(trained_tiny_run, tmp_p
     assert "config.json not found" in capsys.readouterr().err
 
 
+def test_writing_events_imports_neither_tensorflow_nor_torch(tmp_path):
+    code = ("import sys\nimport numpy as np\nfrom ddpm_jax.training.tensorboard import EventWriter\n"
+            f"w = EventWriter({str(tmp_path)!r}, 10)\nw.start(0)\nw.scalars({{'step': 1, 'loss': 1.0}})\n"
+            "w.image('samples', 1, np.zeros((4, 4), np.uint8))\nw.close()\n"
+            "print(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+
+
 def test_a_run_goes_on_without_event_files_when_tensorboard_is_missing(monkeypatch, tmp_path):
     config = get_config("tiny")
     assert tensorboard_lib.open_events(str(tmp_path), config) is not None
-    monkeypatch.setattr(tensorboard_lib, "EventFileWriter", None)
+    monkeypatch.setattr(tensorboard_lib, "RecordWriter", None)
     assert tensorboard_lib.open_events(str(tmp_path), config) is None
     config.train.tensorboard = False
     monkeypatch.undo()

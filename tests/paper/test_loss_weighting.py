@@ -64,10 +64,12 @@ def test_quick_preset_is_the_old_default_and_cpu_the_class_conditional_one():
     assert (quick.model.num_classes, quick.train.num_steps, quick.train.batch_size) == (0, 3000, 64)
     assert cpu.model.num_classes == 10 and cpu.sampling.unconditional == "label_prior"
     assert cpu.sampling.guidance_scale == 0.5 and cpu.train.num_steps > quick.train.num_steps
-    # Apart from what the new default changed, the two presets are the same run.
+    # Apart from what the new default changed, the two presets are the same run (each drawing its ten
+    # sample grids over its own length).
+    assert quick.train.num_steps // quick.train.sample_every == cpu.train.num_steps // cpu.train.sample_every == 10
     q, c = quick.to_dict(), cpu.to_dict()
     for section, field in (("preset", None), ("model", "num_classes"), ("train", "num_steps"),
-                           ("sampling", "guidance_scale")):
+                           ("train", "sample_every"), ("sampling", "guidance_scale")):
         if field is None:
             q.pop(section), c.pop(section)
         else:
