@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import ddpm_jax
 from ddpm_jax.configs import build_model, get_config, schedule_from_config, validate_config, variable_shapes
@@ -27,6 +27,7 @@ from ddpm_jax.interop import diffusers as interop
 from ddpm_jax.interop import report_unet as report_interop
 from ddpm_jax.interop.workdir import write_run
 from ddpm_jax.training.checkpoint import DiffusionCheckpoint, load_checkpoint
+from experiments import check_export as check_cli
 from experiments import export as export_cli
 from experiments import import_diffusers as import_cli
 
@@ -349,3 +350,30 @@ def test_report_unet_program_exports_a_saved_run(tmp_path):
     assert record["num_classes"] == 3 and record["in_channels"] == 1 and record["image_size"] == 8
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "NCHW" in readme and "0-based" in readme and "null label" in readme
+
+
+@pytest.mark.parametrize("network", ["ddpm_unet", "report_unet"])
+def test_check_export_passes_an_export_and_fails_one_whose_weights_were_changed(network, tmp_path, capsys):
+    pytest.importorskip("torch")
+    if network == "ddpm_unet":
+        pytest.importorskip("diffusers")
+        config = _ddpm_config(num_classes=3)
+        weights = tmp_path / "out" / "unet" / interop.WEIGHTS_FILE
+    else:
+        config = _report_config(num_classes=3)
+        weights = tmp_path / "out" / "report_unet.safetensors"
+    variables = _random_variables(config)
+    write_run(str(tmp_path / "run"), config, variables["params"], variables["batch_stats"])
+    assert export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    check = ["--workdir", str(tmp_path / "run"), "--export", str(tmp_path / "out"), "--batch", "4"]
+    capsys.readouterr()
+    assert check_cli.main(check) == 0
+    assert ": agree" in capsys.readouterr().out
+    tensors = load_file(str(weights))
+    name = min(n for n in tensors if n.startswith(("conv_out.", "head.")) and n.endswith(".weight"))
+    tensors[name] = tensors[name] + np.float32(0.05)  # the output layer's weights nudged: the outputs must tell
+    save_file(tensors, str(weights))
+    assert check_cli.main(check) == 1
+    assert "DIFFER" in capsys.readouterr().out
+    assert check_cli.main(["--workdir", str(tmp_path / "run"), "--export", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("error: --export")
