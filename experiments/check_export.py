@@ -25,6 +25,7 @@ import numpy as np
 from ddpm_jax import cpu
 from ddpm_jax.cli import flags
 from ddpm_jax.configs import build_model
+from ddpm_jax.interop import diffusers as diffusers_lib
 from ddpm_jax.training.checkpoint import load_checkpoint
 
 try:  # the interop extra; --help and the errors work without it
@@ -74,7 +75,7 @@ def theirs(config, export: str, x, t, y) -> np.ndarray:
     xt, tt = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(t)
     yt = None if y is None else torch.tensor(y)
     if config.model.name == "ddpm_unet":
-        unet = diffusers.UNet2DModel.from_pretrained(os.path.join(export, "unet")).eval()
+        unet = diffusers.UNet2DModel.from_pretrained(os.path.join(export, diffusers_lib.UNET_DIR)).eval()
         with torch.no_grad():
             return unet(xt, tt, class_labels=yt).sample.numpy()
     spec = importlib.util.spec_from_file_location("exported_report_unet", os.path.join(export, "report_unet.py"))
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
             raise ValueError("torch is not installed; pip install 'ddpm-jax[interop]' (torch and diffusers).")
         checkpoint = load_checkpoint(args.workdir, step=args.step, weights=args.weights)
         config = checkpoint.config
-        needed = ("unet/config.json",) if config.model.name == "ddpm_unet" else ("report_unet.py", "config.json")
+        needed = (f"{diffusers_lib.UNET_DIR}/{diffusers_lib.CONFIG_FILE}",) if config.model.name == "ddpm_unet" else ("report_unet.py", "config.json")
         for name in needed:
             if not os.path.isfile(os.path.join(args.export, name)):
                 raise ValueError(f"--export {args.export} has no {name}: not an export of a {config.model.name} "
@@ -103,8 +104,7 @@ def main(argv=None) -> int:
         if config.model.name == "ddpm_unet" and diffusers is None:
             raise ValueError("diffusers is not installed; pip install 'ddpm-jax[interop]'.")
         x, t, y = random_inputs(config, args.batch, args.seed)
-        variables = {"params": checkpoint.variables["params"], "batch_stats": checkpoint.batch_stats or {}}
-        reference = ours(config, variables, x, t, y)
+        reference = ours(config, checkpoint.variables, x, t, y)
         other = theirs(config, args.export, x, t, y)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
